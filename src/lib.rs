@@ -1,0 +1,33 @@
+//! The brewmesh runtime: what every brewmesh process shares.
+//!
+//! # Layout
+//!
+//! - [`pb`]: the code generated from `proto/`, and [`FILE_DESCRIPTOR_SET`],
+//!   the encoded descriptors (with their `google.api.http` options) that
+//!   reflection and the gateway read.
+//! - [`server`]: serves a service's routes with health, reflection,
+//!   TCP_NODELAY and a graceful drain under a deadline. Start here.
+//! - [`shutdown`]: SIGTERM/SIGINT turned into a cancellation token.
+//! - [`validate`]: `INVALID_ARGUMENT` with `google.rpc.BadRequest` field
+//!   violations.
+//! - [`client`]: gRPC channels to peers given by address.
+//! - [`telemetry`]: structured (JSON or text) logs.
+//! - [`ids`] and [`time`]: identifiers and timestamps as the contracts spell them.
+//!
+//! The services (`services/*`) are libraries with a `run(listener, config,
+//! shutdown)` function built on this crate; the `brewmesh` binary (`cli/`)
+//! only wires flags to them.
+
+pub mod client;
+pub mod ids;
+pub mod pb;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+pub mod time;
+pub mod validate;
+
+/// The encoded `google.protobuf.FileDescriptorSet` of every proto in
+/// `proto/` and its imports, with source info and custom options kept.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/brewmesh_descriptor.bin"));

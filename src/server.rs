@@ -1,0 +1,125 @@
+//! Serving one brewmesh service: its routes plus `grpc.health.v1`, reflection
+//! (v1 and v1alpha — grpcurl 1.8.6 speaks only v1alpha), TCP_NODELAY on every
+//! accepted connection, and a graceful drain under a deadline.
+//!
+//! The drain follows the order a load balancer needs: health turns
+//! NOT_SERVING first, then the listener stops accepting and the calls in
+//! flight finish, and whatever is still open at the deadline is dropped.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::FILE_DESCRIPTOR_SET;
+
+/// Flags every server takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port (the log says which).
+    #[arg(long, env = "BREWMESH_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// How long calls in flight may take to finish once draining starts.
+    #[arg(long, env = "BREWMESH_DRAIN_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+/// How serving ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Every call in flight finished before the deadline.
+    Gracefully,
+    /// The deadline passed; calls still open were dropped.
+    AtDeadline,
+}
+
+/// Why a server could not start or stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The descriptor set could not be loaded into reflection.
+    #[error("building the reflection service")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The listener or a connection failed.
+    #[error("serving gRPC")]
+    Transport(#[from] tonic::transport::Error),
+    /// The listener's address could not be read.
+    #[error("reading the listener's address")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves `routes` on `listener` until `shutdown` is cancelled, then drains
+/// for at most `drain_timeout`.
+///
+/// `services` are the fully qualified names reported by `grpc.health.v1`
+/// (besides the server-wide `""`).
+pub async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    services: &[&str],
+    drain_timeout: Duration,
+    shutdown: CancellationToken,
+) -> Result<Drained, ServeError> {
+    let addr = listener.local_addr()?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, services, ServingStatus::Serving).await;
+
+    let routes = routes
+        .add_service(health_service)
+        .add_service(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+                .build_v1()?,
+        )
+        .add_service(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+                .build_v1alpha()?,
+        );
+
+    // tonic leaves Nagle on for a listener handed to it; small gRPC frames
+    // would then wait for ACKs (tens of milliseconds a call).
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let stop_accepting = CancellationToken::new();
+    let server = Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
+    tokio::pin!(server);
+
+    // `up` and the tests read the bound address from this line.
+    tracing::info!(%addr, ?services, "serving");
+    tokio::select! {
+        result = &mut server => {
+            result?;
+            return Ok(Drained::Gracefully);
+        }
+        () = shutdown.cancelled() => {}
+    }
+
+    set_health(&health, services, ServingStatus::NotServing).await;
+    tracing::info!(deadline = ?drain_timeout, "draining");
+    stop_accepting.cancel();
+    match tokio::time::timeout(drain_timeout, server).await {
+        Ok(result) => {
+            result?;
+            tracing::info!("drained");
+            Ok(Drained::Gracefully)
+        }
+        Err(_) => {
+            tracing::warn!("drain deadline passed; dropping the calls still open");
+            Ok(Drained::AtDeadline)
+        }
+    }
+}
+
+async fn set_health(health: &HealthReporter, services: &[&str], status: ServingStatus) {
+    for name in services.iter().copied().chain([""]) {
+        health.set_service_status(name, status).await;
+    }
+}
