@@ -11,7 +11,10 @@
 //! - [`validate`]: `INVALID_ARGUMENT` with `google.rpc.BadRequest` field
 //!   violations.
 //! - [`client`]: gRPC channels to peers given by address.
+//! - [`db`]: SQLite (default) or PostgreSQL pools, durable across `kill -9`.
 //! - [`telemetry`]: structured (JSON or text) logs.
+//! - [`idempotency`]: request fingerprints for idempotency keys.
+//! - [`testing`]: servers on port 0 for integration tests.
 //! - [`ids`] and [`time`]: identifiers and timestamps as the contracts spell them.
 //!
 //! The services (`services/*`) are libraries with a `run(listener, config,
@@ -19,11 +22,14 @@
 //! only wires flags to them.
 
 pub mod client;
+pub mod db;
+pub mod idempotency;
 pub mod ids;
 pub mod pb;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+pub mod testing;
 pub mod time;
 pub mod validate;
 

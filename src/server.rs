@@ -19,6 +19,9 @@ use tonic_health::server::HealthReporter;
 
 use crate::FILE_DESCRIPTOR_SET;
 
+/// Parses flag durations such as `2s`, `150ms` or `1m 30s`.
+pub use humantime::parse_duration;
+
 /// Flags every server takes.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -27,7 +30,7 @@ pub struct ServeArgs {
     pub listen: Option<SocketAddr>,
 
     /// How long calls in flight may take to finish once draining starts.
-    #[arg(long, env = "BREWMESH_DRAIN_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "BREWMESH_DRAIN_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 }
 

@@ -27,6 +27,9 @@ mod tests {
         let ts = timestamp(1_700_000_000_123_456);
         assert_eq!((ts.seconds, ts.nanos), (1_700_000_000, 123_456_000));
         let before_epoch = timestamp(-1);
-        assert_eq!((before_epoch.seconds, before_epoch.nanos), (-1, 999_999_000));
+        assert_eq!(
+            (before_epoch.seconds, before_epoch.nanos),
+            (-1, 999_999_000)
+        );
     }
 }

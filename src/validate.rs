@@ -78,7 +78,13 @@ pub fn invalid_argument(field: impl Into<String>, description: impl Into<String>
 
 /// A page size as AIP-158 has it: 0 means `default`, above `max` is `max`,
 /// negative is a violation.
-pub fn page_size(violations: &mut Violations, field: &str, value: i32, default: u32, max: u32) -> u32 {
+pub fn page_size(
+    violations: &mut Violations,
+    field: &str,
+    value: i32,
+    default: u32,
+    max: u32,
+) -> u32 {
     match value {
         0 => default,
         v if v < 0 => {
@@ -101,8 +107,14 @@ mod tests {
         v.required("customer_name", "Ada", 10);
         let status = v.check().expect_err("two fields are wrong");
         assert_eq!(status.code(), Code::InvalidArgument);
-        let details = status.get_details_bad_request().expect("bad request details");
-        let fields: Vec<_> = details.field_violations.iter().map(|f| f.field.as_str()).collect();
+        let details = status
+            .get_details_bad_request()
+            .expect("bad request details");
+        let fields: Vec<_> = details
+            .field_violations
+            .iter()
+            .map(|f| f.field.as_str())
+            .collect();
         assert_eq!(fields, ["order_id", "card_token"]);
         assert!(status.message().contains("order_id"));
     }

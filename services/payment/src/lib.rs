@@ -1,0 +1,79 @@
+//! brewmesh's payment service: an idempotent ledger of authorizations,
+//! captures, voids and refunds, served as `brewmesh.payment.v1.Payments`.
+//!
+//! # Layout
+//!
+//! - [`run`] serves the service on a listener until shutdown; start here.
+//! - [`service`]: the gRPC handlers (validation, processing delay).
+//! - [`ledger`]: the SQL ledger and its idempotency keys.
+//! - [`error`]: failures, and how they become gRPC statuses.
+
+pub mod error;
+pub mod ledger;
+pub mod service;
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic::service::Routes;
+
+use brewmesh::db::DatabaseArgs;
+use brewmesh::pb::payment::v1::payments_server::PaymentsServer;
+use brewmesh::server::{Drained, ServeArgs, ServeError, parse_duration};
+
+pub use service::{DECLINED_CARD_TOKEN, PaymentService};
+
+/// The gRPC service name, as health checks and the registry know it.
+pub const SERVICE_NAME: &str = <PaymentsServer<PaymentService> as NamedService>::NAME;
+
+/// The payment service's settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub serve: ServeArgs,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub database: DatabaseArgs,
+
+    /// How long each authorization, capture, void or refund takes, like a
+    /// card network (the seed talk's steps take 2s).
+    #[arg(long, env = "BREWMESH_PROCESSING_DELAY", default_value = "2s", value_parser = parse_duration)]
+    pub processing_delay: Duration,
+}
+
+/// Why the payment service stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The data directory could not be created.
+    #[error("preparing the data directory")]
+    DataDir(#[from] std::io::Error),
+    /// The ledger could not be opened.
+    #[error("opening the ledger")]
+    Ledger(#[from] sqlx::Error),
+    /// Serving failed.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+}
+
+/// Serves the payment service on `listener` until `shutdown`, then drains.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<Drained, RunError> {
+    let ledger = ledger::Ledger::open(&config.database.url("payment.db")?).await?;
+    let service = PaymentService::new(ledger, config.processing_delay);
+    let routes = Routes::new(PaymentsServer::new(service));
+    Ok(brewmesh::server::serve(
+        listener,
+        routes,
+        &[SERVICE_NAME],
+        config.serve.drain_timeout,
+        shutdown,
+    )
+    .await?)
+}

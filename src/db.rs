@@ -1,0 +1,74 @@
+//! Opening a service's database: SQLite in a data directory by default, or
+//! any URL sqlx's `Any` driver takes (PostgreSQL when scaled out).
+//!
+//! SQLite runs in WAL mode with `synchronous=FULL`, so a committed write
+//! survives `kill -9` (and power loss), and a busy timeout so that writers
+//! from several connections or processes queue instead of failing.
+
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::AnyPool;
+use sqlx::any::AnyPoolOptions;
+use sqlx::{Connection, Executor};
+
+/// Database flags every stateful service takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DatabaseArgs {
+    /// Directory for the embedded SQLite database (created if missing).
+    #[arg(long, env = "BREWMESH_DATA_DIR", default_value = ".brewmesh")]
+    pub data_dir: std::path::PathBuf,
+
+    /// Database URL; overrides --data-dir (e.g. `sqlite:///var/lib/x.db`).
+    #[arg(long, env = "BREWMESH_DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+impl DatabaseArgs {
+    /// The URL to open: `--database-url`, or `<data-dir>/<file>` as SQLite.
+    pub fn url(&self, file: &str) -> Result<String, std::io::Error> {
+        match &self.database_url {
+            Some(url) => Ok(url.clone()),
+            None => {
+                std::fs::create_dir_all(&self.data_dir)?;
+                Ok(sqlite_url(&std::path::absolute(&self.data_dir)?.join(file)))
+            }
+        }
+    }
+}
+
+/// The sqlx URL of a SQLite file, created on first open.
+pub fn sqlite_url(path: &Path) -> String {
+    format!("sqlite://{}?mode=rwc", path.display())
+}
+
+/// Opens a pool on `url` and applies `schema` (idempotent DDL, one statement
+/// per entry).
+pub async fn open(url: &str, schema: &[&str]) -> Result<AnyPool, sqlx::Error> {
+    sqlx::any::install_default_drivers();
+    let sqlite = url.starts_with("sqlite:");
+    let pool = AnyPoolOptions::new()
+        .max_connections(if sqlite { 4 } else { 16 })
+        .acquire_timeout(Duration::from_secs(10))
+        .after_connect(move |conn, _meta| {
+            Box::pin(async move {
+                if sqlite {
+                    conn.execute(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                         PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+                    )
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(url)
+        .await?;
+    let mut conn = pool.acquire().await?;
+    let mut tx = conn.begin().await?;
+    for statement in schema {
+        tx.execute(*statement).await?;
+    }
+    tx.commit().await?;
+    Ok(pool)
+}
