@@ -1,0 +1,77 @@
+//! What can go wrong in the barista service, and the one place where it
+//! turns into a gRPC status.
+
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// A barista operation that did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum BaristaError {
+    /// No order has this id.
+    #[error("order {0} not found")]
+    NotFound(String),
+
+    /// A station and its queue are full.
+    #[error("the shop is full: every {station} machine is busy and its queue is full; retry later")]
+    ShopFull {
+        /// The full station.
+        station: &'static str,
+        /// About when a place frees up.
+        retry_after: Duration,
+    },
+
+    /// The idempotency key was used before for a different request.
+    #[error("idempotency key was already used with a different request")]
+    KeyReused,
+
+    /// The order cannot be cancelled any more.
+    #[error("order {order_id} cannot be cancelled: {why}")]
+    NotCancellable {
+        /// The order.
+        order_id: String,
+        /// Why not.
+        why: String,
+    },
+
+    /// The database failed.
+    #[error("order database error")]
+    Store(#[from] sqlx::Error),
+}
+
+impl From<BaristaError> for Status {
+    fn from(error: BaristaError) -> Self {
+        match &error {
+            BaristaError::NotFound(_) => Status::not_found(error.to_string()),
+            BaristaError::ShopFull { retry_after, .. } => Status::with_error_details(
+                Code::ResourceExhausted,
+                error.to_string(),
+                ErrorDetails::with_retry_info(Some(*retry_after)),
+            ),
+            BaristaError::KeyReused => {
+                brewmesh::validate::invalid_argument("idempotency_key", error.to_string())
+            }
+            BaristaError::NotCancellable { order_id, why } => Status::with_error_details(
+                Code::FailedPrecondition,
+                error.to_string(),
+                ErrorDetails::with_precondition_failure_violation(
+                    "STATE",
+                    format!("orders/{order_id}"),
+                    why,
+                ),
+            ),
+            BaristaError::Store(source) => {
+                tracing::error!(error = %source, "order database error");
+                match source {
+                    sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                        Status::unavailable(
+                            "the order database is unavailable; retry with the same idempotency key",
+                        )
+                    }
+                    _ => Status::internal("order database error"),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! The `brewmesh.barista.v1.Barista` gRPC service: validation, admission to
+//! the stations, and the order store; the saga runs in [`Shop`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use brewmesh::idempotency::fingerprint;
+use brewmesh::pb::barista::v1::barista_server::Barista;
+use brewmesh::pb::barista::v1::{
+    CancelOrderRequest, GetMenuRequest, GetOrderRequest, ListOrdersRequest, ListOrdersResponse,
+    Menu, Order, OrderEvent, OrderEventType as E, OrderState as S, PlaceOrderRequest,
+    WatchOrderRequest,
+};
+use brewmesh::validate::{Violations, invalid_argument, page_size};
+
+use crate::error::BaristaError;
+use crate::menu;
+use crate::shop::Shop;
+use crate::store::{Change, Inserted, NewOrder, Step};
+
+const MAX_NAME_LEN: usize = 100;
+const MAX_CARD_TOKEN_LEN: usize = 64;
+const MAX_REASON_LEN: usize = 512;
+
+/// The gRPC face of the [`Shop`].
+#[derive(Debug, Clone)]
+pub struct BaristaService {
+    shop: Arc<Shop>,
+    shutdown: CancellationToken,
+    watch_poll: Duration,
+}
+
+impl BaristaService {
+    /// Serves `shop`. Watch streams end when `shutdown` is cancelled, and
+    /// look for events written by other processes every `watch_poll`.
+    pub fn new(shop: Arc<Shop>, shutdown: CancellationToken, watch_poll: Duration) -> Self {
+        Self {
+            shop,
+            shutdown,
+            watch_poll,
+        }
+    }
+
+    async fn order(&self, order_id: &str) -> Result<Order, BaristaError> {
+        Ok(self
+            .shop
+            .store
+            .get(order_id)
+            .await?
+            .ok_or_else(|| BaristaError::NotFound(order_id.to_owned()))?
+            .order)
+    }
+}
+
+/// The events of one order, as WatchOrder streams them.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<OrderEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Barista for BaristaService {
+    async fn get_menu(&self, _request: Request<GetMenuRequest>) -> Result<Response<Menu>, Status> {
+        Ok(Response::new(menu::menu()))
+    }
+
+    async fn place_order(
+        &self,
+        request: Request<PlaceOrderRequest>,
+    ) -> Result<Response<Order>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        violations.idempotency_key("idempotency_key", &request.idempotency_key);
+        violations.required("item_id", &request.item_id, MAX_NAME_LEN);
+        violations.required("customer_name", &request.customer_name, MAX_NAME_LEN);
+        violations.required("card_token", &request.card_token, MAX_CARD_TOKEN_LEN);
+        violations.check()?;
+        let Some(item) = menu::find(&request.item_id) else {
+            return Err(invalid_argument(
+                "item_id",
+                format!("{:?} is not on the menu (see GetMenu)", request.item_id),
+            ));
+        };
+
+        let fingerprint = fingerprint("PlaceOrder", &request);
+        // A retry is answered before it could be turned away by a full shop.
+        match self
+            .shop
+            .store
+            .by_key(&request.idempotency_key, &fingerprint)
+            .await
+            .map_err(BaristaError::from)?
+        {
+            Some(Inserted::Existing(order)) => return Ok(Response::new(order)),
+            Some(Inserted::KeyReused) => return Err(BaristaError::KeyReused.into()),
+            Some(Inserted::New(_)) | None => {}
+        }
+        let admission = self
+            .shop
+            .stations
+            .try_admit(item.steamed_milk)
+            .map_err(|station| {
+                let retry_after = match station {
+                    "milk" => self.shop.stations.milk.duration,
+                    _ => self.shop.stations.espresso.duration,
+                };
+                BaristaError::ShopFull {
+                    station,
+                    retry_after,
+                }
+            })?;
+        let inserted = self
+            .shop
+            .store
+            .insert(NewOrder {
+                idempotency_key: request.idempotency_key,
+                fingerprint,
+                item_id: item.item_id,
+                customer_name: request.customer_name,
+                card_token: request.card_token,
+                price: item.price.unwrap_or_default(),
+            })
+            .await
+            .map_err(BaristaError::from)?;
+        match inserted {
+            Inserted::New(record) => {
+                let order = record.order.clone();
+                tracing::info!(order_id = %order.order_id, item_id = %order.item_id, "order accepted");
+                self.shop.start(record, Some(admission), false);
+                Ok(Response::new(order))
+            }
+            Inserted::Existing(order) => Ok(Response::new(order)),
+            Inserted::KeyReused => Err(BaristaError::KeyReused.into()),
+        }
+    }
+
+    async fn get_order(
+        &self,
+        request: Request<GetOrderRequest>,
+    ) -> Result<Response<Order>, Status> {
+        let request = request.into_inner();
+        order_id(&request.order_id)?;
+        Ok(Response::new(self.order(&request.order_id).await?))
+    }
+
+    async fn list_orders(
+        &self,
+        request: Request<ListOrdersRequest>,
+    ) -> Result<Response<ListOrdersResponse>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let limit = page_size(&mut violations, "page_size", request.page_size, 50, 1000);
+        let state = S::try_from(request.state).unwrap_or_else(|_| {
+            violations.add("state", "is not an OrderState");
+            S::Unspecified
+        });
+        if !request.page_token.is_empty() && !brewmesh::ids::is_valid("ord", &request.page_token) {
+            violations.add("page_token", "is not a token this service gave");
+        }
+        violations.check()?;
+        // The page token is the id of the last order of the previous page.
+        let before = Some(request.page_token.as_str()).filter(|t| !t.is_empty());
+        let (orders, more) = self
+            .shop
+            .store
+            .list(state, before, limit)
+            .await
+            .map_err(BaristaError::from)?;
+        let next_page_token = match (more, orders.last()) {
+            (true, Some(last)) => last.order_id.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(ListOrdersResponse {
+            orders,
+            next_page_token,
+        }))
+    }
+
+    async fn cancel_order(
+        &self,
+        request: Request<CancelOrderRequest>,
+    ) -> Result<Response<Order>, Status> {
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        violations.at_most("reason", &request.reason, MAX_REASON_LEN);
+        violations.check()?;
+        order_id(&request.order_id)?;
+        let order_id = request.order_id.as_str();
+        let reason = if request.reason.is_empty() {
+            "cancelled by the customer".to_owned()
+        } else {
+            format!("cancelled: {}", request.reason)
+        };
+        let cancelled = self
+            .shop
+            .record(
+                order_id,
+                &[(E::CancelRequested, &request.reason)],
+                Change {
+                    from: &[S::Accepted, S::Brewing],
+                    from_step: Some(Step::Run),
+                    state: Some(S::Cancelling),
+                    step: Some(Step::Compensate),
+                    failure_reason: Some(&reason),
+                    ..Change::default()
+                },
+            )
+            .await
+            .map_err(BaristaError::from)?;
+        let record = self
+            .shop
+            .store
+            .get(order_id)
+            .await
+            .map_err(BaristaError::from)?
+            .ok_or_else(|| BaristaError::NotFound(order_id.to_owned()))?;
+        if cancelled.is_some() {
+            tracing::info!(order_id, "order cancelled");
+            let order = record.order.clone();
+            self.shop.cancel(record);
+            return Ok(Response::new(order));
+        }
+        let why = match (record.order.state(), record.step) {
+            (S::Cancelling | S::Cancelled, _) => return Ok(Response::new(record.order)),
+            (S::Ready, _) => "the drink is ready".to_owned(),
+            (S::Failed, _) => format!("the order failed ({})", record.order.failure_reason),
+            (_, Step::Complete) => "the drink is made and being paid for".to_owned(),
+            (_, _) => format!("the order is failing ({})", record.order.failure_reason),
+        };
+        Err(BaristaError::NotCancellable {
+            order_id: order_id.to_owned(),
+            why,
+        }
+        .into())
+    }
+
+    type WatchOrderStream = EventStream;
+
+    async fn watch_order(
+        &self,
+        request: Request<WatchOrderRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let request = request.into_inner();
+        order_id(&request.order_id)?;
+        if request.after_sequence < 0 {
+            return Err(invalid_argument("after_sequence", "must not be negative"));
+        }
+        // Subscribe before the first read, so no event falls between the two.
+        let changes = self.shop.subscribe();
+        self.order(&request.order_id).await?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(follow(
+            Arc::clone(&self.shop),
+            request.order_id,
+            request.after_sequence,
+            changes,
+            tx,
+            self.shutdown.clone(),
+            self.watch_poll,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Sends the order's events after `after` into `tx` until the final one.
+async fn follow(
+    shop: Arc<Shop>,
+    order_id: String,
+    mut after: i64,
+    mut changes: broadcast::Receiver<Arc<str>>,
+    tx: mpsc::Sender<Result<OrderEvent, Status>>,
+    shutdown: CancellationToken,
+    poll: Duration,
+) {
+    loop {
+        let events = match shop.store.events_after(&order_id, after).await {
+            Ok(events) => events,
+            Err(error) => {
+                let _ = tx.send(Err(BaristaError::from(error).into())).await;
+                return;
+            }
+        };
+        for event in events {
+            after = event.sequence;
+            let last = matches!(event.r#type(), E::Ready | E::Failed | E::Cancelled);
+            if tx.send(Ok(event)).await.is_err() || last {
+                return; // the client left, or the order ended
+            }
+        }
+        // Woken by this process's own writes; the poll catches other
+        // processes' writes (replicas sharing the database).
+        tokio::select! {
+            () = next_change(&mut changes, &order_id) => {}
+            () = tokio::time::sleep(poll) => {}
+            () = tx.closed() => return,
+            () = shutdown.cancelled() => {
+                let status = Status::unavailable(format!("the server is shutting down; watch again with after_sequence={after}"));
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn next_change(changes: &mut broadcast::Receiver<Arc<str>>, order_id: &str) {
+    loop {
+        match changes.recv().await {
+            Ok(id) if &*id == order_id => return,
+            Ok(_) => {}
+            // Missed some: look again, to be safe.
+            Err(broadcast::error::RecvError::Lagged(_)) => return,
+            Err(broadcast::error::RecvError::Closed) => return std::future::pending().await,
+        }
+    }
+}
+
+fn order_id(value: &str) -> Result<(), Status> {
+    let mut violations = Violations::new();
+    if value.is_empty() {
+        violations.add("order_id", "is required");
+    } else if !brewmesh::ids::is_valid("ord", value) {
+        violations.add("order_id", "must be an order id (ord_ and 32 hex digits)");
+    }
+    violations.check()
+}

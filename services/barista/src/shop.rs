@@ -1,0 +1,618 @@
+//! The shop: the order store, the stations, the payment client, and the
+//! sagas that turn accepted orders into drinks (or into nothing charged).
+//!
+//! # The saga
+//!
+//! `Run`: the order goes BREWING; the authorization and the brewing (espresso
+//! and milk at the same time) run concurrently. A declined card ends the
+//! order FAILED at once. A failed station or a cancel moves the order to
+//! `Compensate`; a made drink with an authorized payment moves it to
+//! `Complete`.
+//!
+//! `Complete`: capture, then READY. `Compensate`: learn the payment by
+//! repeating the (idempotent) authorization, void it if it is authorized,
+//! then FAILED or CANCELLED.
+//!
+//! Each step is stored before the next begins, and every payment call
+//! carries an idempotency key derived from the order, so a barista that dies
+//! anywhere picks the order up at its stored step on restart and neither
+//! charges twice nor leaves a charge without a drink. Each final transition
+//! writes its events in the same transaction, so a retried step never
+//! repeats history.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, broadcast};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+
+use brewmesh::pb::barista::v1::{MenuItem, OrderEvent, OrderEventType as E, OrderState as S};
+use brewmesh::pb::payment::v1::payments_client::PaymentsClient;
+use brewmesh::pb::payment::v1::{
+    AuthorizeRequest, CaptureRequest, Payment, PaymentState, VoidRequest,
+};
+
+use crate::menu;
+use crate::stations::{Admission, Station, Stations};
+use crate::store::{Change, OrderRecord, OrderStore, Step};
+
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Why a saga step did not finish.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SagaError {
+    /// A station failed: the drink cannot be made.
+    #[error("{0}")]
+    BrewFailed(String),
+    /// The payment service refused a call for good.
+    #[error("payment refused: {0}")]
+    PaymentRefused(Status),
+    /// The store failed; the step is retried.
+    #[error("order store: {0}")]
+    Store(#[from] sqlx::Error),
+}
+
+/// Everything the handlers and the sagas share.
+#[derive(Debug)]
+pub struct Shop {
+    pub(crate) store: OrderStore,
+    pub(crate) stations: Stations,
+    payments: PaymentsClient<Channel>,
+    payment_timeout: Duration,
+    sagas: TaskTracker,
+    /// Cancel tokens of the sagas running in this process, by order id. An
+    /// entry is also the claim that this process drives the order.
+    running: Mutex<HashMap<String, CancellationToken>>,
+    /// Order ids with new events, for watchers in this process.
+    changes: broadcast::Sender<Arc<str>>,
+}
+
+impl Shop {
+    /// A shop over `store` and `stations`, paying through `payments`.
+    pub fn new(
+        store: OrderStore,
+        stations: Stations,
+        payments: PaymentsClient<Channel>,
+        payment_timeout: Duration,
+    ) -> Self {
+        Self {
+            store,
+            stations,
+            payments,
+            payment_timeout,
+            sagas: TaskTracker::new(),
+            running: Mutex::new(HashMap::new()),
+            changes: broadcast::channel(1024).0,
+        }
+    }
+
+    /// The running sagas, to wait for while draining.
+    pub fn sagas(&self) -> &TaskTracker {
+        &self.sagas
+    }
+
+    /// A receiver of the ids of orders that have new events.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
+        self.changes.subscribe()
+    }
+
+    /// Applies `change` with `events`, and tells watchers.
+    pub(crate) async fn record(
+        &self,
+        order_id: &str,
+        events: &[(E, &str)],
+        change: Change<'_>,
+    ) -> Result<Option<Vec<OrderEvent>>, sqlx::Error> {
+        let stored = self.store.record(order_id, events, change).await?;
+        if let Some(stored) = &stored {
+            for event in stored {
+                tracing::info!(order_id, sequence = event.sequence, event = ?event.r#type(), state = ?event.state(), detail = %event.detail, "order event");
+            }
+            // No receiver is fine: nobody is watching.
+            let _ = self.changes.send(order_id.into());
+        }
+        Ok(stored)
+    }
+
+    /// Starts driving `record`'s saga in the background, unless this process
+    /// already does. `admission` is the stations' places taken when the order
+    /// was placed; a resumed order waits for its places.
+    pub fn start(
+        self: &Arc<Self>,
+        record: OrderRecord,
+        admission: Option<Admission>,
+        resumed: bool,
+    ) {
+        let cancel = CancellationToken::new();
+        {
+            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            if running.contains_key(&record.order.order_id) {
+                return;
+            }
+            running.insert(record.order.order_id.clone(), cancel.clone());
+        }
+        let shop = Arc::clone(self);
+        self.sagas.spawn(async move {
+            let order_id = record.order.order_id.clone();
+            shop.drive(record, admission, resumed, &cancel).await;
+            shop.running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&order_id);
+        });
+    }
+
+    /// Tells the saga of `record` that the order was cancelled, starting one
+    /// to compensate if none runs here.
+    pub fn cancel(self: &Arc<Self>, record: OrderRecord) {
+        let token = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&record.order.order_id)
+            .cloned();
+        match token {
+            Some(token) => token.cancel(),
+            None => self.start(record, None, false),
+        }
+    }
+
+    /// Picks up every order a previous process left unfinished.
+    pub async fn recover(self: &Arc<Self>) -> Result<usize, sqlx::Error> {
+        let unfinished = self.store.unfinished().await?;
+        let count = unfinished.len();
+        for record in unfinished {
+            tracing::info!(order_id = %record.order.order_id, step = ?record.step, "resuming unfinished order");
+            self.start(record, None, true);
+        }
+        Ok(count)
+    }
+
+    /// Runs the saga to its end, retrying steps that failed for a passing
+    /// reason (the store) with backoff.
+    async fn drive(
+        &self,
+        mut record: OrderRecord,
+        mut admission: Option<Admission>,
+        mut resumed: bool,
+        cancel: &CancellationToken,
+    ) {
+        let order_id = record.order.order_id.clone();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let result = match record.step {
+                Step::Run => self.run(&record, admission.take(), resumed, cancel).await,
+                Step::Complete => self.complete(&record).await,
+                Step::Compensate => self.compensate(&record, None).await,
+                Step::Done => return,
+            };
+            if let Err(error) = result {
+                tracing::warn!(%order_id, %error, "saga step failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            resumed = false;
+            match self.store.get(&order_id).await {
+                Ok(Some(fresh)) => record = fresh,
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::warn!(%order_id, %error, "reloading order failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                }
+            }
+        }
+    }
+
+    /// Step `Run`: authorize while brewing.
+    async fn run(
+        &self,
+        record: &OrderRecord,
+        admission: Option<Admission>,
+        resumed: bool,
+        cancel: &CancellationToken,
+    ) -> Result<(), SagaError> {
+        let order_id = record.order.order_id.as_str();
+        let Some(item) = menu::find(&record.order.item_id) else {
+            // Only a menu change under a stored order gets here.
+            let reason = format!("{:?} is no longer on the menu", record.order.item_id);
+            self.finish_failed(order_id, Step::Run, &reason).await?;
+            return Ok(());
+        };
+        let event = if resumed {
+            E::Resumed
+        } else {
+            E::BrewingStarted
+        };
+        let detail = if resumed {
+            "picked up again after a restart"
+        } else {
+            ""
+        };
+        let started = self
+            .record(
+                order_id,
+                &[(event, detail)],
+                Change {
+                    from: &[S::Accepted, S::Brewing],
+                    from_step: Some(Step::Run),
+                    state: Some(S::Brewing),
+                    ..Change::default()
+                },
+            )
+            .await?;
+        if started.is_none() {
+            return Ok(()); // cancelled meanwhile: the reloaded step says what is next
+        }
+        let admission = match admission {
+            Some(admission) => admission,
+            None => self.stations.admit(item.steamed_milk).await,
+        };
+
+        let authorize = self.authorize(record);
+        let brew = self.brew(order_id, &item, admission);
+        tokio::pin!(authorize, brew);
+        let mut payment: Option<Payment> = None;
+        let mut brewed = false;
+        let failure = loop {
+            tokio::select! {
+                result = &mut authorize, if payment.is_none() => {
+                    let authorized = match result {
+                        Ok(authorized) => authorized,
+                        Err(SagaError::PaymentRefused(status)) => {
+                            let reason = format!("payment refused: {}", status.message());
+                            self.finish_failed(order_id, Step::Run, &reason).await?;
+                            return Ok(());
+                        }
+                        Err(other) => return Err(other),
+                    };
+                    if authorized.state() != PaymentState::Authorized {
+                        // Declined: nothing is held, so nothing to release.
+                        let reason = format!("payment declined: {}", authorized.decline_reason);
+                        self.record(order_id, &[(E::PaymentDeclined, &authorized.decline_reason), (E::Failed, &reason)], Change {
+                            from: &[S::Brewing],
+                            from_step: Some(Step::Run),
+                            state: Some(S::Failed),
+                            step: Some(Step::Done),
+                            payment_id: Some(&authorized.payment_id),
+                            failure_reason: Some(&reason),
+                        }).await?;
+                        return Ok(());
+                    }
+                    self.record(order_id, &[(E::PaymentAuthorized, "")], Change {
+                        from: &[S::Brewing],
+                        payment_id: Some(&authorized.payment_id),
+                        ..Change::default()
+                    }).await?;
+                    payment = Some(authorized);
+                }
+                result = &mut brew, if !brewed => match result {
+                    Ok(()) => brewed = true,
+                    Err(SagaError::BrewFailed(reason)) => break Some(reason),
+                    Err(other) => return Err(other),
+                },
+                () = cancel.cancelled() => break None,
+            }
+            if brewed && payment.is_some() {
+                let moved = self
+                    .record(
+                        order_id,
+                        &[],
+                        Change {
+                            from: &[S::Brewing],
+                            from_step: Some(Step::Run),
+                            step: Some(Step::Complete),
+                            ..Change::default()
+                        },
+                    )
+                    .await?;
+                if moved.is_none() {
+                    break None; // cancelled just now: the cancel wins
+                }
+                return Ok(()); // `Complete` follows
+            }
+        };
+
+        if let Some(reason) = failure {
+            let reason = format!("brewing failed: {reason}");
+            let moved = self
+                .record(
+                    order_id,
+                    &[(E::BrewingFailed, &reason)],
+                    Change {
+                        from: &[S::Brewing],
+                        from_step: Some(Step::Run),
+                        step: Some(Step::Compensate),
+                        failure_reason: Some(&reason),
+                        ..Change::default()
+                    },
+                )
+                .await?;
+            if moved.is_none() {
+                return Ok(()); // cancelled meanwhile: compensation follows
+            }
+        }
+        // Compensate with the authorization this saga already has, or the one
+        // still under way (dropping it would leave its outcome unknown).
+        let payment = match payment {
+            Some(payment) => payment,
+            None => authorize.await?,
+        };
+        let fresh = self
+            .store
+            .get(order_id)
+            .await?
+            .ok_or(sqlx::Error::RowNotFound)?;
+        self.compensate(&fresh, Some(payment)).await
+    }
+
+    /// The drink: espresso, and milk at the same time if the drink has milk.
+    async fn brew(
+        &self,
+        order_id: &str,
+        item: &MenuItem,
+        admission: Admission,
+    ) -> Result<(), SagaError> {
+        let shots = format!("{} shot(s)", item.espresso_shots);
+        let espresso = self.station_step(
+            order_id,
+            &self.stations.espresso,
+            admission.espresso,
+            E::EspressoStarted,
+            E::EspressoDone,
+            &shots,
+        );
+        match admission.milk {
+            Some(place) => {
+                let milk = self.station_step(
+                    order_id,
+                    &self.stations.milk,
+                    Some(place),
+                    E::MilkStarted,
+                    E::MilkDone,
+                    "",
+                );
+                tokio::try_join!(espresso, milk).map(|_| ())
+            }
+            None => espresso.await,
+        }
+    }
+
+    async fn station_step(
+        &self,
+        order_id: &str,
+        station: &Station,
+        place: Option<OwnedSemaphorePermit>,
+        started: E,
+        done: E,
+        detail: &str,
+    ) -> Result<(), SagaError> {
+        // Holding the place until the step ends keeps the queue bound honest.
+        let _place = place;
+        let _machine = station.machine().await;
+        let brewing = Change {
+            from: &[S::Brewing],
+            ..Change::default()
+        };
+        self.record(order_id, &[(started, detail)], brewing.clone())
+            .await?;
+        tokio::time::sleep(station.duration).await;
+        if station.fails() {
+            return Err(SagaError::BrewFailed(format!(
+                "the {} station failed",
+                station.name
+            )));
+        }
+        self.record(order_id, &[(done, "")], brewing).await?;
+        Ok(())
+    }
+
+    /// Step `Complete`: capture, then READY.
+    async fn complete(&self, record: &OrderRecord) -> Result<(), SagaError> {
+        let order_id = record.order.order_id.as_str();
+        let captured = self
+            .pay(order_id, "capture", |mut client, timeout| {
+                let request = CaptureRequest {
+                    payment_id: record.order.payment_id.clone(),
+                    idempotency_key: format!("{order_id}:capture"),
+                };
+                async move { client.capture(with_timeout(request, timeout)).await }
+            })
+            .await;
+        match captured {
+            Ok(payment) => {
+                self.record(
+                    order_id,
+                    &[(E::PaymentCaptured, ""), (E::Ready, "")],
+                    Change {
+                        from: &[S::Brewing],
+                        from_step: Some(Step::Complete),
+                        state: Some(S::Ready),
+                        step: Some(Step::Done),
+                        payment_id: Some(&payment.payment_id),
+                        ..Change::default()
+                    },
+                )
+                .await?;
+                Ok(())
+            }
+            Err(SagaError::PaymentRefused(status)) => {
+                // The ledger will not capture (someone voided it by hand): the
+                // drink goes uncharged, and the order says why.
+                tracing::error!(order_id, %status, "capture refused");
+                let reason = format!("capture refused: {}", status.message());
+                self.finish_failed(order_id, Step::Complete, &reason)
+                    .await?;
+                Ok(())
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Step `Compensate`: release the payment, then FAILED or CANCELLED.
+    ///
+    /// Without a known payment, the order's authorization is repeated with
+    /// its idempotency key: that returns the payment if the first attempt
+    /// reached the ledger (also one still in flight from a dead process), or
+    /// authorizes now so that the void below releases it. Either way no hold
+    /// is left behind.
+    async fn compensate(
+        &self,
+        record: &OrderRecord,
+        payment: Option<Payment>,
+    ) -> Result<(), SagaError> {
+        let order_id = record.order.order_id.as_str();
+        let payment = match payment {
+            Some(payment) => Some(payment),
+            None => match self.authorize(record).await {
+                Ok(payment) => Some(payment),
+                Err(SagaError::PaymentRefused(status)) => {
+                    tracing::warn!(order_id, %status, "authorization refused; nothing to void");
+                    None
+                }
+                Err(other) => return Err(other),
+            },
+        };
+        let mut events: Vec<(E, &str)> = Vec::new();
+        // A replayed authorization answers as it first did, so AUTHORIZED here
+        // may already be voided; the void's own key makes repeating it safe.
+        if let Some(payment) = payment
+            .as_ref()
+            .filter(|p| p.state() == PaymentState::Authorized)
+        {
+            let voided = self
+                .pay(order_id, "void", |mut client, timeout| {
+                    let request = VoidRequest {
+                        payment_id: payment.payment_id.clone(),
+                        idempotency_key: format!("{order_id}:void"),
+                    };
+                    async move { client.void(with_timeout(request, timeout)).await }
+                })
+                .await;
+            match voided {
+                Ok(_) => events.push((E::PaymentVoided, "")),
+                Err(SagaError::PaymentRefused(status)) => {
+                    tracing::error!(order_id, %status, "void refused; the payment needs a look by hand");
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        let (state, final_event) = match record.order.state() {
+            S::Cancelling => (S::Cancelled, E::Cancelled),
+            _ => (S::Failed, E::Failed),
+        };
+        events.push((final_event, &record.order.failure_reason));
+        self.record(
+            order_id,
+            &events,
+            Change {
+                from: &[S::Accepted, S::Brewing, S::Cancelling],
+                from_step: Some(Step::Compensate),
+                state: Some(state),
+                step: Some(Step::Done),
+                payment_id: payment.as_ref().map(|p| p.payment_id.as_str()),
+                ..Change::default()
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn finish_failed(
+        &self,
+        order_id: &str,
+        from_step: Step,
+        reason: &str,
+    ) -> Result<(), SagaError> {
+        self.record(
+            order_id,
+            &[(E::Failed, reason)],
+            Change {
+                from: &[S::Accepted, S::Brewing],
+                from_step: Some(from_step),
+                state: Some(S::Failed),
+                step: Some(Step::Done),
+                failure_reason: Some(reason),
+                ..Change::default()
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The order's authorization, keyed by the order so it is made once.
+    async fn authorize(&self, record: &OrderRecord) -> Result<Payment, SagaError> {
+        let order_id = record.order.order_id.as_str();
+        self.pay(order_id, "authorize", |mut client, timeout| {
+            let request = AuthorizeRequest {
+                idempotency_key: format!("{order_id}:authorize"),
+                order_id: order_id.to_owned(),
+                amount: record.order.price.clone(),
+                card_token: record.card_token.clone(),
+            };
+            async move { client.authorize(with_timeout(request, timeout)).await }
+        })
+        .await
+    }
+
+    /// Calls the payment service until it answers, backing off between
+    /// attempts. Safe to repeat because every call carries an idempotency key.
+    async fn pay<F, Fut>(
+        &self,
+        order_id: &str,
+        what: &str,
+        mut call: F,
+    ) -> Result<Payment, SagaError>
+    where
+        F: FnMut(PaymentsClient<Channel>, Duration) -> Fut,
+        Fut: Future<Output = Result<Response<Payment>, Status>>,
+    {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let attempt = tokio::time::timeout(
+                self.payment_timeout,
+                call(self.payments.clone(), self.payment_timeout),
+            )
+            .await;
+            let status = match attempt {
+                Ok(Ok(response)) => return Ok(response.into_inner()),
+                Ok(Err(status)) if !retryable(status.code()) => {
+                    return Err(SagaError::PaymentRefused(status));
+                }
+                Ok(Err(status)) => status,
+                Err(_) => Status::deadline_exceeded("payment call timed out"),
+            };
+            tracing::warn!(order_id, call = what, code = ?status.code(), message = status.message(), retry_in = ?backoff, "payment call failed");
+            tokio::time::sleep(
+                backoff + Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2)),
+            )
+            .await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+/// Whether a payment call may be repeated in the hope of another answer.
+fn retryable(code: Code) -> bool {
+    !matches!(
+        code,
+        Code::InvalidArgument
+            | Code::FailedPrecondition
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::Unimplemented
+            | Code::OutOfRange
+    )
+}
+
+/// The request with a deadline the server sees (`grpc-timeout`).
+fn with_timeout<T>(message: T, timeout: Duration) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(timeout);
+    request
+}

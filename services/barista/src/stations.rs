@@ -1,0 +1,122 @@
+//! The brewing stations: espresso machines and steam wands, each a fixed
+//! number of machines with a bounded queue in front.
+//!
+//! Two semaphores per station: `admission` (machines + queue) is taken
+//! without waiting when an order is placed, so a full shop answers at once
+//! instead of queueing without bound; `machines` is waited for while brewing.
+//! An order holds its admission permits until its station step is done.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// One kind of station.
+#[derive(Debug)]
+pub struct Station {
+    /// "espresso" or "milk", for messages.
+    pub name: &'static str,
+    /// How long one drink takes at this station.
+    pub duration: Duration,
+    machines: Arc<Semaphore>,
+    admission: Arc<Semaphore>,
+    failure_rate: f64,
+}
+
+impl Station {
+    /// `machines` machines with room for `queue` more orders waiting;
+    /// `failure_rate` (0..=1) of the drinks fail, for fault injection.
+    pub fn new(
+        name: &'static str,
+        machines: usize,
+        queue: usize,
+        duration: Duration,
+        failure_rate: f64,
+    ) -> Self {
+        Self {
+            name,
+            duration,
+            machines: Arc::new(Semaphore::new(machines)),
+            admission: Arc::new(Semaphore::new(machines + queue)),
+            failure_rate,
+        }
+    }
+
+    /// A place at this station, or `None` if machines and queue are full.
+    pub fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
+        self.admission.clone().try_acquire_owned().ok()
+    }
+
+    /// A place at this station, waiting for one: for orders already accepted
+    /// (picked up again after a restart), which must not be turned away.
+    pub async fn admit(&self) -> OwnedSemaphorePermit {
+        self.admission
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("station semaphores are never closed")
+    }
+
+    /// Waits for a free machine.
+    pub async fn machine(&self) -> OwnedSemaphorePermit {
+        self.machines
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("station semaphores are never closed")
+    }
+
+    /// Whether this drink fails at this station (fault injection).
+    pub fn fails(&self) -> bool {
+        self.failure_rate > 0.0 && fastrand::f64() < self.failure_rate
+    }
+}
+
+/// The shop's stations.
+#[derive(Debug)]
+pub struct Stations {
+    /// Espresso machines: every drink needs one.
+    pub espresso: Station,
+    /// Steam wands: drinks with milk need one.
+    pub milk: Station,
+}
+
+/// The admission permits of one order: released as each station is done.
+#[derive(Debug, Default)]
+pub struct Admission {
+    /// The place at the espresso station.
+    pub espresso: Option<OwnedSemaphorePermit>,
+    /// The place at the milk station, for drinks with milk.
+    pub milk: Option<OwnedSemaphorePermit>,
+}
+
+impl Stations {
+    /// Places at every station the drink needs, or the name of the first
+    /// full station (taking nothing).
+    pub fn try_admit(&self, steamed_milk: bool) -> Result<Admission, &'static str> {
+        let espresso = self.espresso.try_admit().ok_or(self.espresso.name)?;
+        let milk = if steamed_milk {
+            Some(self.milk.try_admit().ok_or(self.milk.name)?)
+        } else {
+            None
+        };
+        Ok(Admission {
+            espresso: Some(espresso),
+            milk,
+        })
+    }
+
+    /// Places at every station the drink needs, waiting for them.
+    pub async fn admit(&self, steamed_milk: bool) -> Admission {
+        let espresso = self.espresso.admit().await;
+        let milk = if steamed_milk {
+            Some(self.milk.admit().await)
+        } else {
+            None
+        };
+        Admission {
+            espresso: Some(espresso),
+            milk,
+        }
+    }
+}

@@ -1,0 +1,551 @@
+//! The barista and payment services over real gRPC, on port 0, with real
+//! SQLite databases: the order saga end to end.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+use brewmesh::db::DatabaseArgs;
+use brewmesh::pb::barista::v1::barista_client::BaristaClient;
+use brewmesh::pb::barista::v1::{
+    CancelOrderRequest, GetMenuRequest, GetOrderRequest, ListOrdersRequest, Order, OrderEvent,
+    OrderEventType as E, OrderState, PlaceOrderRequest, WatchOrderRequest,
+};
+use brewmesh::pb::payment::v1::payments_client::PaymentsClient;
+use brewmesh::pb::payment::v1::{ListPaymentsRequest, Payment, PaymentState};
+use brewmesh::server::ServeArgs;
+use brewmesh::testing::{Running, spawn};
+
+struct Mesh {
+    barista: BaristaClient<Channel>,
+    payments: PaymentsClient<Channel>,
+    _servers: (
+        Running<Result<brewmesh::server::Drained, brewmesh_payment::RunError>>,
+        Running<Result<brewmesh::server::Drained, brewmesh_barista::RunError>>,
+    ),
+    _dir: tempfile::TempDir,
+}
+
+fn serve_args() -> ServeArgs {
+    ServeArgs {
+        listen: None,
+        drain_timeout: Duration::from_secs(5),
+    }
+}
+
+fn database(dir: &Path) -> DatabaseArgs {
+    DatabaseArgs {
+        data_dir: dir.to_owned(),
+        database_url: None,
+    }
+}
+
+/// Settings for a quick shop: 200 ms steps, 2 machines of each kind.
+fn barista_config(dir: &Path, payment_addr: String) -> brewmesh_barista::Config {
+    brewmesh_barista::Config {
+        serve: serve_args(),
+        database: database(dir),
+        payment_addrs: vec![payment_addr],
+        payment_timeout: Duration::from_secs(5),
+        espresso_machines: 2,
+        steam_wands: 2,
+        queue_depth: 4,
+        espresso_time: Duration::from_millis(200),
+        milk_time: Duration::from_millis(200),
+        brew_failure_rate: 0.0,
+        watch_poll: Duration::from_millis(200),
+    }
+}
+
+async fn mesh(payment_delay: Duration, tweak: impl FnOnce(&mut brewmesh_barista::Config)) -> Mesh {
+    let dir = tempfile::tempdir().unwrap();
+    let payment_config = brewmesh_payment::Config {
+        serve: serve_args(),
+        database: database(&dir.path().join("payment")),
+        processing_delay: payment_delay,
+    };
+    let payment = spawn(|l, s| brewmesh_payment::run(l, payment_config, s)).await;
+    let mut config = barista_config(&dir.path().join("barista"), payment.addr.to_string());
+    tweak(&mut config);
+    let barista = spawn(|l, s| brewmesh_barista::run(l, config, s)).await;
+    let channel = |url: String| brewmesh::client::channel(&[url]).unwrap();
+    Mesh {
+        barista: BaristaClient::new(channel(barista.url())),
+        payments: PaymentsClient::new(channel(payment.url())),
+        _servers: (payment, barista),
+        _dir: dir,
+    }
+}
+
+fn order(key: &str, item_id: &str, card_token: &str) -> PlaceOrderRequest {
+    PlaceOrderRequest {
+        idempotency_key: key.into(),
+        item_id: item_id.into(),
+        customer_name: "Ada".into(),
+        card_token: card_token.into(),
+    }
+}
+
+impl Mesh {
+    async fn place(&mut self, request: PlaceOrderRequest) -> Order {
+        self.barista
+            .place_order(request)
+            .await
+            .expect("place order")
+            .into_inner()
+    }
+
+    /// Every event of the order until its final one.
+    async fn watch(&mut self, order_id: &str) -> Vec<OrderEvent> {
+        let stream = self
+            .barista
+            .watch_order(WatchOrderRequest {
+                order_id: order_id.into(),
+                after_sequence: 0,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let events: Vec<OrderEvent> =
+            tokio::time::timeout(Duration::from_secs(30), stream.collect::<Result<_, _>>())
+                .await
+                .expect("the order ends within 30s")
+                .expect("the stream ends cleanly");
+        events
+    }
+
+    /// Waits (bounded) until the order has an event of type `wanted`.
+    async fn wait_for(&mut self, order_id: &str, wanted: E) {
+        let mut stream = self
+            .barista
+            .watch_order(WatchOrderRequest {
+                order_id: order_id.into(),
+                after_sequence: 0,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let found = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(event) = stream.next().await {
+                if event.expect("event").r#type() == wanted {
+                    return true;
+                }
+            }
+            false
+        });
+        assert!(found.await.expect("bounded wait"), "no {wanted:?} event");
+    }
+
+    async fn payments_of(&mut self, order_id: &str) -> Vec<Payment> {
+        self.payments
+            .list_payments(ListPaymentsRequest {
+                order_id: order_id.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("list payments")
+            .into_inner()
+            .payments
+    }
+
+    async fn get(&mut self, order_id: &str) -> Order {
+        self.barista
+            .get_order(GetOrderRequest {
+                order_id: order_id.into(),
+            })
+            .await
+            .expect("get order")
+            .into_inner()
+    }
+}
+
+fn types(events: &[OrderEvent]) -> Vec<E> {
+    events.iter().map(|e| e.r#type()).collect()
+}
+
+fn position(events: &[OrderEvent], wanted: E) -> usize {
+    events
+        .iter()
+        .position(|e| e.r#type() == wanted)
+        .unwrap_or_else(|| panic!("no {wanted:?} in {:?}", types(events)))
+}
+
+fn captured(payments: &[Payment]) -> usize {
+    payments
+        .iter()
+        .filter(|p| p.state() == PaymentState::Captured)
+        .count()
+}
+
+#[tokio::test]
+async fn an_order_is_made_and_its_payment_captured() {
+    let mut mesh = mesh(Duration::from_millis(50), |_| {}).await;
+    let placed = mesh.place(order("k1", "latte", "tok_visa")).await;
+    assert_eq!(placed.state(), OrderState::Accepted);
+    assert_eq!(placed.price.as_ref().map(|p| p.amount_minor), Some(475));
+
+    let events = mesh.watch(&placed.order_id).await;
+    let kinds = types(&events);
+    assert_eq!(kinds.first(), Some(&E::Accepted));
+    assert_eq!(kinds.last(), Some(&E::Ready));
+    for wanted in [
+        E::BrewingStarted,
+        E::PaymentAuthorized,
+        E::EspressoDone,
+        E::MilkDone,
+        E::PaymentCaptured,
+    ] {
+        assert!(kinds.contains(&wanted), "{wanted:?} missing from {kinds:?}");
+    }
+    let sequences: Vec<i64> = events.iter().map(|e| e.sequence).collect();
+    assert_eq!(
+        sequences,
+        (1..=events.len() as i64).collect::<Vec<_>>(),
+        "no gaps"
+    );
+
+    let done = mesh.get(&placed.order_id).await;
+    assert_eq!(done.state(), OrderState::Ready);
+    let payments = mesh.payments_of(&placed.order_id).await;
+    assert_eq!(payments.len(), 1);
+    assert_eq!(payments[0].payment_id, done.payment_id);
+    assert_eq!(payments[0].state(), PaymentState::Captured);
+    assert_eq!(payments[0].amount, placed.price);
+}
+
+#[tokio::test]
+async fn espresso_and_milk_are_made_at_the_same_time() {
+    let mut mesh = mesh(Duration::ZERO, |c| {
+        c.espresso_time = Duration::from_millis(500);
+        c.milk_time = Duration::from_millis(500);
+    })
+    .await;
+    let placed = mesh.place(order("k1", "cappuccino", "tok_visa")).await;
+    let events = mesh.watch(&placed.order_id).await;
+
+    // Both stations start before either finishes: the steps overlap.
+    let last_start = position(&events, E::EspressoStarted).max(position(&events, E::MilkStarted));
+    let first_done = position(&events, E::EspressoDone).min(position(&events, E::MilkDone));
+    assert!(
+        last_start < first_done,
+        "steps ran one after the other: {:?}",
+        types(&events)
+    );
+}
+
+#[tokio::test]
+async fn a_drink_without_milk_never_uses_a_steam_wand() {
+    let mut mesh = mesh(Duration::ZERO, |_| {}).await;
+    let placed = mesh.place(order("k1", "americano", "tok_visa")).await;
+    let kinds = types(&mesh.watch(&placed.order_id).await);
+    assert_eq!(kinds.last(), Some(&E::Ready));
+    assert!(!kinds.contains(&E::MilkStarted), "{kinds:?}");
+}
+
+#[tokio::test]
+async fn a_declined_payment_fails_the_order_with_nothing_captured() {
+    let mut mesh = mesh(Duration::from_millis(50), |_| {}).await;
+    let placed = mesh
+        .place(order("k1", "latte", brewmesh_payment::DECLINED_CARD_TOKEN))
+        .await;
+    let events = mesh.watch(&placed.order_id).await;
+    assert_eq!(events.last().map(|e| e.r#type()), Some(E::Failed));
+    assert!(types(&events).contains(&E::PaymentDeclined));
+
+    let done = mesh.get(&placed.order_id).await;
+    assert_eq!(done.state(), OrderState::Failed);
+    assert!(
+        done.failure_reason.contains("declined"),
+        "{}",
+        done.failure_reason
+    );
+    let payments = mesh.payments_of(&placed.order_id).await;
+    assert_eq!(captured(&payments), 0);
+    assert!(payments.iter().all(|p| p.state() == PaymentState::Declined));
+}
+
+#[tokio::test]
+async fn a_failed_station_voids_the_authorization() {
+    let mut mesh = mesh(Duration::ZERO, |c| c.brew_failure_rate = 1.0).await;
+    let placed = mesh.place(order("k1", "latte", "tok_visa")).await;
+    let events = mesh.watch(&placed.order_id).await;
+    let kinds = types(&events);
+    assert_eq!(kinds.last(), Some(&E::Failed));
+    assert!(
+        position(&events, E::BrewingFailed) < position(&events, E::PaymentVoided),
+        "{kinds:?}"
+    );
+
+    let payments = mesh.payments_of(&placed.order_id).await;
+    assert_eq!(payments.len(), 1);
+    assert_eq!(payments[0].state(), PaymentState::Voided);
+    assert_eq!(mesh.get(&placed.order_id).await.state(), OrderState::Failed);
+}
+
+#[tokio::test]
+async fn cancelling_voids_the_authorization() {
+    let mut mesh = mesh(Duration::from_millis(20), |c| {
+        c.espresso_time = Duration::from_secs(5)
+    })
+    .await;
+    let placed = mesh.place(order("k1", "americano", "tok_visa")).await;
+    mesh.wait_for(&placed.order_id, E::PaymentAuthorized).await;
+
+    let cancelling = mesh
+        .barista
+        .cancel_order(CancelOrderRequest {
+            order_id: placed.order_id.clone(),
+            reason: "changed my mind".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelling.state(), OrderState::Cancelling);
+
+    let events = mesh.watch(&placed.order_id).await;
+    let kinds = types(&events);
+    assert_eq!(kinds.last(), Some(&E::Cancelled));
+    assert!(kinds.contains(&E::PaymentVoided), "{kinds:?}");
+    assert!(
+        !kinds.contains(&E::EspressoDone),
+        "brewing stopped: {kinds:?}"
+    );
+    let payments = mesh.payments_of(&placed.order_id).await;
+    assert_eq!(payments.len(), 1);
+    assert_eq!(payments[0].state(), PaymentState::Voided);
+
+    // Cancelling again changes nothing.
+    let again = mesh
+        .barista
+        .cancel_order(CancelOrderRequest {
+            order_id: placed.order_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.state(), OrderState::Cancelled);
+}
+
+#[tokio::test]
+async fn a_ready_order_cannot_be_cancelled() {
+    let mut mesh = mesh(Duration::ZERO, |_| {}).await;
+    let placed = mesh.place(order("k1", "espresso", "tok_visa")).await;
+    mesh.watch(&placed.order_id).await;
+    let status = mesh
+        .barista
+        .cancel_order(CancelOrderRequest {
+            order_id: placed.order_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .expect_err("a READY order cannot be cancelled");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(captured(&mesh.payments_of(&placed.order_id).await), 1);
+}
+
+#[tokio::test]
+async fn a_full_shop_answers_resource_exhausted_and_stores_nothing() {
+    let mut mesh = mesh(Duration::ZERO, |c| {
+        c.espresso_machines = 1;
+        c.queue_depth = 1;
+        c.espresso_time = Duration::from_secs(5);
+    })
+    .await;
+    mesh.place(order("k1", "espresso", "tok_visa")).await; // brewing
+    mesh.place(order("k2", "espresso", "tok_visa")).await; // queued
+    let status = mesh
+        .barista
+        .place_order(order("k3", "espresso", "tok_visa"))
+        .await
+        .expect_err("machine and queue are full");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert!(status.get_details_retry_info().is_some());
+
+    let listed = mesh
+        .barista
+        .list_orders(ListOrdersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.orders.len(), 2);
+    // A retry of an accepted order is still answered while the shop is full.
+    let retry = mesh
+        .barista
+        .place_order(order("k1", "espresso", "tok_visa"))
+        .await;
+    assert!(retry.is_ok(), "{retry:?}");
+}
+
+#[tokio::test]
+async fn a_repeated_order_with_one_key_is_made_and_charged_once() {
+    let mut mesh = mesh(Duration::from_millis(50), |_| {}).await;
+    let first = mesh.place(order("same-key", "latte", "tok_visa")).await;
+    let second = mesh.place(order("same-key", "latte", "tok_visa")).await;
+    assert_eq!(first.order_id, second.order_id);
+    mesh.watch(&first.order_id).await;
+    let third = mesh.place(order("same-key", "latte", "tok_visa")).await;
+    assert_eq!(third.order_id, first.order_id);
+    assert_eq!(third.state(), OrderState::Ready);
+
+    let payments = mesh.payments_of(&first.order_id).await;
+    assert_eq!(payments.len(), 1);
+    assert_eq!(captured(&payments), 1);
+    let listed = mesh
+        .barista
+        .list_orders(ListOrdersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.orders.len(), 1);
+
+    let status = mesh
+        .barista
+        .place_order(order("same-key", "espresso", "tok_visa"))
+        .await
+        .expect_err("same key, different drink");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(
+        status.get_details_bad_request().unwrap().field_violations[0].field,
+        "idempotency_key"
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_are_invalid_argument_naming_the_field() {
+    let mut mesh = mesh(Duration::ZERO, |_| {}).await;
+    let fields = |status: tonic::Status| -> Vec<String> {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        status
+            .get_details_bad_request()
+            .unwrap()
+            .field_violations
+            .into_iter()
+            .map(|v| v.field)
+            .collect()
+    };
+
+    let status = mesh
+        .barista
+        .place_order(PlaceOrderRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        fields(status),
+        ["idempotency_key", "item_id", "customer_name", "card_token"]
+    );
+    let status = mesh
+        .barista
+        .place_order(order("k1", "tea", "tok_visa"))
+        .await
+        .unwrap_err();
+    assert_eq!(fields(status), ["item_id"]);
+    let status = mesh
+        .barista
+        .get_order(GetOrderRequest {
+            order_id: "42".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(fields(status), ["order_id"]);
+    let status = mesh
+        .barista
+        .list_orders(ListOrdersRequest {
+            page_size: -1,
+            state: 99,
+            page_token: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(fields(status), ["page_size", "state", "page_token"]);
+    let status = mesh
+        .barista
+        .watch_order(WatchOrderRequest {
+            order_id: String::new(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(fields(status), ["order_id"]);
+
+    let unknown = brewmesh::ids::new("ord");
+    let status = mesh
+        .barista
+        .get_order(GetOrderRequest {
+            order_id: unknown.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let status = mesh
+        .barista
+        .watch_order(WatchOrderRequest {
+            order_id: unknown,
+            after_sequence: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn a_watch_resumes_after_a_sequence_and_lists_show_orders_newest_first() {
+    let mut mesh = mesh(Duration::ZERO, |_| {}).await;
+    let menu = mesh
+        .barista
+        .get_menu(GetMenuRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(menu.items.iter().any(|i| i.item_id == "latte"));
+
+    let first = mesh.place(order("k1", "espresso", "tok_visa")).await;
+    let second = mesh.place(order("k2", "espresso", "tok_visa")).await;
+    let all = mesh.watch(&first.order_id).await;
+    let rest: Vec<OrderEvent> = mesh
+        .barista
+        .watch_order(WatchOrderRequest {
+            order_id: first.order_id.clone(),
+            after_sequence: 2,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .collect::<Result<_, _>>()
+        .await
+        .unwrap();
+    assert_eq!(rest, all[2..]);
+
+    let page = mesh
+        .barista
+        .list_orders(ListOrdersRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        page.orders.iter().map(|o| &o.order_id).collect::<Vec<_>>(),
+        [&second.order_id]
+    );
+    let next = mesh
+        .barista
+        .list_orders(ListOrdersRequest {
+            page_size: 1,
+            page_token: page.next_page_token,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        next.orders.iter().map(|o| &o.order_id).collect::<Vec<_>>(),
+        [&first.order_id]
+    );
+    assert!(next.next_page_token.is_empty());
+}
