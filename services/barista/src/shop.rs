@@ -42,6 +42,20 @@ use crate::store::{Change, OrderRecord, OrderStore, Step};
 
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// How the concurrent part of step `Run` ended.
+enum Outcome {
+    /// The drink is made and the payment authorized.
+    Made,
+    /// The card was declined.
+    Declined(Payment),
+    /// The payment service refused the authorization for good.
+    Refused(Status),
+    /// A station failed.
+    BrewFailed(String),
+    /// The order was cancelled.
+    Cancelled,
+}
+
 /// Why a saga step did not finish.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SagaError {
@@ -252,51 +266,58 @@ impl Shop {
             None => self.stations.admit(item.steamed_milk).await,
         };
 
-        let authorize = self.authorize(record);
-        let brew = self.brew(order_id, &item, admission);
-        tokio::pin!(authorize, brew);
-        let mut payment: Option<Payment> = None;
-        let mut brewed = false;
-        let failure = loop {
-            tokio::select! {
-                result = &mut authorize, if payment.is_none() => {
-                    let authorized = match result {
-                        Ok(authorized) => authorized,
-                        Err(SagaError::PaymentRefused(status)) => {
-                            let reason = format!("payment refused: {}", status.message());
-                            self.finish_failed(order_id, Step::Run, &reason).await?;
-                            return Ok(());
-                        }
-                        Err(other) => return Err(other),
-                    };
-                    if authorized.state() != PaymentState::Authorized {
-                        // Declined: nothing is held, so nothing to release.
-                        let reason = format!("payment declined: {}", authorized.decline_reason);
-                        self.record(order_id, &[(E::PaymentDeclined, &authorized.decline_reason), (E::Failed, &reason)], Change {
-                            from: &[S::Brewing],
-                            from_step: Some(Step::Run),
-                            state: Some(S::Failed),
-                            step: Some(Step::Done),
-                            payment_id: Some(&authorized.payment_id),
-                            failure_reason: Some(&reason),
-                        }).await?;
-                        return Ok(());
-                    }
-                    self.record(order_id, &[(E::PaymentAuthorized, "")], Change {
+        // Deadlock rule: one task must never await a write while a sibling
+        // future that may hold an open write transaction sits unpolled (a
+        // `select!` arm body, or after a `break`). So the authorized event is
+        // written inside the authorization's own future, `brew` is dropped
+        // before anything else is written, and an authorization still under
+        // way is settled before the next write.
+        let authorize = async {
+            let payment = self.authorize(record).await?;
+            if payment.state() == PaymentState::Authorized {
+                self.record(
+                    order_id,
+                    &[(E::PaymentAuthorized, "")],
+                    Change {
                         from: &[S::Brewing],
-                        payment_id: Some(&authorized.payment_id),
+                        payment_id: Some(&payment.payment_id),
                         ..Change::default()
-                    }).await?;
-                    payment = Some(authorized);
-                }
-                result = &mut brew, if !brewed => match result {
-                    Ok(()) => brewed = true,
-                    Err(SagaError::BrewFailed(reason)) => break Some(reason),
-                    Err(other) => return Err(other),
-                },
-                () = cancel.cancelled() => break None,
+                    },
+                )
+                .await?;
             }
-            if brewed && payment.is_some() {
+            Ok::<_, SagaError>(payment)
+        };
+        tokio::pin!(authorize);
+        let mut payment: Option<Payment> = None;
+        let outcome = {
+            let brew = self.brew(order_id, &item, admission);
+            tokio::pin!(brew);
+            let mut brewed = false;
+            loop {
+                if brewed && payment.is_some() {
+                    break Outcome::Made;
+                }
+                tokio::select! {
+                    result = &mut authorize, if payment.is_none() => match result {
+                        Ok(p) if p.state() == PaymentState::Authorized => payment = Some(p),
+                        Ok(declined) => break Outcome::Declined(declined),
+                        Err(SagaError::PaymentRefused(status)) => break Outcome::Refused(status),
+                        Err(other) => return Err(other),
+                    },
+                    result = &mut brew, if !brewed => match result {
+                        Ok(()) => brewed = true,
+                        Err(SagaError::BrewFailed(reason)) => break Outcome::BrewFailed(reason),
+                        Err(other) => return Err(other),
+                    },
+                    () = cancel.cancelled() => break Outcome::Cancelled,
+                }
+            }
+        }; // `brew` is dropped here, with any place or transaction it held.
+
+        let mut failure = None;
+        match outcome {
+            Outcome::Made => {
                 let moved = self
                     .record(
                         order_id,
@@ -309,44 +330,72 @@ impl Shop {
                         },
                     )
                     .await?;
-                if moved.is_none() {
-                    break None; // cancelled just now: the cancel wins
+                if moved.is_some() {
+                    return Ok(()); // `Complete` follows
                 }
-                return Ok(()); // `Complete` follows
+                // Cancelled just now: the cancel wins, compensation follows.
             }
-        };
-
-        if let Some(reason) = failure {
-            let reason = format!("brewing failed: {reason}");
-            let moved = self
-                .record(
+            Outcome::Declined(declined) => {
+                // Nothing is held, so nothing to release.
+                let reason = format!("payment declined: {}", declined.decline_reason);
+                self.record(
                     order_id,
-                    &[(E::BrewingFailed, &reason)],
+                    &[
+                        (E::PaymentDeclined, &declined.decline_reason),
+                        (E::Failed, &reason),
+                    ],
                     Change {
                         from: &[S::Brewing],
                         from_step: Some(Step::Run),
-                        step: Some(Step::Compensate),
+                        state: Some(S::Failed),
+                        step: Some(Step::Done),
+                        payment_id: Some(&declined.payment_id),
                         failure_reason: Some(&reason),
-                        ..Change::default()
                     },
                 )
                 .await?;
-            if moved.is_none() {
-                return Ok(()); // cancelled meanwhile: compensation follows
+                return Ok(());
             }
+            Outcome::Refused(status) => {
+                let reason = format!("payment refused: {}", status.message());
+                self.finish_failed(order_id, Step::Run, &reason).await?;
+                return Ok(());
+            }
+            Outcome::BrewFailed(reason) => failure = Some(format!("brewing failed: {reason}")),
+            Outcome::Cancelled => {}
         }
-        // Compensate with the authorization this saga already has, or the one
-        // still under way (dropping it would leave its outcome unknown).
+
+        // Settle the authorization under way (dropping it would leave its
+        // outcome unknown) before writing anything else.
         let payment = match payment {
-            Some(payment) => payment,
-            None => authorize.await?,
+            Some(payment) => Some(payment),
+            None => match authorize.await {
+                Ok(payment) => Some(payment),
+                Err(SagaError::PaymentRefused(_)) => None,
+                Err(other) => return Err(other),
+            },
         };
+        if let Some(reason) = failure {
+            // `None` means a cancel came first; compensating serves both.
+            self.record(
+                order_id,
+                &[(E::BrewingFailed, &reason)],
+                Change {
+                    from: &[S::Brewing],
+                    from_step: Some(Step::Run),
+                    step: Some(Step::Compensate),
+                    failure_reason: Some(&reason),
+                    ..Change::default()
+                },
+            )
+            .await?;
+        }
         let fresh = self
             .store
             .get(order_id)
             .await?
             .ok_or(sqlx::Error::RowNotFound)?;
-        self.compensate(&fresh, Some(payment)).await
+        self.compensate(&fresh, payment).await
     }
 
     /// The drink: espresso, and milk at the same time if the drink has milk.

@@ -62,6 +62,7 @@ fn barista_config(dir: &Path, payment_addr: String) -> brewmesh_barista::Config 
 }
 
 async fn mesh(payment_delay: Duration, tweak: impl FnOnce(&mut brewmesh_barista::Config)) -> Mesh {
+    brewmesh::telemetry::init(brewmesh::telemetry::LogFormat::Text);
     let dir = tempfile::tempdir().unwrap();
     let payment_config = brewmesh_payment::Config {
         serve: serve_args(),
