@@ -75,16 +75,8 @@ pub async fn serve(
 
     let routes = routes
         .add_service(health_service)
-        .add_service(
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-                .build_v1()?,
-        )
-        .add_service(
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-                .build_v1alpha()?,
-        );
+        .add_service(reflection(services).build_v1()?)
+        .add_service(reflection(services).build_v1alpha()?);
 
     // tonic leaves Nagle on for a listener handed to it; small gRPC frames
     // would then wait for ACKs (tens of milliseconds a call).
@@ -119,6 +111,21 @@ pub async fn serve(
             Ok(Drained::AtDeadline)
         }
     }
+}
+
+/// Reflection that lists what this server serves — its own services, health
+/// and reflection — rather than every service in the descriptor set.
+fn reflection(services: &[&str]) -> tonic_reflection::server::Builder<'static> {
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection")
+        .with_service_name("grpc.reflection.v1alpha.ServerReflection");
+    for name in services {
+        builder = builder.with_service_name(*name);
+    }
+    builder
 }
 
 async fn set_health(health: &HealthReporter, services: &[&str], status: ServingStatus) {

@@ -1,1 +1,105 @@
-fn main() {}
+//! The `brewmesh` binary: one subcommand per role, and `up` for the whole
+//! mesh on a laptop. Only wiring lives here: flags into typed config, a
+//! listener, a shutdown signal, and the role's `run`.
+
+#![forbid(unsafe_code)]
+
+mod up;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use brewmesh::server::Drained;
+use brewmesh::telemetry::LogFormat;
+
+/// A gRPC coffee shop, scaled out.
+#[derive(Debug, Parser)]
+#[command(name = "brewmesh", version, about)]
+struct Cli {
+    /// Log lines as JSON objects or as text.
+    #[arg(
+        long,
+        global = true,
+        env = "BREWMESH_LOG_FORMAT",
+        default_value = "json"
+    )]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the payment service (default 127.0.0.1:50052).
+    Payment(brewmesh_payment::Config),
+    /// Run the barista service (default 127.0.0.1:50053).
+    Barista(brewmesh_barista::Config),
+    /// Run the whole mesh on 127.0.0.1 as child processes, with one log.
+    Up(up::Args),
+}
+
+/// Where each role listens unless told otherwise.
+pub(crate) const PAYMENT_ADDR: &str = "127.0.0.1:50052";
+pub(crate) const BARISTA_ADDR: &str = "127.0.0.1:50053";
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Runtime::new().context("starting the Tokio runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Up(args) => up::run(args, cli.log_format).await,
+            Command::Payment(config) => {
+                brewmesh::telemetry::init(cli.log_format);
+                let addr = config.serve.listen.unwrap_or(default_addr(PAYMENT_ADDR));
+                serve(addr, |listener, shutdown| {
+                    brewmesh_payment::run(listener, config, shutdown)
+                })
+                .await
+            }
+            Command::Barista(config) => {
+                brewmesh::telemetry::init(cli.log_format);
+                let addr = config.serve.listen.unwrap_or(default_addr(BARISTA_ADDR));
+                serve(addr, |listener, shutdown| {
+                    brewmesh_barista::run(listener, config, shutdown)
+                })
+                .await
+            }
+        }
+    })
+}
+
+fn default_addr(addr: &str) -> SocketAddr {
+    addr.parse().expect("the default addresses are valid")
+}
+
+/// Binds `addr` and runs a role until SIGTERM/SIGINT and its drain.
+async fn serve<F, Fut, E>(addr: SocketAddr, run: F) -> anyhow::Result<()>
+where
+    F: FnOnce(TcpListener, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<Drained, E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let shutdown = brewmesh::shutdown::on_signal();
+    match run(listener, shutdown).await {
+        Ok(drained) => {
+            tracing::info!(?drained, "stopped");
+            Ok(())
+        }
+        Err(error) => {
+            tracing::error!(
+                error = format!("{:#}", anyhow::Error::from(error)),
+                "stopped on an error"
+            );
+            std::process::exit(1);
+        }
+    }
+}

@@ -55,7 +55,7 @@ impl PaymentService {
             .ledger
             .transition(key, &fingerprint, payment_id, transition)
             .await?;
-        tracing::info!(payment_id, order_id = %payment.order_id, state = ?payment.state(), "payment {method}");
+        tracing::info!(method, payment_id, order_id = %payment.order_id, state = ?payment.state(), "payment updated");
         Ok(Response::new(payment))
     }
 }
@@ -99,7 +99,7 @@ impl Payments for PaymentService {
             card_last4,
         };
         let payment = self.ledger.authorize(key, &fingerprint, new).await?;
-        tracing::info!(payment_id = %payment.payment_id, order_id = %payment.order_id, state = ?payment.state(), "payment authorize");
+        tracing::info!(method = "Authorize", payment_id = %payment.payment_id, order_id = %payment.order_id, state = ?payment.state(), "payment updated");
         Ok(Response::new(payment))
     }
 

@@ -1,0 +1,330 @@
+//! `brewmesh up`: the mesh on 127.0.0.1 as child processes of this one.
+//!
+//! Each role runs as `brewmesh <role>` (the same binary), logging JSON lines
+//! that this process reads, labels with the instance and writes to one
+//! stream: the centralized log, on a laptop. A role's "serving" line tells
+//! its real address, so a role started on port 0 is still found. Ctrl-C (or
+//! SIGTERM) stops the roles callers first — the barista drains its sagas
+//! while payment still answers — each with SIGTERM, then SIGKILL if it
+//! outlives its drain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Map, Value};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use brewmesh::telemetry::LogFormat;
+
+/// How long a role may take to start serving.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `brewmesh up` flags.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Directory under which each role keeps its data.
+    #[arg(long, env = "BREWMESH_DATA_DIR", default_value = ".brewmesh")]
+    data_dir: PathBuf,
+
+    /// Where the payment service listens.
+    #[arg(long, default_value = crate::PAYMENT_ADDR)]
+    payment_listen: SocketAddr,
+
+    /// Where the barista service listens.
+    #[arg(long, default_value = crate::BARISTA_ADDR)]
+    barista_listen: SocketAddr,
+
+    /// An extra flag for the payment service, e.g. `--payment-arg=--processing-delay=1s`.
+    #[arg(long, allow_hyphen_values = true)]
+    payment_arg: Vec<String>,
+
+    /// An extra flag for the barista service, e.g. `--barista-arg=--espresso-machines=4`.
+    #[arg(long, allow_hyphen_values = true)]
+    barista_arg: Vec<String>,
+
+    /// How long each role may drain before it is killed.
+    #[arg(long, default_value = "15s", value_parser = brewmesh::server::parse_duration)]
+    drain_timeout: Duration,
+}
+
+/// One child process running a role.
+struct Instance {
+    label: String,
+    pid: u32,
+    addr: SocketAddr,
+    /// How the process exited, once it has.
+    exited: watch::Receiver<Option<String>>,
+}
+
+/// Runs the mesh until Ctrl-C/SIGTERM or until a role dies.
+pub async fn run(args: Args, format: LogFormat) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding the brewmesh executable")?;
+    let (lines_tx, lines_rx) = mpsc::channel::<String>(1024);
+    let (exits_tx, mut exits) = mpsc::channel(4);
+    let printer = tokio::spawn(print_lines(lines_rx));
+    let drain = format!("{}ms", args.drain_timeout.as_millis());
+    let signal = tokio::spawn(brewmesh::shutdown::wait_for_signal());
+
+    let mut instances = Vec::new();
+    let started = async {
+        let mut payment_args = vec!["payment".to_owned()];
+        payment_args.extend(flag("--listen", args.payment_listen));
+        payment_args.extend(flag("--data-dir", args.data_dir.join("payment").display()));
+        payment_args.extend(flag("--drain-timeout", &drain));
+        payment_args.extend(args.payment_arg.iter().cloned());
+        let payment = start(
+            &exe,
+            "payment-1",
+            &payment_args,
+            format,
+            &lines_tx,
+            &exits_tx,
+        )
+        .await?;
+        let payment_addr = payment.addr;
+        instances.push(payment);
+
+        let mut barista_args = vec!["barista".to_owned()];
+        barista_args.extend(flag("--listen", args.barista_listen));
+        barista_args.extend(flag("--data-dir", args.data_dir.join("barista").display()));
+        barista_args.extend(flag("--drain-timeout", &drain));
+        barista_args.extend(flag("--payment-addr", payment_addr));
+        barista_args.extend(args.barista_arg.iter().cloned());
+        instances.push(
+            start(
+                &exe,
+                "barista-1",
+                &barista_args,
+                format,
+                &lines_tx,
+                &exits_tx,
+            )
+            .await?,
+        );
+        anyhow::Ok(())
+    };
+    let outcome = match started.await {
+        Ok(()) => {
+            print_banner(&instances);
+            wait_for_stop(&mut exits, signal).await
+        }
+        Err(error) => Err(error),
+    };
+
+    // Callers first: the barista's sagas still need payment while draining.
+    for instance in instances.iter_mut().rev() {
+        stop(instance, args.drain_timeout + Duration::from_secs(5)).await;
+    }
+    drop(lines_tx);
+    let _ = printer.await;
+    outcome
+}
+
+fn flag(name: &str, value: impl std::fmt::Display) -> [String; 2] {
+    [name.to_owned(), value.to_string()]
+}
+
+/// Starts `brewmesh <args>` and waits for its "serving" line.
+async fn start(
+    exe: &std::path::Path,
+    label: &str,
+    args: &[String],
+    format: LogFormat,
+    lines: &mpsc::Sender<String>,
+    exits: &mpsc::Sender<(String, String)>,
+) -> anyhow::Result<Instance> {
+    let mut child = Command::new(exe)
+        .args(["--log-format", "json"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {label}"))?;
+    let (addr_tx, addr_rx) = oneshot::channel();
+    let stdout = child.stdout.take().context("child stdout")?;
+    let stderr = child.stderr.take().context("child stderr")?;
+    tokio::spawn(relay(
+        stdout,
+        label.to_owned(),
+        format,
+        lines.clone(),
+        Some(addr_tx),
+    ));
+    tokio::spawn(relay(stderr, label.to_owned(), format, lines.clone(), None));
+
+    let pid = child.id().context("a just-started child has a pid")?;
+    // The watcher owns the child: it reaps it, says how it exited, and kills
+    // it (kill_on_drop) if `up` itself goes away.
+    let (exited_tx, mut exited) = watch::channel(None);
+    let (watcher_label, watcher_exits) = (label.to_owned(), exits.clone());
+    tokio::spawn(async move {
+        let status = match child.wait().await {
+            Ok(status) => status.to_string(),
+            Err(error) => error.to_string(),
+        };
+        let _ = exited_tx.send(Some(status.clone()));
+        let _ = watcher_exits.send((watcher_label, status)).await;
+    });
+
+    let addr = tokio::select! {
+        addr = addr_rx => addr.ok(),
+        status = exited.wait_for(Option::is_some) => {
+            let status = status.map(|s| s.clone().unwrap_or_default()).unwrap_or_default();
+            bail!("{label} exited before serving ({status})")
+        }
+        () = tokio::time::sleep(START_TIMEOUT) => None,
+    };
+    let instance = Instance {
+        label: label.to_owned(),
+        pid,
+        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        exited,
+    };
+    match addr {
+        Some(addr) => Ok(Instance { addr, ..instance }),
+        None => {
+            let mut instance = instance;
+            stop(&mut instance, Duration::ZERO).await;
+            bail!("{label} did not start serving within {START_TIMEOUT:?}")
+        }
+    }
+}
+
+/// Reads a child's output, labels each line and sends it on; reports the
+/// address of the first "serving" line.
+async fn relay(
+    output: impl AsyncRead + Unpin,
+    label: String,
+    format: LogFormat,
+    lines: mpsc::Sender<String>,
+    mut serving: Option<oneshot::Sender<SocketAddr>>,
+) {
+    let mut reader = BufReader::new(output).lines();
+    while let Ok(Some(line)) = reader.next_line().await {
+        let parsed = serde_json::from_str::<Value>(&line).ok();
+        let mut object = match parsed {
+            Some(Value::Object(object)) => object,
+            _ => Map::from_iter([("message".to_owned(), Value::String(line))]),
+        };
+        if object.get("message").and_then(Value::as_str) == Some("serving") {
+            let addr = object
+                .get("addr")
+                .and_then(Value::as_str)
+                .and_then(|a| a.parse().ok());
+            if let (Some(tx), Some(addr)) = (serving.take(), addr) {
+                let _ = tx.send(addr);
+            }
+        }
+        object.insert("instance".to_owned(), Value::String(label.clone()));
+        let out = match format {
+            LogFormat::Json => Value::Object(object).to_string(),
+            LogFormat::Text => text_line(&object),
+        };
+        if lines.send(out).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// `12:00:01.234 payment-1  INFO payment authorize payment_id=…`
+fn text_line(object: &Map<String, Value>) -> String {
+    let field = |name: &str| object.get(name).and_then(Value::as_str).unwrap_or("");
+    let time = field("timestamp").get(11..23).unwrap_or("");
+    let mut line = format!(
+        "{time} {:<10} {:>5} {}",
+        field("instance"),
+        field("level"),
+        field("message")
+    );
+    for (key, value) in object {
+        if matches!(
+            key.as_str(),
+            "timestamp" | "level" | "target" | "message" | "instance"
+        ) {
+            continue;
+        }
+        match value {
+            Value::String(text) => line.push_str(&format!(" {key}={text}")),
+            other => line.push_str(&format!(" {key}={other}")),
+        }
+    }
+    line
+}
+
+async fn print_lines(mut lines: mpsc::Receiver<String>) {
+    use std::io::Write as _;
+    let stdout = std::io::stdout();
+    while let Some(line) = lines.recv().await {
+        let mut out = stdout.lock();
+        // A closed stdout (`| head`) must not stop the mesh.
+        let _ = writeln!(out, "{line}");
+    }
+}
+
+fn print_banner(instances: &[Instance]) {
+    let addr = |prefix: &str| {
+        instances
+            .iter()
+            .find(|i| i.label.starts_with(prefix))
+            .map(|i| i.addr.to_string())
+            .unwrap_or_default()
+    };
+    let (payment, barista) = (addr("payment"), addr("barista"));
+    eprintln!(
+        "\nbrewmesh is up (Ctrl-C stops it):\n  \
+           payment  {payment}   brewmesh.payment.v1.Payments\n  \
+           barista  {barista}   brewmesh.barista.v1.Barista\n\n\
+         Try:\n  \
+           grpcurl -plaintext {barista} list\n  \
+           grpcurl -plaintext -d '{{\"idempotency_key\":\"order-1\",\"item_id\":\"latte\",\"customer_name\":\"Ada\",\"card_token\":\"tok_visa\"}}' {barista} brewmesh.barista.v1.Barista/PlaceOrder\n  \
+           grpcurl -plaintext -d '{{\"order_id\":\"ORDER_ID\"}}' {barista} brewmesh.barista.v1.Barista/WatchOrder\n  \
+           grpcurl -plaintext -d '{{\"payment_id\":\"PAYMENT_ID\"}}' {payment} brewmesh.payment.v1.Payments/GetPayment\n"
+    );
+}
+
+/// Waits for a signal (a clean stop) or for a role to die (an error).
+async fn wait_for_stop(
+    exits: &mut mpsc::Receiver<(String, String)>,
+    signal: tokio::task::JoinHandle<&'static str>,
+) -> anyhow::Result<()> {
+    tokio::select! {
+        name = signal => {
+            eprintln!("\n{} received: stopping the mesh", name.unwrap_or("signal"));
+            Ok(())
+        }
+        Some((label, status)) = exits.recv() => bail!("{label} exited unexpectedly ({status}); stopping the mesh"),
+    }
+}
+
+/// SIGTERM, then SIGKILL if the role is still running after `grace`.
+async fn stop(instance: &mut Instance, grace: Duration) {
+    if instance.exited.borrow().is_some() {
+        return;
+    }
+    let signal = |signal| {
+        if let Ok(pid) = i32::try_from(instance.pid) {
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
+    };
+    signal(Signal::SIGTERM);
+    let exited = tokio::time::timeout(grace, instance.exited.wait_for(Option::is_some))
+        .await
+        .is_ok();
+    if !exited {
+        eprintln!(
+            "{} did not stop within {grace:?}: killing it",
+            instance.label
+        );
+        signal(Signal::SIGKILL);
+        let _ = instance.exited.wait_for(Option::is_some).await;
+    }
+}
