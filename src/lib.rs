@@ -7,6 +7,7 @@
 //!   reflection and the gateway read.
 //! - [`server`]: serves a service's routes with health, reflection,
 //!   TCP_NODELAY and a graceful drain under a deadline. Start here.
+//! - [`health`]: grpc.health.v1 whose watchers do not hold up a drain.
 //! - [`shutdown`]: SIGTERM/SIGINT turned into a cancellation token.
 //! - [`validate`]: `INVALID_ARGUMENT` with `google.rpc.BadRequest` field
 //!   violations.
@@ -23,6 +24,7 @@
 
 pub mod client;
 pub mod db;
+pub mod health;
 pub mod idempotency;
 pub mod ids;
 pub mod pb;

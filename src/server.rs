@@ -15,9 +15,11 @@ use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthReporter;
 
 use crate::FILE_DESCRIPTOR_SET;
+use crate::health::DrainingHealth;
 
 /// Parses flag durations such as `2s`, `150ms` or `1m 30s`.
 pub use humantime::parse_duration;
@@ -70,8 +72,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<Drained, ServeError> {
     let addr = listener.local_addr()?;
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = HealthReporter::new();
     set_health(&health, services, ServingStatus::Serving).await;
+    let draining = CancellationToken::new();
+    let health_service = HealthServer::new(DrainingHealth::new(health.clone(), draining.clone()));
 
     let routes = routes
         .add_service(health_service)
@@ -97,6 +101,7 @@ pub async fn serve(
         () = shutdown.cancelled() => {}
     }
 
+    draining.cancel();
     set_health(&health, services, ServingStatus::NotServing).await;
     tracing::info!(deadline = ?drain_timeout, "draining");
     stop_accepting.cancel();

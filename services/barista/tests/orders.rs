@@ -1,6 +1,8 @@
 //! The barista and payment services over real gRPC, on port 0, with real
 //! SQLite databases: the order saga end to end.
 
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -20,13 +22,13 @@ use brewmesh::pb::payment::v1::{ListPaymentsRequest, Payment, PaymentState};
 use brewmesh::server::ServeArgs;
 use brewmesh::testing::{Running, spawn};
 
+type PaymentRun = Result<brewmesh::server::Drained, brewmesh_payment::RunError>;
+type BaristaRun = Result<brewmesh::server::Drained, brewmesh_barista::RunError>;
+
 struct Mesh {
     barista: BaristaClient<Channel>,
     payments: PaymentsClient<Channel>,
-    _servers: (
-        Running<Result<brewmesh::server::Drained, brewmesh_payment::RunError>>,
-        Running<Result<brewmesh::server::Drained, brewmesh_barista::RunError>>,
-    ),
+    _servers: (Running<PaymentRun>, Running<BaristaRun>),
     _dir: tempfile::TempDir,
 }
 

@@ -1,5 +1,7 @@
 //! The payment service over real gRPC, on port 0, with a real SQLite ledger.
 
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -380,4 +382,60 @@ async fn committed_payments_survive_a_restart_on_the_same_data_dir() {
         .unwrap()
         .into_inner();
     assert_eq!(again.payment_id, id);
+}
+
+#[tokio::test]
+async fn draining_turns_health_not_serving_at_once_and_lets_calls_finish() {
+    use tokio_stream::StreamExt;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (server, client) = start(dir.path(), Duration::from_millis(800)).await;
+    let channel = brewmesh::client::channel(&[server.url()]).unwrap();
+    let mut health = HealthClient::new(channel);
+    for service in ["", brewmesh_payment::SERVICE_NAME] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(status.status(), ServingStatus::Serving, "{service:?}");
+    }
+    let mut updates = health
+        .watch(HealthCheckRequest {
+            service: brewmesh_payment::SERVICE_NAME.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        updates.next().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
+
+    let mut slow = client.clone();
+    let in_flight =
+        tokio::spawn(async move { slow.authorize(authorize("k", "o", 100, "tok_visa")).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.shutdown.cancel();
+
+    // The watcher hears NOT_SERVING while the slow call is still running.
+    let next = tokio::time::timeout(Duration::from_secs(5), updates.next())
+        .await
+        .expect("a health update");
+    assert_eq!(next.unwrap().unwrap().status(), ServingStatus::NotServing);
+    assert!(
+        !in_flight.is_finished(),
+        "the call should still be in flight"
+    );
+    let payment = in_flight
+        .await
+        .unwrap()
+        .expect("the call in flight finishes");
+    assert_eq!(payment.into_inner().state(), PaymentState::Authorized);
+    assert_eq!(server.stop().await.unwrap(), Drained::Gracefully);
 }

@@ -1,0 +1,353 @@
+//! brewmesh as real processes: crashes, drains and `brewmesh up`.
+
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+mod support;
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+use brewmesh::pb::barista::v1::barista_client::BaristaClient;
+use brewmesh::pb::barista::v1::{
+    OrderEvent, OrderEventType as E, OrderState, PlaceOrderRequest, WatchOrderRequest,
+};
+use brewmesh::pb::payment::v1::payments_client::PaymentsClient;
+use brewmesh::pb::payment::v1::{
+    AuthorizeRequest, GetPaymentRequest, ListPaymentsRequest, Money, PaymentState,
+};
+use support::{PATIENCE, Process};
+
+fn client<T>(url: String, new: fn(Channel) -> T) -> T {
+    new(brewmesh::client::channel(&[url]).expect("valid url"))
+}
+
+fn start_payment(dir: &std::path::Path, delay: &str) -> Process {
+    let data = dir.join("payment");
+    Process::start(
+        &[
+            "payment",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--processing-delay",
+            delay,
+            "--drain-timeout",
+            "10s",
+        ],
+        1,
+    )
+}
+
+fn start_barista(dir: &std::path::Path, payment: &Process, step: &str) -> Process {
+    let data = dir.join("barista");
+    let payment_addr = payment.addr.to_string();
+    Process::start(
+        &[
+            "barista",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--payment-addr",
+            &payment_addr,
+            "--espresso-time",
+            step,
+            "--milk-time",
+            step,
+        ],
+        1,
+    )
+}
+
+async fn events_until(
+    client: &mut BaristaClient<Channel>,
+    order_id: &str,
+    stop: impl Fn(E) -> bool,
+) -> Vec<OrderEvent> {
+    let mut stream = client
+        .watch_order(WatchOrderRequest {
+            order_id: order_id.into(),
+            after_sequence: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut events = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(event) = stream.next().await {
+            let event = event.expect("event");
+            let done = stop(event.r#type());
+            events.push(event);
+            if done {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the awaited event comes in time");
+    events
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_barista_killed_mid_brew_finishes_the_order_after_restart_and_charges_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let payment = start_payment(dir.path(), "100ms");
+    let mut barista = start_barista(dir.path(), &payment, "1500ms");
+    let mut client_b = client(barista.url(), BaristaClient::new);
+    let order = client_b
+        .place_order(PlaceOrderRequest {
+            idempotency_key: "crash-1".into(),
+            item_id: "latte".into(),
+            customer_name: "Ada".into(),
+            card_token: "tok_visa".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    events_until(&mut client_b, &order.order_id, |e| e == E::EspressoStarted).await;
+
+    barista.kill9();
+    let barista = start_barista(dir.path(), &payment, "200ms");
+    let mut client_b = client(barista.url(), BaristaClient::new);
+    let events = events_until(&mut client_b, &order.order_id, |e| {
+        matches!(e, E::Ready | E::Failed | E::Cancelled)
+    })
+    .await;
+    let kinds: Vec<E> = events.iter().map(|e| e.r#type()).collect();
+    assert!(kinds.contains(&E::Resumed), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&E::Ready), "{kinds:?}");
+
+    let mut client_p = client(payment.url(), PaymentsClient::new);
+    let payments = client_p
+        .list_payments(ListPaymentsRequest {
+            order_id: order.order_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .payments;
+    assert_eq!(
+        payments.len(),
+        1,
+        "one authorization across the crash: {payments:?}"
+    );
+    assert_eq!(payments[0].state(), PaymentState::Captured);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_payment_killed_with_sigkill_keeps_every_committed_payment() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut payment = start_payment(dir.path(), "0s");
+    let mut client_p = client(payment.url(), PaymentsClient::new);
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let p = client_p
+            .authorize(authorize(&format!("k{i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(p.payment_id);
+    }
+    payment.kill9();
+
+    let payment = start_payment(dir.path(), "0s");
+    let mut client_p = client(payment.url(), PaymentsClient::new);
+    for id in ids {
+        let got = client_p
+            .get_payment(GetPaymentRequest { payment_id: id })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.state(), PaymentState::Authorized);
+    }
+}
+
+fn authorize(key: &str) -> AuthorizeRequest {
+    AuthorizeRequest {
+        idempotency_key: key.into(),
+        order_id: format!("order-{key}"),
+        amount: Some(Money {
+            currency_code: "USD".into(),
+            amount_minor: 300,
+        }),
+        card_token: "tok_visa".into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_under_load_lets_the_calls_in_flight_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut payment = start_payment(dir.path(), "1s");
+    let client_p = client(payment.url(), PaymentsClient::new);
+    // One call first, so the connection is up before the load starts.
+    let _ = client_p
+        .clone()
+        .get_payment(GetPaymentRequest {
+            payment_id: brewmesh::ids::new("pay"),
+        })
+        .await;
+
+    let calls: Vec<_> = (0..20)
+        .map(|i| {
+            let mut client = client_p.clone();
+            tokio::spawn(async move { client.authorize(authorize(&format!("load-{i}"))).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await; // well inside the 1s each call takes
+    payment.signal(Signal::SIGTERM);
+
+    for call in calls {
+        let response = call.await.unwrap();
+        assert!(
+            response.is_ok(),
+            "a call in flight was dropped: {response:?}"
+        );
+    }
+    assert!(payment.wait().success());
+    assert!(
+        !payment.lines_with("\"drained\"").is_empty(),
+        "the drain finished before the deadline"
+    );
+
+    let payment = start_payment(dir.path(), "0s");
+    let listed = client(payment.url(), PaymentsClient::new)
+        .list_payments(ListPaymentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.payments.len(), 20);
+}
+
+fn grpcurl(args: &[&str]) -> String {
+    let output = std::process::Command::new("grpcurl")
+        .args(args)
+        .output()
+        .expect("grpcurl is installed (scripts/test.sh installs it from PyPI)");
+    assert!(
+        output.status.success(),
+        "grpcurl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let mut up = Process::start(
+        &[
+            "up",
+            "--payment-listen",
+            "127.0.0.1:0",
+            "--barista-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data,
+            "--payment-arg=--processing-delay=50ms",
+            "--barista-arg=--espresso-time=100ms",
+            "--barista-arg=--milk-time=100ms",
+        ],
+        2,
+    );
+    let payment = up.instance("payment-1").to_string();
+    let barista = up.instance("barista-1").to_string();
+
+    for (addr, service) in [
+        (&barista, "brewmesh.barista.v1.Barista"),
+        (&payment, "brewmesh.payment.v1.Payments"),
+    ] {
+        let listed = grpcurl(&["-plaintext", addr, "list"]);
+        assert!(listed.lines().any(|l| l == service), "{listed}");
+        assert!(
+            listed.lines().any(|l| l == "grpc.health.v1.Health"),
+            "{listed}"
+        );
+        let described = grpcurl(&["-plaintext", addr, "describe", service]);
+        assert!(described.contains("is a service"), "{described}");
+        let health = json(&grpcurl(&[
+            "-plaintext",
+            "-d",
+            &format!(r#"{{"service":"{service}"}}"#),
+            addr,
+            "grpc.health.v1.Health/Check",
+        ]));
+        assert_eq!(health["status"], "SERVING");
+        let overall = json(&grpcurl(&[
+            "-plaintext",
+            addr,
+            "grpc.health.v1.Health/Check",
+        ]));
+        assert_eq!(overall["status"], "SERVING");
+    }
+
+    let order = json(&grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"idempotency_key":"order-1","item_id":"latte","customer_name":"Ada","card_token":"tok_visa"}"#,
+        &barista,
+        "brewmesh.barista.v1.Barista/PlaceOrder",
+    ]));
+    let order_id = order["orderId"].as_str().expect("an order id").to_owned();
+    let watched = grpcurl(&[
+        "-plaintext",
+        "-d",
+        &format!(r#"{{"order_id":"{order_id}"}}"#),
+        &barista,
+        "brewmesh.barista.v1.Barista/WatchOrder",
+    ]);
+    let events: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&watched)
+        .into_iter()
+        .map(|v| v.unwrap())
+        .collect();
+    assert_eq!(
+        events.last().map(|e| e["type"].clone()),
+        Some("ORDER_EVENT_TYPE_READY".into()),
+        "{watched}"
+    );
+
+    let got = json(&grpcurl(&[
+        "-plaintext",
+        "-d",
+        &format!(r#"{{"order_id":"{order_id}"}}"#),
+        &barista,
+        "brewmesh.barista.v1.Barista/GetOrder",
+    ]));
+    assert_eq!(got["state"], OrderState::Ready.as_str_name());
+    let payment_id = got["paymentId"].as_str().expect("a payment id");
+    let paid = json(&grpcurl(&[
+        "-plaintext",
+        "-d",
+        &format!(r#"{{"payment_id":"{payment_id}"}}"#),
+        &payment,
+        "brewmesh.payment.v1.Payments/GetPayment",
+    ]));
+    assert_eq!(paid["state"], "PAYMENT_STATE_CAPTURED");
+
+    // One stream, every line labelled with the instance that wrote it.
+    let about_order = up.lines_with(&order_id);
+    for instance in ["payment-1", "barista-1"] {
+        assert!(
+            about_order.iter().any(|l| json(l)["instance"] == instance),
+            "no {instance} line about the order"
+        );
+    }
+
+    up.signal(Signal::SIGINT);
+    assert!(up.wait().success());
+    for addr in [&payment, &barista] {
+        assert!(
+            std::net::TcpStream::connect(addr.as_str()).is_err(),
+            "{addr} still serving after up stopped"
+        );
+    }
+}
