@@ -7,6 +7,7 @@
 mod up;
 
 use std::future::Future;
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 
 use anyhow::Context as _;
@@ -19,16 +20,12 @@ use brewmesh::telemetry::LogFormat;
 
 /// A gRPC coffee shop, scaled out.
 #[derive(Debug, Parser)]
-#[command(name = "brewmesh", version, about)]
+#[command(name = "brewmesh", version)]
 struct Cli {
-    /// Log lines as JSON objects or as text.
-    #[arg(
-        long,
-        global = true,
-        env = "BREWMESH_LOG_FORMAT",
-        default_value = "json"
-    )]
-    log_format: LogFormat,
+    /// Log lines as JSON objects or as text [default: json; for `up` on a
+    /// terminal, text].
+    #[arg(long, global = true, env = "BREWMESH_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
 
     #[command(subcommand)]
     command: Command,
@@ -53,9 +50,17 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the Tokio runtime")?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Up(args) => up::run(args, cli.log_format).await,
+            Command::Up(args) => {
+                let readable = std::io::stdout().is_terminal();
+                let format = cli.log_format.unwrap_or(if readable {
+                    LogFormat::Text
+                } else {
+                    LogFormat::Json
+                });
+                up::run(args, format).await
+            }
             Command::Payment(config) => {
-                brewmesh::telemetry::init(cli.log_format);
+                brewmesh::telemetry::init(cli.log_format.unwrap_or(LogFormat::Json));
                 let addr = config.serve.listen.unwrap_or(default_addr(PAYMENT_ADDR));
                 serve(addr, |listener, shutdown| {
                     brewmesh_payment::run(listener, config, shutdown)
@@ -63,7 +68,7 @@ fn main() -> anyhow::Result<()> {
                 .await
             }
             Command::Barista(config) => {
-                brewmesh::telemetry::init(cli.log_format);
+                brewmesh::telemetry::init(cli.log_format.unwrap_or(LogFormat::Json));
                 let addr = config.serve.listen.unwrap_or(default_addr(BARISTA_ADDR));
                 serve(addr, |listener, shutdown| {
                     brewmesh_barista::run(listener, config, shutdown)
