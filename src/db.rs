@@ -72,3 +72,17 @@ pub async fn open(url: &str, schema: &[&str]) -> Result<AnyPool, sqlx::Error> {
     tx.commit().await?;
     Ok(pool)
 }
+
+/// The status a database error answers with: `UNAVAILABLE` when it may pass
+/// (the pool or the connection), `INTERNAL` otherwise. Logged here, once.
+pub fn status(error: &sqlx::Error, what: &str) -> tonic::Status {
+    tracing::error!(%error, "{what} database error");
+    match error {
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+            tonic::Status::unavailable(format!(
+                "the {what} database is unavailable; retry with the same idempotency key"
+            ))
+        }
+        _ => tonic::Status::internal(format!("{what} database error")),
+    }
+}

@@ -45,6 +45,26 @@ impl Violations {
         }
     }
 
+    /// `field` must be an id this system gave, `<prefix>_` and 32 hex digits.
+    pub fn id(&mut self, field: &str, prefix: &str, value: &str) {
+        if value.is_empty() {
+            self.add(field, "is required");
+        } else if !crate::ids::is_valid(prefix, value) {
+            self.add(
+                field,
+                format!("must be an id like {prefix}_ and 32 hex digits"),
+            );
+        }
+    }
+
+    /// `field`, a page token, must be empty or one this service gave (the
+    /// id of the last item of the previous page).
+    pub fn page_token(&mut self, field: &str, prefix: &str, value: &str) {
+        if !value.is_empty() && !crate::ids::is_valid(prefix, value) {
+            self.add(field, "is not a token this service gave");
+        }
+    }
+
     /// `field` must be a well-formed idempotency key.
     pub fn idempotency_key(&mut self, field: &str, value: &str) {
         self.required(field, value, MAX_KEY_LEN);
@@ -74,6 +94,15 @@ fn bad_request(violations: Vec<FieldViolation>) -> Status {
 /// (an unknown menu item, a reused idempotency key).
 pub fn invalid_argument(field: impl Into<String>, description: impl Into<String>) -> Status {
     bad_request(vec![FieldViolation::new(field, description)])
+}
+
+/// The token of the page after one whose last item is `last`, if `more`
+/// follow; empty on the last page.
+pub fn next_page_token(more: bool, last: Option<&str>) -> String {
+    match (more, last) {
+        (true, Some(last)) => last.to_owned(),
+        _ => String::new(),
+    }
 }
 
 /// A page size as AIP-158 has it: 0 means `default`, above `max` is `max`,

@@ -61,17 +61,7 @@ impl From<BaristaError> for Status {
                     why,
                 ),
             ),
-            BaristaError::Store(source) => {
-                tracing::error!(error = %source, "order database error");
-                match source {
-                    sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                        Status::unavailable(
-                            "the order database is unavailable; retry with the same idempotency key",
-                        )
-                    }
-                    _ => Status::internal("order database error"),
-                }
-            }
+            BaristaError::Store(source) => brewmesh::db::status(source, "order"),
         }
     }
 }

@@ -18,7 +18,7 @@ use brewmesh::pb::barista::v1::{
     Menu, Order, OrderEvent, OrderEventType as E, OrderState as S, PlaceOrderRequest,
     WatchOrderRequest,
 };
-use brewmesh::validate::{Violations, invalid_argument, page_size};
+use brewmesh::validate::{Violations, invalid_argument, next_page_token, page_size};
 
 use crate::error::BaristaError;
 use crate::menu;
@@ -158,9 +158,7 @@ impl Barista for BaristaService {
             violations.add("state", "is not an OrderState");
             S::Unspecified
         });
-        if !request.page_token.is_empty() && !brewmesh::ids::is_valid("ord", &request.page_token) {
-            violations.add("page_token", "is not a token this service gave");
-        }
+        violations.page_token("page_token", "ord", &request.page_token);
         violations.check()?;
         // The page token is the id of the last order of the previous page.
         let before = Some(request.page_token.as_str()).filter(|t| !t.is_empty());
@@ -170,10 +168,7 @@ impl Barista for BaristaService {
             .list(state, before, limit)
             .await
             .map_err(BaristaError::from)?;
-        let next_page_token = match (more, orders.last()) {
-            (true, Some(last)) => last.order_id.clone(),
-            _ => String::new(),
-        };
+        let next_page_token = next_page_token(more, orders.last().map(|o| o.order_id.as_str()));
         Ok(Response::new(ListOrdersResponse {
             orders,
             next_page_token,
@@ -284,6 +279,9 @@ async fn follow(
                 return;
             }
         };
+        if events.is_empty() && ended(&shop, &order_id).await {
+            return; // nothing after `after`, and nothing will come
+        }
         for event in events {
             after = event.sequence;
             let last = matches!(event.r#type(), E::Ready | E::Failed | E::Cancelled);
@@ -306,6 +304,15 @@ async fn follow(
     }
 }
 
+/// Whether the order is in a final state (a read error counts as not: the
+/// next round reads again).
+async fn ended(shop: &Shop, order_id: &str) -> bool {
+    matches!(
+        shop.store.get(order_id).await,
+        Ok(Some(record)) if matches!(record.order.state(), S::Ready | S::Failed | S::Cancelled)
+    )
+}
+
 async fn next_change(changes: &mut broadcast::Receiver<Arc<str>>, order_id: &str) {
     loop {
         match changes.recv().await {
@@ -320,10 +327,6 @@ async fn next_change(changes: &mut broadcast::Receiver<Arc<str>>, order_id: &str
 
 fn order_id(value: &str) -> Result<(), Status> {
     let mut violations = Violations::new();
-    if value.is_empty() {
-        violations.add("order_id", "is required");
-    } else if !brewmesh::ids::is_valid("ord", value) {
-        violations.add("order_id", "must be an order id (ord_ and 32 hex digits)");
-    }
+    violations.id("order_id", "ord", value);
     violations.check()
 }

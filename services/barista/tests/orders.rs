@@ -522,6 +522,22 @@ async fn a_watch_resumes_after_a_sequence_and_lists_show_orders_newest_first() {
         .await
         .unwrap();
     assert_eq!(rest, all[2..]);
+    // Past the end of a finished order, the stream ends at once, empty.
+    let past_end = mesh
+        .barista
+        .watch_order(WatchOrderRequest {
+            order_id: first.order_id.clone(),
+            after_sequence: all.len() as i64,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let nothing: Vec<OrderEvent> =
+        tokio::time::timeout(Duration::from_secs(10), past_end.collect::<Result<_, _>>())
+            .await
+            .expect("the stream ends")
+            .unwrap();
+    assert!(nothing.is_empty());
 
     let page = mesh
         .barista

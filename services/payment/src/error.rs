@@ -66,17 +66,7 @@ impl From<PaymentError> for Status {
                 tracing::error!(%error, "corrupt ledger record");
                 Status::internal(error.to_string())
             }
-            PaymentError::Database(source) => {
-                tracing::error!(error = %source, "ledger database error");
-                match source {
-                    sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-                        Status::unavailable(
-                            "the ledger is unavailable; retry with the same idempotency key",
-                        )
-                    }
-                    _ => Status::internal("ledger database error"),
-                }
-            }
+            PaymentError::Database(source) => brewmesh::db::status(source, "ledger"),
         }
     }
 }

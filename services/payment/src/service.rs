@@ -11,7 +11,7 @@ use brewmesh::pb::payment::v1::{
     AuthorizeRequest, CaptureRequest, GetPaymentRequest, ListPaymentsRequest, ListPaymentsResponse,
     Money, Payment, RefundRequest, VoidRequest,
 };
-use brewmesh::validate::{MAX_KEY_LEN, Violations, invalid_argument, page_size};
+use brewmesh::validate::{MAX_KEY_LEN, Violations, next_page_token, page_size};
 
 use crate::ledger::{Ledger, NewPayment, Transition};
 
@@ -38,14 +38,19 @@ impl PaymentService {
         }
     }
 
+    /// Capture, Void and Refund: check the payment id and key (plus what
+    /// `violations` already holds), then move the payment under the key.
     async fn transition(
         &self,
         method: &str,
         request: &impl prost::Message,
-        payment_id: &str,
-        key: &str,
+        (payment_id, key): (&str, &str),
+        mut violations: Violations,
         transition: Transition<'_>,
     ) -> Result<Response<Payment>, Status> {
+        violations.id("payment_id", "pay", payment_id);
+        violations.idempotency_key("idempotency_key", key);
+        violations.check()?;
         let fingerprint = fingerprint(method, request);
         if let Some(payment) = self.ledger.replay(key, &fingerprint).await? {
             return Ok(Response::new(payment));
@@ -105,15 +110,15 @@ impl Payments for PaymentService {
 
     async fn capture(&self, request: Request<CaptureRequest>) -> Result<Response<Payment>, Status> {
         let request = request.into_inner();
-        let mut violations = Violations::new();
-        payment_id(&mut violations, &request.payment_id);
-        violations.idempotency_key("idempotency_key", &request.idempotency_key);
-        violations.check()?;
+        let ids = (
+            request.payment_id.as_str(),
+            request.idempotency_key.as_str(),
+        );
         self.transition(
             "Capture",
             &request,
-            &request.payment_id,
-            &request.idempotency_key,
+            ids,
+            Violations::new(),
             Transition::Capture,
         )
         .await
@@ -121,32 +126,27 @@ impl Payments for PaymentService {
 
     async fn void(&self, request: Request<VoidRequest>) -> Result<Response<Payment>, Status> {
         let request = request.into_inner();
-        let mut violations = Violations::new();
-        payment_id(&mut violations, &request.payment_id);
-        violations.idempotency_key("idempotency_key", &request.idempotency_key);
-        violations.check()?;
-        self.transition(
-            "Void",
-            &request,
-            &request.payment_id,
-            &request.idempotency_key,
-            Transition::Void,
-        )
-        .await
+        let ids = (
+            request.payment_id.as_str(),
+            request.idempotency_key.as_str(),
+        );
+        self.transition("Void", &request, ids, Violations::new(), Transition::Void)
+            .await
     }
 
     async fn refund(&self, request: Request<RefundRequest>) -> Result<Response<Payment>, Status> {
         let request = request.into_inner();
         let mut violations = Violations::new();
-        payment_id(&mut violations, &request.payment_id);
-        violations.idempotency_key("idempotency_key", &request.idempotency_key);
         violations.at_most("reason", &request.reason, MAX_REASON_LEN);
-        violations.check()?;
+        let ids = (
+            request.payment_id.as_str(),
+            request.idempotency_key.as_str(),
+        );
         self.transition(
             "Refund",
             &request,
-            &request.payment_id,
-            &request.idempotency_key,
+            ids,
+            violations,
             Transition::Refund(&request.reason),
         )
         .await
@@ -158,7 +158,7 @@ impl Payments for PaymentService {
     ) -> Result<Response<Payment>, Status> {
         let request = request.into_inner();
         let mut violations = Violations::new();
-        payment_id(&mut violations, &request.payment_id);
+        violations.id("payment_id", "pay", &request.payment_id);
         violations.check()?;
         Ok(Response::new(self.ledger.get(&request.payment_id).await?))
     }
@@ -171,38 +171,15 @@ impl Payments for PaymentService {
         let mut violations = Violations::new();
         let limit = page_size(&mut violations, "page_size", request.page_size, 50, 1000);
         violations.at_most("order_id", &request.order_id, MAX_KEY_LEN);
+        violations.page_token("page_token", "pay", &request.page_token);
         violations.check()?;
-        // The page token is the id of the last payment of the previous page.
-        let before = match request.page_token.as_str() {
-            "" => None,
-            token if brewmesh::ids::is_valid("pay", token) => Some(token),
-            _ => {
-                return Err(invalid_argument(
-                    "page_token",
-                    "is not a token this service gave",
-                ));
-            }
-        };
+        let before = Some(request.page_token.as_str()).filter(|t| !t.is_empty());
         let (payments, more) = self.ledger.list(&request.order_id, before, limit).await?;
-        let next_page_token = match (more, payments.last()) {
-            (true, Some(last)) => last.payment_id.clone(),
-            _ => String::new(),
-        };
+        let next_page_token = next_page_token(more, payments.last().map(|p| p.payment_id.as_str()));
         Ok(Response::new(ListPaymentsResponse {
             payments,
             next_page_token,
         }))
-    }
-}
-
-fn payment_id(violations: &mut Violations, value: &str) {
-    if value.is_empty() {
-        violations.add("payment_id", "is required");
-    } else if !brewmesh::ids::is_valid("pay", value) {
-        violations.add(
-            "payment_id",
-            "must be a payment id (pay_ and 32 hex digits)",
-        );
     }
 }
 
