@@ -8,6 +8,7 @@
 //! - [`server`]: serves a service's routes with health, reflection,
 //!   TCP_NODELAY and a graceful drain under a deadline. Start here.
 //! - [`health`]: grpc.health.v1 whose watchers do not hold up a drain.
+//! - [`secret`]: the registry token, never printed.
 //! - [`shutdown`]: SIGTERM/SIGINT turned into a cancellation token.
 //! - [`validate`]: `INVALID_ARGUMENT` with `google.rpc.BadRequest` field
 //!   violations.
@@ -28,6 +29,7 @@ pub mod health;
 pub mod idempotency;
 pub mod ids;
 pub mod pb;
+pub mod secret;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

@@ -48,6 +48,17 @@ where
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("binding 127.0.0.1:0");
+    spawn_on(listener, run)
+}
+
+/// Spawns `run(listener, shutdown)` on a listener the test bound itself
+/// (to come back on the same address, say).
+pub fn spawn_on<F, Fut, T>(listener: TcpListener, run: F) -> Running<T>
+where
+    F: FnOnce(TcpListener, CancellationToken) -> Fut,
+    Fut: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
     let addr = listener
         .local_addr()
         .expect("a bound listener has an address");

@@ -33,6 +33,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the service registry (default 127.0.0.1:50051).
+    Registry(brewmesh_registry::Config),
     /// Run the payment service (default 127.0.0.1:50052).
     Payment(brewmesh_payment::Config),
     /// Run the barista service (default 127.0.0.1:50053).
@@ -42,6 +44,7 @@ enum Command {
 }
 
 /// Where each role listens unless told otherwise.
+pub(crate) const REGISTRY_ADDR: &str = "127.0.0.1:50051";
 pub(crate) const PAYMENT_ADDR: &str = "127.0.0.1:50052";
 pub(crate) const BARISTA_ADDR: &str = "127.0.0.1:50053";
 
@@ -58,6 +61,14 @@ fn main() -> anyhow::Result<()> {
                     LogFormat::Json
                 });
                 up::run(args, format).await
+            }
+            Command::Registry(config) => {
+                brewmesh::telemetry::init(cli.log_format.unwrap_or(LogFormat::Json));
+                let addr = config.serve.listen.unwrap_or(default_addr(REGISTRY_ADDR));
+                serve(addr, |listener, shutdown| {
+                    brewmesh_registry::run(listener, config, shutdown)
+                })
+                .await
             }
             Command::Payment(config) => {
                 brewmesh::telemetry::init(cli.log_format.unwrap_or(LogFormat::Json));

@@ -1,0 +1,320 @@
+//! The `brewmesh.registry.v1.Registry` gRPC service, and the health
+//! follower that keeps each registered instance's status current.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+use tonic::{Request, Response, Status, Streaming};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use brewmesh::pb::registry::v1::registry_server::Registry as RegistryApi;
+use brewmesh::pb::registry::v1::{
+    DeregisterRequest, DeregisterResponse, HealthStatus, Instance, KeepAliveRequest,
+    KeepAliveResponse, ListServicesRequest, ListServicesResponse, RegisterRequest,
+    RegisterResponse, ResolveRequest, ResolveResponse, WatchRequest, WatchResponse,
+};
+use brewmesh::secret::Secret;
+use brewmesh::validate::{MAX_KEY_LEN, Violations};
+
+use crate::registry::Registry;
+
+/// Lease lengths the registry grants.
+#[derive(Debug, Clone, Copy)]
+pub struct Ttl {
+    /// Granted when the instance asks for none.
+    pub default: Duration,
+    /// The shortest granted.
+    pub min: Duration,
+    /// The longest granted.
+    pub max: Duration,
+}
+
+/// The gRPC face of the [`Registry`].
+#[derive(Debug, Clone)]
+pub struct RegistryService {
+    registry: Arc<Registry>,
+    token: Secret,
+    ttl: Ttl,
+    /// How long to wait before checking an unreachable instance again.
+    health_retry: Duration,
+    shutdown: CancellationToken,
+}
+
+impl RegistryService {
+    /// Serves `registry`; writes need `token`.
+    pub fn new(
+        registry: Arc<Registry>,
+        token: Secret,
+        ttl: Ttl,
+        health_retry: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            registry,
+            token,
+            ttl,
+            health_retry,
+            shutdown,
+        }
+    }
+
+    /// Writes need `authorization: Bearer <token>`.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match presented {
+            Some(token) if self.token.matches(token) => Ok(()),
+            Some(_) => Err(Status::unauthenticated("the registry token is wrong")),
+            None => Err(Status::unauthenticated(
+                "registering needs the registry token as `authorization: Bearer <token>`",
+            )),
+        }
+    }
+}
+
+/// Responses of a server stream.
+pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl RegistryApi for RegistryService {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        let instance = request.instance.unwrap_or_default();
+        violations.required("instance.instance_id", &instance.instance_id, MAX_KEY_LEN);
+        violations.required("instance.service", &instance.service, 256);
+        violations.required("instance.address", &instance.address, 256);
+        if !instance.address.is_empty() && !valid_address(&instance.address) {
+            violations.add("instance.address", "must be host:port");
+        }
+        let asked = match request.ttl {
+            None => self.ttl.default,
+            Some(ttl) => match Duration::try_from(ttl) {
+                Ok(ttl) if !ttl.is_zero() => ttl,
+                Ok(_) => self.ttl.default,
+                Err(_) => {
+                    violations.add("ttl", "must not be negative");
+                    self.ttl.default
+                }
+            },
+        };
+        violations.check()?;
+        let ttl = asked.clamp(self.ttl.min, self.ttl.max);
+        let instance = Instance {
+            health: HealthStatus::Unspecified as i32,
+            lease_expire_time: None,
+            ..instance
+        };
+        let granted = self.registry.register(instance.clone(), ttl);
+        tracing::info!(lease_id = %granted.lease_id, instance = %instance.instance_id, service = %instance.service, address = %instance.address, ?ttl, "registered");
+        tokio::spawn(follow_health(
+            Arc::clone(&self.registry),
+            granted.lease_id.clone(),
+            instance,
+            granted.follower,
+            self.health_retry,
+        ));
+        Ok(Response::new(RegisterResponse {
+            lease_id: granted.lease_id,
+            ttl: prost_types::Duration::try_from(ttl).ok(),
+        }))
+    }
+
+    type KeepAliveStream = ResponseStream<KeepAliveResponse>;
+
+    async fn keep_alive(
+        &self,
+        request: Request<Streaming<KeepAliveRequest>>,
+    ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        self.authorize(&request)?;
+        let mut renewals = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let registry = Arc::clone(&self.registry);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = renewals.message() => next,
+                    () = shutdown.cancelled() => return,
+                };
+                let Ok(Some(renewal)) = next else { return };
+                let answer = match registry.renew(&renewal.lease_id) {
+                    Some(expire) => Ok(KeepAliveResponse {
+                        lease_id: renewal.lease_id,
+                        lease_expire_time: Some(expire.into()),
+                    }),
+                    None => Err(Status::not_found(format!(
+                        "lease {} is unknown or expired; register again",
+                        renewal.lease_id
+                    ))),
+                };
+                let last = answer.is_err();
+                if tx.send(answer).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<DeregisterRequest>,
+    ) -> Result<Response<DeregisterResponse>, Status> {
+        self.authorize(&request)?;
+        let lease_id = request.into_inner().lease_id;
+        if lease_id.is_empty() {
+            return Err(brewmesh::validate::invalid_argument(
+                "lease_id",
+                "is required",
+            ));
+        }
+        // Removing a lease that is already gone is what the caller wanted.
+        if self.registry.deregister(&lease_id) {
+            tracing::info!(%lease_id, "deregistered");
+        }
+        Ok(Response::new(DeregisterResponse {}))
+    }
+
+    async fn resolve(
+        &self,
+        request: Request<ResolveRequest>,
+    ) -> Result<Response<ResolveResponse>, Status> {
+        let service = request.into_inner().service;
+        required_service(&service)?;
+        Ok(Response::new(ResolveResponse {
+            instances: self.registry.resolve(&service),
+        }))
+    }
+
+    type WatchStream = ResponseStream<WatchResponse>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let service = request.into_inner().service;
+        required_service(&service)?;
+        let mut snapshots = self.registry.watch(&service);
+        let (tx, rx) = mpsc::channel(4);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let snapshot = snapshots.borrow_and_update().clone();
+                let response = WatchResponse {
+                    instances: snapshot.instances.as_ref().clone(),
+                    revision: snapshot.revision,
+                };
+                if tx.send(Ok(response)).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    changed = snapshots.changed() => if changed.is_err() { return },
+                    () = tx.closed() => return,
+                    () = shutdown.cancelled() => {
+                        // Watchers move to another replica; don't hold the drain.
+                        let _ = tx.send(Err(Status::unavailable("the registry is shutting down"))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_services(
+        &self,
+        _request: Request<ListServicesRequest>,
+    ) -> Result<Response<ListServicesResponse>, Status> {
+        Ok(Response::new(ListServicesResponse {
+            services: self.registry.services(),
+        }))
+    }
+}
+
+fn required_service(service: &str) -> Result<(), Status> {
+    let mut violations = Violations::new();
+    violations.required("service", service, 256);
+    violations.check()
+}
+
+fn valid_address(address: &str) -> bool {
+    address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
+/// Follows one instance's `grpc.health.v1` status until its lease ends.
+///
+/// A Watch stream pushes NOT_SERVING the moment the instance starts to
+/// drain; HTTP/2 keepalive pings (every 500 ms, 1 s timeout) notice an
+/// instance that hangs or vanishes without closing its connection. Either
+/// way the instance leaves the healthy set within about a second, and comes
+/// back when a check succeeds again.
+async fn follow_health(
+    registry: Arc<Registry>,
+    lease_id: String,
+    instance: Instance,
+    stop: CancellationToken,
+    retry: Duration,
+) {
+    let uri = format!("http://{}", instance.address);
+    let Ok(endpoint) = Endpoint::from_shared(uri) else {
+        registry.set_health(&lease_id, HealthStatus::Unreachable);
+        return;
+    };
+    let endpoint = endpoint
+        .connect_timeout(Duration::from_secs(1))
+        .http2_keep_alive_interval(Duration::from_millis(500))
+        .keep_alive_timeout(Duration::from_secs(1))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true);
+    loop {
+        let check = async {
+            let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+            let mut statuses = HealthClient::new(channel)
+                .watch(HealthCheckRequest {
+                    service: instance.service.clone(),
+                })
+                .await
+                .map_err(|s| s.to_string())?
+                .into_inner();
+            while let Some(status) = statuses.message().await.map_err(|s| s.to_string())? {
+                let health = match status.status() {
+                    ServingStatus::Serving => HealthStatus::Serving,
+                    _ => HealthStatus::NotServing,
+                };
+                registry.set_health(&lease_id, health);
+            }
+            Ok::<(), String>(())
+        };
+        tokio::select! {
+            result = check => {
+                if let Err(error) = result {
+                    tracing::debug!(%lease_id, %error, "health check failed");
+                    registry.set_health(&lease_id, HealthStatus::Unreachable);
+                }
+            }
+            () = stop.cancelled() => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(retry) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
