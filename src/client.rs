@@ -31,7 +31,9 @@ pub fn channel(addresses: &[String]) -> Result<Channel, InvalidAddress> {
     })
 }
 
-fn endpoint(address: &str) -> Result<Endpoint, InvalidAddress> {
+/// The endpoint for one peer address (`host:port` or a full URI), with the
+/// connection settings every brewmesh client uses.
+pub fn endpoint(address: &str) -> Result<Endpoint, InvalidAddress> {
     let uri = if address.contains("://") {
         address.to_owned()
     } else {

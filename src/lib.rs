@@ -13,6 +13,8 @@
 //! - [`validate`]: `INVALID_ARGUMENT` with `google.rpc.BadRequest` field
 //!   violations.
 //! - [`client`]: gRPC channels to peers given by address.
+//! - [`discovery`]: registration with the registry, resolvers (static,
+//!   DNS, registry) and P2C/peak-EWMA balanced channels.
 //! - [`db`]: SQLite (default) or PostgreSQL pools, durable across `kill -9`.
 //! - [`telemetry`]: structured (JSON or text) logs.
 //! - [`idempotency`]: request fingerprints for idempotency keys.
@@ -25,6 +27,7 @@
 
 pub mod client;
 pub mod db;
+pub mod discovery;
 pub mod health;
 pub mod idempotency;
 pub mod ids;

@@ -19,6 +19,7 @@ use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthReporter;
 
 use crate::FILE_DESCRIPTOR_SET;
+use crate::discovery::{Registration, RegistrationError, RegistryArgs};
 use crate::health::DrainingHealth;
 
 /// Parses flag durations such as `2s`, `150ms` or `1m 30s`.
@@ -57,6 +58,9 @@ pub enum ServeError {
     /// The listener's address could not be read.
     #[error("reading the listener's address")]
     Io(#[from] std::io::Error),
+    /// Registration with the registry could not start.
+    #[error(transparent)]
+    Registration(#[from] RegistrationError),
 }
 
 /// Serves `routes` on `listener` until `shutdown` is cancelled, then drains
@@ -69,6 +73,28 @@ pub async fn serve(
     routes: Routes,
     services: &[&str],
     drain_timeout: Duration,
+    shutdown: CancellationToken,
+) -> Result<Drained, ServeError> {
+    serve_registered(
+        listener,
+        routes,
+        services,
+        drain_timeout,
+        &RegistryArgs::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve`], and registered with the registry replicas in `registry` (if
+/// any) while serving: the drain turns health NOT_SERVING, deregisters,
+/// then stops accepting.
+pub async fn serve_registered(
+    listener: TcpListener,
+    routes: Routes,
+    services: &[&str],
+    drain_timeout: Duration,
+    registry: &RegistryArgs,
     shutdown: CancellationToken,
 ) -> Result<Drained, ServeError> {
     let addr = listener.local_addr()?;
@@ -93,6 +119,10 @@ pub async fn serve(
 
     // `up` and the tests read the bound address from this line.
     tracing::info!(%addr, ?services, "serving");
+    let registration = match registry.enabled() {
+        true => Some(Registration::start(registry, addr, services)?),
+        false => None,
+    };
     tokio::select! {
         result = &mut server => {
             result?;
@@ -103,6 +133,9 @@ pub async fn serve(
 
     draining.cancel();
     set_health(&health, services, ServingStatus::NotServing).await;
+    if let Some(registration) = registration {
+        registration.deregister().await;
+    }
     tracing::info!(deadline = ?drain_timeout, "draining");
     stop_accepting.cancel();
     match tokio::time::timeout(drain_timeout, server).await {

@@ -23,18 +23,20 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::server::NamedService;
 use tonic::service::Routes;
 
 use brewmesh::db::DatabaseArgs;
+use brewmesh::discovery::RegistryArgs;
+use brewmesh::discovery::Source;
 use brewmesh::pb::barista::v1::barista_server::BaristaServer;
 use brewmesh::pb::payment::v1::payments_client::PaymentsClient;
+use brewmesh::pb::payment::v1::payments_server;
 use brewmesh::server::{Drained, ServeArgs, ServeError, parse_duration};
 
 pub use service::BaristaService;
 
 /// The gRPC service name, as health checks and the registry know it.
-pub const SERVICE_NAME: &str = <BaristaServer<BaristaService> as NamedService>::NAME;
+pub const SERVICE_NAME: &str = brewmesh::pb::barista::v1::barista_server::SERVICE_NAME;
 
 /// The barista service's settings.
 #[derive(Debug, Clone, clap::Args)]
@@ -47,14 +49,23 @@ pub struct Config {
     #[allow(missing_docs)]
     pub database: DatabaseArgs,
 
-    /// Payment service address(es), `host:port`; several are balanced.
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub registry: RegistryArgs,
+
+    /// Payment address(es), `host:port`, balanced [default: found through
+    /// the registry when --registry is set, else 127.0.0.1:50052].
     #[arg(
         long = "payment-addr",
         env = "BREWMESH_PAYMENT_ADDR",
-        value_delimiter = ',',
-        default_value = "127.0.0.1:50052"
+        value_delimiter = ','
     )]
     pub payment_addrs: Vec<String>,
+
+    /// Find payment by DNS instead (`host:port`, looked up every 5 s): on
+    /// Kubernetes, a headless Service.
+    #[arg(long, env = "BREWMESH_PAYMENT_DNS", conflicts_with = "payment_addrs")]
+    pub payment_dns: Option<String>,
 
     /// Deadline of each call to the payment service.
     #[arg(long, env = "BREWMESH_PAYMENT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -87,6 +98,27 @@ pub struct Config {
     /// How often WatchOrder looks for events written by other processes.
     #[arg(long, env = "BREWMESH_WATCH_POLL", default_value = "500ms", value_parser = parse_duration)]
     pub watch_poll: Duration,
+}
+
+impl Config {
+    /// Where the barista learns payment's addresses.
+    pub fn payment_source(&self) -> Source {
+        if !self.payment_addrs.is_empty() {
+            Source::Static(self.payment_addrs.clone())
+        } else if let Some(name) = &self.payment_dns {
+            Source::Dns {
+                name: name.clone(),
+                every: Duration::from_secs(5),
+            }
+        } else if self.registry.enabled() {
+            Source::Registry {
+                registries: self.registry.registries.clone(),
+                service: payments_server::SERVICE_NAME.to_owned(),
+            }
+        } else {
+            Source::Static(vec!["127.0.0.1:50052".to_owned()])
+        }
+    }
 }
 
 /// Why the barista service stopped.
@@ -133,7 +165,7 @@ pub async fn run(
             rate,
         ),
     };
-    let payments = PaymentsClient::new(brewmesh::client::channel(&config.payment_addrs)?);
+    let payments = PaymentsClient::new(brewmesh::discovery::balanced(config.payment_source())?);
     let shop = Arc::new(shop::Shop::new(
         store,
         stations,

@@ -24,10 +24,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use brewmesh::discovery::Balanced;
 use tokio::sync::{OwnedSemaphorePermit, broadcast};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use brewmesh::pb::barista::v1::{MenuItem, OrderEvent, OrderEventType as E, OrderState as S};
@@ -75,7 +75,7 @@ pub(crate) enum SagaError {
 pub struct Shop {
     pub(crate) store: OrderStore,
     pub(crate) stations: Stations,
-    payments: PaymentsClient<Channel>,
+    payments: PaymentsClient<Balanced>,
     payment_timeout: Duration,
     sagas: TaskTracker,
     /// Cancel tokens of the sagas running in this process, by order id. An
@@ -90,7 +90,7 @@ impl Shop {
     pub fn new(
         store: OrderStore,
         stations: Stations,
-        payments: PaymentsClient<Channel>,
+        payments: PaymentsClient<Balanced>,
         payment_timeout: Duration,
     ) -> Self {
         Self {
@@ -616,7 +616,7 @@ impl Shop {
         mut call: F,
     ) -> Result<Payment, SagaError>
     where
-        F: FnMut(PaymentsClient<Channel>, Duration) -> Fut,
+        F: FnMut(PaymentsClient<Balanced>, Duration) -> Fut,
         Fut: Future<Output = Result<Response<Payment>, Status>>,
     {
         let mut backoff = Duration::from_millis(100);

@@ -51,7 +51,9 @@ fn barista_config(dir: &Path, payment_addr: String) -> brewmesh_barista::Config 
     brewmesh_barista::Config {
         serve: serve_args(),
         database: database(dir),
+        registry: Default::default(),
         payment_addrs: vec![payment_addr],
+        payment_dns: None,
         payment_timeout: Duration::from_secs(5),
         espresso_machines: 2,
         steam_wands: 2,
@@ -70,6 +72,7 @@ async fn mesh(payment_delay: Duration, tweak: impl FnOnce(&mut brewmesh_barista:
         serve: serve_args(),
         database: database(&dir.path().join("payment")),
         processing_delay: payment_delay,
+        registry: Default::default(),
     };
     let payment = spawn(|l, s| brewmesh_payment::run(l, payment_config, s)).await;
     let mut config = barista_config(&dir.path().join("barista"), payment.addr.to_string());

@@ -16,17 +16,17 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::server::NamedService;
 use tonic::service::Routes;
 
 use brewmesh::db::DatabaseArgs;
+use brewmesh::discovery::RegistryArgs;
 use brewmesh::pb::payment::v1::payments_server::PaymentsServer;
 use brewmesh::server::{Drained, ServeArgs, ServeError, parse_duration};
 
 pub use service::{DECLINED_CARD_TOKEN, PaymentService};
 
 /// The gRPC service name, as health checks and the registry know it.
-pub const SERVICE_NAME: &str = <PaymentsServer<PaymentService> as NamedService>::NAME;
+pub const SERVICE_NAME: &str = brewmesh::pb::payment::v1::payments_server::SERVICE_NAME;
 
 /// The payment service's settings.
 #[derive(Debug, Clone, clap::Args)]
@@ -38,6 +38,10 @@ pub struct Config {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub database: DatabaseArgs,
+
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub registry: RegistryArgs,
 
     /// How long each authorization, capture, void or refund takes, like a
     /// card network (the seed talk's steps take 2s).
@@ -68,11 +72,12 @@ pub async fn run(
     let ledger = ledger::Ledger::open(&config.database.url("payment.db")?).await?;
     let service = PaymentService::new(ledger, config.processing_delay);
     let routes = Routes::new(PaymentsServer::new(service));
-    Ok(brewmesh::server::serve(
+    Ok(brewmesh::server::serve_registered(
         listener,
         routes,
         &[SERVICE_NAME],
         config.serve.drain_timeout,
+        &config.registry,
         shutdown,
     )
     .await?)

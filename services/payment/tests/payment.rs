@@ -32,6 +32,7 @@ fn config(data_dir: &Path, processing_delay: Duration) -> Config {
             database_url: None,
         },
         processing_delay,
+        registry: Default::default(),
     }
 }
 

@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::server::NamedService;
 use tonic::service::Routes;
 
 use brewmesh::pb::registry::v1::registry_server::RegistryServer;
@@ -38,7 +37,7 @@ pub use brewmesh::pb::registry::v1 as pb;
 pub use service::{RegistryService, Ttl};
 
 /// The gRPC service name.
-pub const SERVICE_NAME: &str = <RegistryServer<RegistryService> as NamedService>::NAME;
+pub const SERVICE_NAME: &str = brewmesh::pb::registry::v1::registry_server::SERVICE_NAME;
 
 /// The registry's settings.
 #[derive(Debug, Clone, clap::Args)]
