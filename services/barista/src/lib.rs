@@ -95,6 +95,11 @@ pub struct Config {
     #[arg(long, env = "BREWMESH_BREW_FAILURE_RATE", default_value_t = 0.0)]
     pub brew_failure_rate: f64,
 
+    /// How long an order stays with the barista driving it without a
+    /// renewal; after that another replica (or a restart) takes it over.
+    #[arg(long, env = "BREWMESH_ORDER_LEASE", default_value = "5s", value_parser = parse_duration)]
+    pub order_lease: Duration,
+
     /// How often WatchOrder looks for events written by other processes.
     #[arg(long, env = "BREWMESH_WATCH_POLL", default_value = "500ms", value_parser = parse_duration)]
     pub watch_poll: Duration,
@@ -171,11 +176,17 @@ pub async fn run(
         stations,
         payments,
         config.payment_timeout,
+        config.order_lease,
     ));
-    let resumed = shop.recover().await?;
-    if resumed > 0 {
-        tracing::info!(orders = resumed, "resumed unfinished orders");
+    let adopted = shop.adopt().await?;
+    if adopted > 0 {
+        tracing::info!(orders = adopted, "took over unfinished orders");
     }
+    // Leases are renewed until the sagas are done draining, not just until
+    // the drain starts; otherwise a replica would take over mid-drain.
+    let sagas_drained = CancellationToken::new();
+    let leases =
+        tokio::spawn(Arc::clone(&shop).keep_leases(shutdown.clone(), sagas_drained.clone()));
 
     let service = BaristaService::new(Arc::clone(&shop), shutdown.clone(), config.watch_poll);
     let routes = Routes::new(BaristaServer::new(service));
@@ -188,17 +199,23 @@ pub async fn run(
             .is_ok()
     };
     let (served, sagas_done) = tokio::join!(
-        brewmesh::server::serve(
+        brewmesh::server::serve_registered(
             listener,
             routes,
             &[SERVICE_NAME],
             drain_timeout,
+            &config.registry,
             shutdown.clone()
         ),
         sagas
     );
+    sagas_drained.cancel();
+    let _ = leases.await;
     if !sagas_done {
-        tracing::warn!("drain deadline passed with sagas under way; they resume at the next start");
+        tracing::warn!(
+            "drain deadline passed with sagas under way; another barista (or the next start) takes them over"
+        );
     }
+    shop.release().await;
     Ok(served?)
 }

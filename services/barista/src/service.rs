@@ -116,14 +116,18 @@ impl Barista for BaristaService {
         let inserted = self
             .shop
             .store
-            .insert(NewOrder {
-                idempotency_key: request.idempotency_key,
-                fingerprint,
-                item_id: item.item_id,
-                customer_name: request.customer_name,
-                card_token: request.card_token,
-                price: item.price.unwrap_or_default(),
-            })
+            .insert(
+                NewOrder {
+                    idempotency_key: request.idempotency_key,
+                    fingerprint,
+                    item_id: item.item_id,
+                    customer_name: request.customer_name,
+                    card_token: request.card_token,
+                    price: item.price.unwrap_or_default(),
+                },
+                self.shop.owner(),
+                self.shop.lease_until(),
+            )
             .await
             .map_err(BaristaError::from)?;
         match inserted {
@@ -215,9 +219,8 @@ impl Barista for BaristaService {
             .ok_or_else(|| BaristaError::NotFound(order_id.to_owned()))?;
         if cancelled.is_some() {
             tracing::info!(order_id, "order cancelled");
-            let order = record.order.clone();
-            self.shop.cancel(record);
-            return Ok(Response::new(order));
+            self.shop.cancel(order_id);
+            return Ok(Response::new(record.order));
         }
         let why = match (record.order.state(), record.step) {
             (S::Cancelling | S::Cancelled, _) => return Ok(Response::new(record.order)),

@@ -83,6 +83,10 @@ pub struct Shop {
     running: Mutex<HashMap<String, CancellationToken>>,
     /// Order ids with new events, for watchers in this process.
     changes: broadcast::Sender<Arc<str>>,
+    /// This barista, as the `owner` of the orders it drives.
+    owner: String,
+    /// How long an order stays this barista's without a renewal.
+    lease: Duration,
 }
 
 impl Shop {
@@ -92,6 +96,7 @@ impl Shop {
         stations: Stations,
         payments: PaymentsClient<Balanced>,
         payment_timeout: Duration,
+        lease: Duration,
     ) -> Self {
         Self {
             store,
@@ -101,7 +106,20 @@ impl Shop {
             sagas: TaskTracker::new(),
             running: Mutex::new(HashMap::new()),
             changes: broadcast::channel(1024).0,
+            owner: brewmesh::ids::new("barista"),
+            lease,
         }
+    }
+
+    /// This barista's owner id.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// The end of a lease taken now, in micros.
+    pub fn lease_until(&self) -> i64 {
+        brewmesh::time::now_micros()
+            .saturating_add(i64::try_from(self.lease.as_micros()).unwrap_or(i64::MAX))
     }
 
     /// The running sagas, to wait for while draining.
@@ -160,30 +178,97 @@ impl Shop {
         });
     }
 
-    /// Tells the saga of `record` that the order was cancelled, starting one
-    /// to compensate if none runs here.
-    pub fn cancel(self: &Arc<Self>, record: OrderRecord) {
+    /// Tells this process's saga of `order_id` that the order was cancelled.
+    /// An order another barista drives is cancelled by that barista, which
+    /// notices at its next lease renewal; an orphan, by whoever adopts it.
+    pub fn cancel(&self, order_id: &str) {
         let token = self
             .running
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&record.order.order_id)
+            .get(order_id)
             .cloned();
-        match token {
-            Some(token) => token.cancel(),
-            None => self.start(record, None, false),
+        if let Some(token) = token {
+            token.cancel();
         }
     }
 
-    /// Picks up every order a previous process left unfinished.
-    pub async fn recover(self: &Arc<Self>) -> Result<usize, sqlx::Error> {
-        let unfinished = self.store.unfinished().await?;
-        let count = unfinished.len();
-        for record in unfinished {
-            tracing::info!(order_id = %record.order.order_id, step = ?record.step, "resuming unfinished order");
-            self.start(record, None, true);
+    /// Takes over orders whose barista is gone (their lease ran out), starts
+    /// every unfinished order this barista holds that is not running here,
+    /// and passes on cancels that another replica recorded. Returns how many
+    /// sagas it started.
+    pub async fn adopt(self: &Arc<Self>) -> Result<usize, sqlx::Error> {
+        let held = self
+            .store
+            .claim_orphans(
+                &self.owner,
+                brewmesh::time::now_micros(),
+                self.lease_until(),
+            )
+            .await?;
+        let mut started = 0;
+        for record in held {
+            let running = self
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&record.order.order_id)
+                .cloned();
+            match running {
+                Some(token) if record.step == Step::Compensate => token.cancel(),
+                Some(_) => {}
+                None => {
+                    tracing::info!(order_id = %record.order.order_id, step = ?record.step, "taking over an unfinished order");
+                    self.start(record, None, true);
+                    started += 1;
+                }
+            }
         }
-        Ok(count)
+        Ok(started)
+    }
+
+    /// Every third of the lease: renews this barista's leases until `stop`,
+    /// and adopts orphans until `draining` (a draining barista takes on no
+    /// new work).
+    pub async fn keep_leases(
+        self: Arc<Self>,
+        draining: CancellationToken,
+        stop: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(self.lease / 3);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            if let Err(error) = self
+                .store
+                .renew_leases(&self.owner, self.lease_until())
+                .await
+            {
+                tracing::warn!(%error, "renewing order leases failed");
+            }
+            if !draining.is_cancelled() {
+                if let Err(error) = self.adopt().await {
+                    tracing::warn!(%error, "adopting orphaned orders failed");
+                }
+            }
+        }
+    }
+
+    /// Gives up the leases of the orders still unfinished here, so another
+    /// barista takes them over at once.
+    pub async fn release(&self) {
+        match self.store.release_leases(&self.owner).await {
+            Ok(0) => {}
+            Ok(count) => tracing::info!(
+                orders = count,
+                "released unfinished orders to other baristas"
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "releasing order leases failed; they run out on their own")
+            }
+        }
     }
 
     /// Runs the saga to its end, retrying steps that failed for a passing
@@ -211,6 +296,12 @@ impl Shop {
             }
             resumed = false;
             match self.store.get(&order_id).await {
+                Ok(Some(fresh)) if fresh.owner != self.owner => {
+                    // Our lease ran out (this process stalled) and another
+                    // barista took the order over: it is theirs now.
+                    tracing::warn!(%order_id, owner = %fresh.owner, "order taken over by another barista");
+                    return;
+                }
                 Ok(Some(fresh)) => record = fresh,
                 Ok(None) => return,
                 Err(error) => {

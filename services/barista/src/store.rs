@@ -29,9 +29,11 @@ const SCHEMA: &[&str] = &[
         payment_id      TEXT NOT NULL,
         failure_reason  TEXT NOT NULL,
         create_time     BIGINT NOT NULL,
-        update_time     BIGINT NOT NULL
+        update_time     BIGINT NOT NULL,
+        owner           TEXT NOT NULL,
+        lease_until     BIGINT NOT NULL
     )",
-    "CREATE INDEX IF NOT EXISTS orders_unfinished ON orders (saga_step)",
+    "CREATE INDEX IF NOT EXISTS orders_unfinished ON orders (saga_step, lease_until)",
     "CREATE TABLE IF NOT EXISTS order_events (
         order_id    TEXT NOT NULL,
         sequence    BIGINT NOT NULL,
@@ -44,7 +46,8 @@ const SCHEMA: &[&str] = &[
 ];
 
 const COLUMNS: &str = "order_id, item_id, customer_name, card_token, currency_code, amount_minor, \
-                       state, saga_step, payment_id, failure_reason, create_time, update_time";
+                       state, saga_step, payment_id, failure_reason, create_time, update_time, \
+                       owner, lease_until";
 
 /// Where an order's saga is: what is left to do, also after a crash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +92,10 @@ pub struct OrderRecord {
     pub card_token: String,
     /// What the saga has left to do.
     pub step: Step,
+    /// The barista instance driving the saga.
+    pub owner: String,
+    /// Until when (micros) the owner's lease holds.
+    pub lease_until: i64,
 }
 
 /// A new order for [`OrderStore::insert`].
@@ -168,13 +175,19 @@ impl OrderStore {
 
     /// Stores a new order (ACCEPTED, with its first event), or tells what
     /// the key was used for before.
-    pub async fn insert(&self, new: NewOrder) -> Result<Inserted, sqlx::Error> {
+    /// The new order is leased to `owner` until `lease_until` (micros).
+    pub async fn insert(
+        &self,
+        new: NewOrder,
+        owner: &str,
+        lease_until: i64,
+    ) -> Result<Inserted, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         let now = now_micros();
         let order_id = brewmesh::ids::new("ord");
         let inserted = sqlx::query(&format!(
             "INSERT INTO orders (idempotency_key, fingerprint, {COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, '', '', $11, $11) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, '', '', $11, $11, $12, $13) \
              ON CONFLICT (idempotency_key) DO NOTHING"
         ))
         .bind(&new.idempotency_key)
@@ -188,6 +201,8 @@ impl OrderStore {
         .bind(OrderState::Accepted as i64)
         .bind(Step::Run.as_str())
         .bind(now)
+        .bind(owner)
+        .bind(lease_until)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -322,14 +337,57 @@ impl OrderStore {
         rows.iter().map(event_from_row).collect()
     }
 
-    /// Every order whose saga is not done, oldest first.
-    pub async fn unfinished(&self) -> Result<Vec<OrderRecord>, sqlx::Error> {
+    /// Extends the leases `owner` holds on unfinished orders to `until`.
+    pub async fn renew_leases(&self, owner: &str, until: i64) -> Result<u64, sqlx::Error> {
+        Ok(sqlx::query(
+            "UPDATE orders SET lease_until = $1 WHERE owner = $2 AND saga_step <> 'done'",
+        )
+        .bind(until)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// Takes over every unfinished order whose lease ran out before `now`
+    /// (its barista died or stopped), leasing it to `owner` until `until`;
+    /// then returns every unfinished order `owner` holds, oldest first.
+    ///
+    /// The claim is one conditional UPDATE: of several baristas claiming at
+    /// once, each order goes to exactly one.
+    pub async fn claim_orphans(
+        &self,
+        owner: &str,
+        now: i64,
+        until: i64,
+    ) -> Result<Vec<OrderRecord>, sqlx::Error> {
+        sqlx::query(
+            "UPDATE orders SET owner = $1, lease_until = $2 WHERE saga_step <> 'done' AND lease_until < $3",
+        )
+        .bind(owner)
+        .bind(until)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
         let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM orders WHERE saga_step <> 'done' ORDER BY order_id"
+            "SELECT {COLUMNS} FROM orders WHERE owner = $1 AND saga_step <> 'done' ORDER BY order_id"
         ))
+        .bind(owner)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(record_from_row).collect()
+    }
+
+    /// Gives up `owner`'s leases at once, so another barista takes its
+    /// unfinished orders over without waiting for them to run out.
+    pub async fn release_leases(&self, owner: &str) -> Result<u64, sqlx::Error> {
+        Ok(sqlx::query(
+            "UPDATE orders SET lease_until = 0 WHERE owner = $1 AND saga_step <> 'done'",
+        )
+        .bind(owner)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
     }
 }
 
@@ -419,6 +477,8 @@ fn record_from_row(row: &AnyRow) -> Result<OrderRecord, sqlx::Error> {
         },
         card_token: row.try_get("card_token")?,
         step,
+        owner: row.try_get("owner")?,
+        lease_until: row.try_get("lease_until")?,
     })
 }
 

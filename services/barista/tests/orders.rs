@@ -61,6 +61,7 @@ fn barista_config(dir: &Path, payment_addr: String) -> brewmesh_barista::Config 
         espresso_time: Duration::from_millis(200),
         milk_time: Duration::from_millis(200),
         brew_failure_rate: 0.0,
+        order_lease: Duration::from_secs(2),
         watch_poll: Duration::from_millis(200),
     }
 }
