@@ -530,12 +530,13 @@ pub fn balanced(source: Source) -> Result<Balanced, InvalidAddress> {
         current: BTreeSet::new(),
         pending: VecDeque::new(),
     };
-    // 30 ms is a pessimistic first guess for a loopback or in-zone call; a
-    // real measurement replaces it after the first response, and 10 s of
+    // A new endpoint's first guess is optimistic (1 ms): P2C compares loads,
+    // so a pessimistic guess would starve a new replica of the very traffic
+    // that measures it. The first response replaces the guess, and 10 s of
     // decay forgets a slow spell within seconds.
     let discover = PeakEwmaDiscover::new(
         changes,
-        Duration::from_millis(30),
+        Duration::from_millis(1),
         Duration::from_secs(10),
         CompleteOnResponse::default(),
     );

@@ -33,13 +33,33 @@ pub struct Args {
     #[arg(long, env = "BREWMESH_DATA_DIR", default_value = ".brewmesh")]
     data_dir: PathBuf,
 
-    /// Where the payment service listens.
+    /// Where the first registry replica listens (others take free ports).
+    #[arg(long, default_value = crate::REGISTRY_ADDR)]
+    registry_listen: SocketAddr,
+
+    /// Where the first payment replica listens (others take free ports).
     #[arg(long, default_value = crate::PAYMENT_ADDR)]
     payment_listen: SocketAddr,
 
-    /// Where the barista service listens.
+    /// Where the first barista replica listens (others take free ports).
     #[arg(long, default_value = crate::BARISTA_ADDR)]
     barista_listen: SocketAddr,
+
+    /// Registry replicas to run.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
+    registry_replicas: u8,
+
+    /// Payment replicas to run (they share one database).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
+    payment_replicas: u8,
+
+    /// Barista replicas to run (they share one database).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
+    barista_replicas: u8,
+
+    /// An extra flag for every registry replica, e.g. `--registry-arg=--default-ttl=5s`.
+    #[arg(long, allow_hyphen_values = true)]
+    registry_arg: Vec<String>,
 
     /// An extra flag for the payment service, e.g. `--payment-arg=--processing-delay=1s`.
     #[arg(long, allow_hyphen_values = true)]
@@ -72,42 +92,69 @@ pub async fn run(args: Args, format: LogFormat) -> anyhow::Result<()> {
     let drain = format!("{}ms", args.drain_timeout.as_millis());
     let signal = tokio::spawn(brewmesh::shutdown::wait_for_signal());
 
+    // A fresh token per run, handed to the children through the
+    // environment (never on a command line, where `ps` would show it).
+    let token = random_token().context("making the registry token")?;
+    let env = [("BREWMESH_REGISTRY_TOKEN", token.as_str())];
     let mut instances = Vec::new();
     let started = async {
-        let mut payment_args = vec!["payment".to_owned()];
-        payment_args.extend(flag("--listen", args.payment_listen));
-        payment_args.extend(flag("--data-dir", args.data_dir.join("payment").display()));
-        payment_args.extend(flag("--drain-timeout", &drain));
-        payment_args.extend(args.payment_arg.iter().cloned());
-        let payment = start(
-            &exe,
-            "payment-1",
-            &payment_args,
-            format,
-            &lines_tx,
-            &exits_tx,
-        )
-        .await?;
-        let payment_addr = payment.addr;
-        instances.push(payment);
-
-        let mut barista_args = vec!["barista".to_owned()];
-        barista_args.extend(flag("--listen", args.barista_listen));
-        barista_args.extend(flag("--data-dir", args.data_dir.join("barista").display()));
-        barista_args.extend(flag("--drain-timeout", &drain));
-        barista_args.extend(flag("--payment-addr", payment_addr));
-        barista_args.extend(args.barista_arg.iter().cloned());
-        instances.push(
-            start(
+        // The registry first: the others register with every replica.
+        let mut registries = Vec::new();
+        for n in 1..=args.registry_replicas {
+            let listen = if n == 1 {
+                args.registry_listen
+            } else {
+                any_port()
+            };
+            let mut role = vec!["registry".to_owned()];
+            role.extend(flag("--listen", listen));
+            role.extend(flag("--drain-timeout", &drain));
+            role.extend(args.registry_arg.iter().cloned());
+            let instance = start(
                 &exe,
-                "barista-1",
-                &barista_args,
+                &format!("registry-{n}"),
+                &role,
+                &env,
                 format,
                 &lines_tx,
                 &exits_tx,
             )
-            .await?,
-        );
+            .await?;
+            registries.push(instance.addr.to_string());
+            instances.push(instance);
+        }
+        let registry = registries.join(",");
+
+        // Then payment, then the barista that calls it; replicas of a role
+        // share its database.
+        let roles = [
+            (
+                "payment",
+                args.payment_replicas,
+                args.payment_listen,
+                &args.payment_arg,
+            ),
+            (
+                "barista",
+                args.barista_replicas,
+                args.barista_listen,
+                &args.barista_arg,
+            ),
+        ];
+        for (name, replicas, first, extra) in roles {
+            for n in 1..=replicas {
+                let listen = if n == 1 { first } else { any_port() };
+                let mut role = vec![name.to_owned()];
+                role.extend(flag("--listen", listen));
+                role.extend(flag("--data-dir", args.data_dir.join(name).display()));
+                role.extend(flag("--drain-timeout", &drain));
+                role.extend(flag("--registry", &registry));
+                role.extend(extra.iter().cloned());
+                let label = format!("{name}-{n}");
+                instances
+                    .push(start(&exe, &label, &role, &env, format, &lines_tx, &exits_tx).await?);
+            }
+        }
         anyhow::Ok(())
     };
     let outcome = match started.await {
@@ -118,13 +165,26 @@ pub async fn run(args: Args, format: LogFormat) -> anyhow::Result<()> {
         Err(error) => Err(error),
     };
 
-    // Callers first: the barista's sagas still need payment while draining.
+    // Callers first: the barista's sagas still need payment while draining,
+    // and everyone deregisters before the registry goes.
     for instance in instances.iter_mut().rev() {
         stop(instance, args.drain_timeout + Duration::from_secs(5)).await;
     }
     drop(lines_tx);
     let _ = printer.await;
     outcome
+}
+
+fn any_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// 128 random bits, in hex.
+fn random_token() -> std::io::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(brewmesh::idempotency::to_hex(&bytes))
 }
 
 fn flag(name: &str, value: impl std::fmt::Display) -> [String; 2] {
@@ -136,6 +196,7 @@ async fn start(
     exe: &std::path::Path,
     label: &str,
     args: &[String],
+    env: &[(&str, &str)],
     format: LogFormat,
     lines: &mpsc::Sender<String>,
     exits: &mpsc::Sender<(String, String)>,
@@ -143,6 +204,7 @@ async fn start(
     let mut child = Command::new(exe)
         .args(["--log-format", "json"])
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -271,23 +333,26 @@ async fn print_lines(mut lines: mpsc::Receiver<String>) {
 }
 
 fn print_banner(instances: &[Instance]) {
-    let addr = |prefix: &str| {
+    let first = |prefix: &str| {
         instances
             .iter()
             .find(|i| i.label.starts_with(prefix))
             .map(|i| i.addr.to_string())
             .unwrap_or_default()
     };
-    let (payment, barista) = (addr("payment"), addr("barista"));
+    let (payment, barista, registry) = (first("payment"), first("barista"), first("registry"));
+    let mut listing = String::new();
+    for instance in instances {
+        listing.push_str(&format!("  {:<11} {}\n", instance.label, instance.addr));
+    }
     eprintln!(
-        "\nbrewmesh is up (Ctrl-C stops it):\n  \
-           payment  {payment}   brewmesh.payment.v1.Payments\n  \
-           barista  {barista}   brewmesh.barista.v1.Barista\n\n\
+        "\nbrewmesh is up (Ctrl-C stops it):\n{listing}\n\
          Try:\n  \
            grpcurl -plaintext {barista} list\n  \
            grpcurl -plaintext -d '{{\"idempotency_key\":\"order-1\",\"item_id\":\"latte\",\"customer_name\":\"Ada\",\"card_token\":\"tok_visa\"}}' {barista} brewmesh.barista.v1.Barista/PlaceOrder\n  \
            grpcurl -plaintext -d '{{\"order_id\":\"ORDER_ID\"}}' {barista} brewmesh.barista.v1.Barista/WatchOrder\n  \
-           grpcurl -plaintext -d '{{\"payment_id\":\"PAYMENT_ID\"}}' {payment} brewmesh.payment.v1.Payments/GetPayment\n"
+           grpcurl -plaintext -d '{{\"payment_id\":\"PAYMENT_ID\"}}' {payment} brewmesh.payment.v1.Payments/GetPayment\n  \
+           grpcurl -plaintext {registry} brewmesh.registry.v1.Registry/ListServices\n"
     );
 }
 
