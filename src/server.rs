@@ -119,6 +119,11 @@ pub async fn serve_registered(
 
     // `up` and the tests read the bound address from this line.
     tracing::info!(%addr, ?services, "serving");
+    let maintenance = tokio::spawn(maintenance_mode(
+        health.clone(),
+        services.iter().map(|s| s.to_string()).collect(),
+        draining.clone(),
+    ));
     let registration = match registry.enabled() {
         true => Some(Registration::start(registry, addr, services)?),
         false => None,
@@ -132,6 +137,7 @@ pub async fn serve_registered(
     }
 
     draining.cancel();
+    maintenance.abort();
     set_health(&health, services, ServingStatus::NotServing).await;
     if let Some(registration) = registration {
         registration.deregister().await;
@@ -148,6 +154,34 @@ pub async fn serve_registered(
             tracing::warn!("drain deadline passed; dropping the calls still open");
             Ok(Drained::AtDeadline)
         }
+    }
+}
+
+/// Maintenance mode, as Consul and Eureka have it: SIGUSR1 turns health
+/// NOT_SERVING so registries and balancers take the instance out of
+/// rotation while it keeps answering the calls that still reach it;
+/// SIGUSR2 turns it SERVING again. Ends when draining starts.
+async fn maintenance_mode(
+    health: HealthReporter,
+    services: Vec<String>,
+    draining: CancellationToken,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut off), Ok(mut on)) = (
+        signal(SignalKind::user_defined1()),
+        signal(SignalKind::user_defined2()),
+    ) else {
+        return;
+    };
+    let names: Vec<&str> = services.iter().map(String::as_str).collect();
+    loop {
+        let status = tokio::select! {
+            _ = off.recv() => ServingStatus::NotServing,
+            _ = on.recv() => ServingStatus::Serving,
+            () = draining.cancelled() => return,
+        };
+        tracing::info!(?status, "maintenance mode: health changed by signal");
+        set_health(&health, &names, status).await;
     }
 }
 

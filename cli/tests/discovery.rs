@@ -1,0 +1,433 @@
+//! Discovery and balancing with real processes on 127.0.0.1: replicas come,
+//! die, leave rotation and return; registries die and return.
+
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+use brewmesh::pb::barista::v1::barista_client::BaristaClient;
+use brewmesh::pb::barista::v1::{
+    GetOrderRequest, OrderEventType as E, OrderState, PlaceOrderRequest, WatchOrderRequest,
+};
+use brewmesh::pb::payment::v1::payments_client::PaymentsClient;
+use brewmesh::pb::payment::v1::{ListPaymentsRequest, PaymentState};
+use brewmesh::pb::registry::v1::ResolveRequest;
+use brewmesh::pb::registry::v1::registry_client::RegistryClient;
+use support::{PATIENCE, Process};
+
+const TOKEN: &str = "discovery-test-token";
+const PAYMENTS: &str = "brewmesh.payment.v1.Payments";
+
+fn registry(listen: &str) -> Process {
+    Process::start(
+        &[
+            "registry",
+            "--listen",
+            listen,
+            "--registry-token",
+            TOKEN,
+            "--health-retry",
+            "200ms",
+        ],
+        1,
+    )
+}
+
+fn payment(dir: &Path, registries: &str) -> Process {
+    let data = dir.join("payment");
+    Process::start(
+        &[
+            "payment",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--registry",
+            registries,
+            "--registry-token",
+            TOKEN,
+            "--processing-delay",
+            "50ms",
+            "--lease-ttl",
+            "3s",
+        ],
+        1,
+    )
+}
+
+/// A barista whose espresso and milk each take `step`.
+fn barista(dir: &Path, registries: &str, step: &str) -> Process {
+    let data = dir.join("barista");
+    Process::start(
+        &[
+            "barista",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--registry",
+            registries,
+            "--registry-token",
+            TOKEN,
+            "--espresso-time",
+            step,
+            "--milk-time",
+            step,
+            "--espresso-machines",
+            "8",
+            "--steam-wands",
+            "8",
+            "--order-lease",
+            "1s",
+        ],
+        1,
+    )
+}
+
+fn client<T>(url: String, new: fn(Channel) -> T) -> T {
+    new(brewmesh::client::channel(&[url]).unwrap())
+}
+
+/// Waits (bounded) until the registry resolves `service` to exactly `want`.
+async fn resolves_to(registry: &Process, service: &str, want: &[&Process]) -> Duration {
+    let started = Instant::now();
+    let mut client = client(registry.url(), RegistryClient::new);
+    let mut want: Vec<String> = want.iter().map(|p| p.addr.to_string()).collect();
+    want.sort();
+    loop {
+        let resolved = client
+            .resolve(ResolveRequest {
+                service: service.into(),
+            })
+            .await;
+        let mut got: Vec<String> = resolved
+            .map(|r| {
+                r.into_inner()
+                    .instances
+                    .into_iter()
+                    .map(|i| i.address)
+                    .collect()
+            })
+            .unwrap_or_default();
+        got.sort();
+        if got == want {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "registry resolves {service} to {got:?}, not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits (bounded) until `caller` logged an endpoint set for payment that
+/// is exactly `want`.
+async fn caller_uses(caller: &Process, want: &[&Process]) {
+    let started = Instant::now();
+    let mut want: Vec<String> = want.iter().map(|p| p.addr.to_string()).collect();
+    want.sort();
+    loop {
+        let last = caller
+            .lines_with("\"endpoints changed\"")
+            .into_iter()
+            .rev()
+            .find(|l| l.contains(PAYMENTS));
+        if let Some(line) = last {
+            let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let addresses = value["addresses"].as_str().unwrap_or("");
+            let mut got: Vec<String> = addresses
+                .trim_matches(|c| c == '{' || c == '}')
+                .split(", ")
+                .filter(|s| !s.is_empty())
+                .map(|s| s.trim_matches('"').to_owned())
+                .collect();
+            got.sort();
+            if got == want {
+                return;
+            }
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the caller never used exactly {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How many payment writes this payment process made.
+fn writes(payment: &Process) -> usize {
+    payment.lines_with("\"payment updated\"").len()
+}
+
+/// Places an order and follows it to its end; returns its id and final state.
+async fn order(barista: &mut BaristaClient<Channel>, key: &str) -> (String, OrderState) {
+    let placed = barista
+        .place_order(PlaceOrderRequest {
+            idempotency_key: key.into(),
+            item_id: "latte".into(),
+            customer_name: "Ada".into(),
+            card_token: "tok_visa".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    finish(barista, &placed.order_id).await
+}
+
+async fn finish(barista: &mut BaristaClient<Channel>, order_id: &str) -> (String, OrderState) {
+    let mut events = barista
+        .watch_order(WatchOrderRequest {
+            order_id: order_id.into(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ended = tokio::time::timeout(PATIENCE, async {
+        while let Some(event) = events.next().await {
+            if matches!(event.unwrap().r#type(), E::Ready | E::Failed | E::Cancelled) {
+                return;
+            }
+        }
+    });
+    ended.await.expect("the order ends in time");
+    let order = barista
+        .get_order(GetOrderRequest {
+            order_id: order_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (order.order_id.clone(), order.state())
+}
+
+/// Every order was charged exactly once.
+async fn charged_once(payment: &Process, order_ids: &[String]) {
+    let mut payments = client(payment.url(), PaymentsClient::new);
+    for order_id in order_ids {
+        let found = payments
+            .list_payments(ListPaymentsRequest {
+                order_id: order_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .payments;
+        assert_eq!(found.len(), 1, "{order_id}: {found:?}");
+        assert_eq!(found[0].state(), PaymentState::Captured, "{order_id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_payment_replica_gets_traffic_without_restarting_its_callers() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry("127.0.0.1:0");
+    let first = payment(dir.path(), &registry.addr.to_string());
+    let barista = barista(dir.path(), &registry.addr.to_string(), "100ms");
+    let mut client_b = client(barista.url(), BaristaClient::new);
+    resolves_to(&registry, PAYMENTS, &[&first]).await;
+    assert_eq!(order(&mut client_b, "before").await.1, OrderState::Ready);
+
+    let second = payment(dir.path(), &registry.addr.to_string());
+    resolves_to(&registry, PAYMENTS, &[&first, &second]).await;
+    caller_uses(&barista, &[&first, &second]).await;
+    let orders: Vec<_> = (0..10)
+        .map(|i| {
+            let mut client_b = client_b.clone();
+            tokio::spawn(async move { order(&mut client_b, &format!("after-{i}")).await })
+        })
+        .collect();
+    for placed in orders {
+        assert_eq!(placed.await.unwrap().1, OrderState::Ready);
+    }
+    assert!(writes(&second) > 0, "the new replica got no traffic");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_one_of_two_payment_replicas_under_load_fails_no_order_and_charges_none_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry("127.0.0.1:0");
+    let registries = registry.addr.to_string();
+    let survivor = payment(dir.path(), &registries);
+    let mut victim = payment(dir.path(), &registries);
+    let barista = barista(dir.path(), &registries, "100ms");
+    resolves_to(&registry, PAYMENTS, &[&survivor, &victim]).await;
+    caller_uses(&barista, &[&survivor, &victim]).await;
+
+    let client_b = client(barista.url(), BaristaClient::new);
+    let stream = tokio::spawn(async move {
+        let mut orders = Vec::new();
+        for i in 0..30 {
+            let mut client_b = client_b.clone();
+            orders.push(tokio::spawn(async move {
+                order(&mut client_b, &format!("steady-{i}")).await
+            }));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        orders
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(writes(&victim) > 0, "the victim was serving before it died");
+    victim.kill9();
+
+    let mut order_ids = Vec::new();
+    for placed in stream.await.unwrap() {
+        let (order_id, state) = placed.await.unwrap();
+        assert_eq!(state, OrderState::Ready, "{order_id}");
+        order_ids.push(order_id);
+    }
+    charged_once(&survivor, &order_ids).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_in_maintenance_stops_getting_traffic_and_gets_it_back_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry("127.0.0.1:0");
+    let registries = registry.addr.to_string();
+    let stays = payment(dir.path(), &registries);
+    let leaves = payment(dir.path(), &registries);
+    let barista = barista(dir.path(), &registries, "100ms");
+    resolves_to(&registry, PAYMENTS, &[&stays, &leaves]).await;
+    caller_uses(&barista, &[&stays, &leaves]).await;
+
+    leaves.signal(Signal::SIGUSR1); // NOT_SERVING, still serving
+    let took = resolves_to(&registry, PAYMENTS, &[&stays]).await;
+    println!("left the registry's rotation {took:?} after turning NOT_SERVING");
+    caller_uses(&barista, &[&stays]).await;
+    let before = writes(&leaves);
+    let mut client_b = client(barista.url(), BaristaClient::new);
+    for i in 0..8 {
+        assert_eq!(
+            order(&mut client_b, &format!("while-out-{i}")).await.1,
+            OrderState::Ready
+        );
+    }
+    assert_eq!(writes(&leaves), before, "a NOT_SERVING replica got traffic");
+
+    leaves.signal(Signal::SIGUSR2); // SERVING again
+    resolves_to(&registry, PAYMENTS, &[&stays, &leaves]).await;
+    caller_uses(&barista, &[&stays, &leaves]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_every_registry_stopped_orders_flow_and_registration_resumes_when_one_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut registry_process = registry("127.0.0.1:0");
+    let address = registry_process.addr.to_string();
+    let payment = payment(dir.path(), &address);
+    let barista = barista(dir.path(), &address, "100ms");
+    resolves_to(&registry_process, PAYMENTS, &[&payment]).await;
+    caller_uses(&barista, &[&payment]).await;
+
+    registry_process.kill9();
+    let mut client_b = client(barista.url(), BaristaClient::new);
+    let mut order_ids = Vec::new();
+    for i in 0..3 {
+        let (order_id, state) = order(&mut client_b, &format!("no-registry-{i}")).await;
+        assert_eq!(state, OrderState::Ready);
+        order_ids.push(order_id);
+    }
+    charged_once(&payment, &order_ids).await;
+
+    // A new, empty registry on the same address is refilled by the instances.
+    let returned = registry(&address);
+    resolves_to(&returned, PAYMENTS, &[&payment]).await;
+    resolves_to(&returned, "brewmesh.barista.v1.Barista", &[&barista]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_one_of_two_registries_killed_discovery_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut doomed = registry("127.0.0.1:0");
+    let other = registry("127.0.0.1:0");
+    let registries = format!("{},{}", doomed.addr, other.addr);
+    let first = payment(dir.path(), &registries);
+    let barista = barista(dir.path(), &registries, "100ms");
+    resolves_to(&other, PAYMENTS, &[&first]).await;
+    caller_uses(&barista, &[&first]).await;
+
+    doomed.kill9();
+    let second = payment(dir.path(), &registries);
+    resolves_to(&other, PAYMENTS, &[&first, &second]).await;
+    caller_uses(&barista, &[&first, &second]).await;
+    let mut client_b = client(barista.url(), BaristaClient::new);
+    for i in 0..10 {
+        assert_eq!(
+            order(&mut client_b, &format!("one-registry-{i}")).await.1,
+            OrderState::Ready
+        );
+    }
+    assert!(
+        writes(&second) > 0,
+        "the replica found through the surviving registry got no traffic"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn either_barista_replica_serves_any_order_and_one_takes_over_from_a_killed_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry("127.0.0.1:0");
+    let registries = registry.addr.to_string();
+    let payment = payment(dir.path(), &registries);
+    let mut doomed = barista(dir.path(), &registries, "1500ms");
+    let survivor = barista(dir.path(), &registries, "1500ms");
+    let mut via_doomed = client(doomed.url(), BaristaClient::new);
+    let mut via_survivor = client(survivor.url(), BaristaClient::new);
+
+    let placed = via_doomed
+        .place_order(PlaceOrderRequest {
+            idempotency_key: "takeover".into(),
+            item_id: "latte".into(),
+            customer_name: "Ada".into(),
+            card_token: "tok_visa".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The other replica reads and watches it.
+    let seen = via_survivor
+        .get_order(GetOrderRequest {
+            order_id: placed.order_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(seen.order_id, placed.order_id);
+    let mut events = via_survivor
+        .watch_order(WatchOrderRequest {
+            order_id: placed.order_id.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let brewing = tokio::time::timeout(PATIENCE, async {
+        while let Some(event) = events.next().await {
+            if event.unwrap().r#type() == E::EspressoStarted {
+                return;
+            }
+        }
+    });
+    brewing.await.expect("brewing starts");
+
+    doomed.kill9();
+    let (order_id, state) = finish(&mut via_survivor, &placed.order_id).await;
+    assert_eq!(state, OrderState::Ready);
+    assert!(
+        !survivor
+            .lines_with("taking over an unfinished order")
+            .is_empty(),
+        "the survivor took it over"
+    );
+    charged_once(&payment, &[order_id]).await;
+    drop(via_doomed);
+}
