@@ -521,15 +521,43 @@ async fn watch_replica(
     }
 }
 
+/// How a balanced channel picks an endpoint for each call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Balancing {
+    /// Power of two random choices, the one with less peak-EWMA latency ×
+    /// in-flight calls: slow or busy endpoints get less.
+    #[default]
+    P2c,
+    /// Each endpoint in turn, however it performs (the baseline).
+    RoundRobin,
+}
+
 /// A channel balanced over the addresses `source` reports: P2C over
 /// peak-EWMA latency. Must be called inside a Tokio runtime.
 pub fn balanced(source: Source) -> Result<Balanced, InvalidAddress> {
+    balanced_with(source, Balancing::P2c)
+}
+
+/// A channel balanced over the addresses `source` reports, by `balancing`.
+/// Must be called inside a Tokio runtime.
+pub fn balanced_with(source: Source, balancing: Balancing) -> Result<Balanced, InvalidAddress> {
     let addresses = resolve(source)?;
     let changes = Changes {
         updates: WatchStream::new(addresses),
         current: BTreeSet::new(),
         pending: VecDeque::new(),
     };
+    if balancing == Balancing::RoundRobin {
+        let round_robin = RoundRobin {
+            changes,
+            endpoints: Vec::new(),
+            next: 0,
+        };
+        return Ok(Balanced(BoxCloneSyncService::new(Buffer::new(
+            round_robin,
+            1024,
+        ))));
+    }
     // A new endpoint's first guess is optimistic (1 ms): P2C compares loads,
     // so a pessimistic guess would starve a new replica of the very traffic
     // that measures it. The first response replaces the guess, and 10 s of
@@ -545,6 +573,51 @@ pub fn balanced(source: Source) -> Result<Balanced, InvalidAddress> {
     Ok(Balanced(BoxCloneSyncService::new(Buffer::new(
         balance, 1024,
     ))))
+}
+
+/// Round robin over the discovered endpoints.
+struct RoundRobin {
+    changes: Changes,
+    endpoints: Vec<(String, Channel)>,
+    next: usize,
+}
+
+impl tower::Service<http::Request<Body>> for RoundRobin {
+    type Response = http::Response<Body>;
+    type Error = tower::BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        while let Poll::Ready(Some(Ok(change))) = Pin::new(&mut self.changes).poll_next(cx) {
+            match change {
+                Change::Insert(key, channel) => {
+                    self.endpoints.retain(|(k, _)| *k != key);
+                    self.endpoints.push((key, channel));
+                }
+                Change::Remove(key) => self.endpoints.retain(|(k, _)| *k != key),
+            }
+        }
+        // With no endpoint the stream above has registered the wake-up.
+        if self.endpoints.is_empty() {
+            Poll::Pending
+        } else {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let index = self.next % self.endpoints.len().max(1);
+        self.next = self.next.wrapping_add(1);
+        let channel = self
+            .endpoints
+            .get(index)
+            .map(|(_, channel)| channel.clone());
+        Box::pin(async move {
+            let mut channel = channel.ok_or("no endpoint")?;
+            std::future::poll_fn(|cx| tower::Service::poll_ready(&mut channel, cx)).await?;
+            Ok(tower::Service::call(&mut channel, request).await?)
+        })
+    }
 }
 
 /// Turns successive address sets into tower `Change`s.

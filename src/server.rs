@@ -32,6 +32,11 @@ pub struct ServeArgs {
     #[arg(long, env = "BREWMESH_LISTEN")]
     pub listen: Option<SocketAddr>,
 
+    /// Fault injection: delay every call by this much before handling it
+    /// (e.g. `50ms`, to play a slow replica).
+    #[arg(long, env = "BREWMESH_INJECT_LATENCY", value_parser = parse_duration)]
+    pub inject_latency: Option<Duration>,
+
     /// How long calls in flight may take to finish once draining starts.
     #[arg(long, env = "BREWMESH_DRAIN_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -64,7 +69,7 @@ pub enum ServeError {
 }
 
 /// Serves `routes` on `listener` until `shutdown` is cancelled, then drains
-/// for at most `drain_timeout`.
+/// for at most `args.drain_timeout`.
 ///
 /// `services` are the fully qualified names reported by `grpc.health.v1`
 /// (besides the server-wide `""`).
@@ -72,14 +77,14 @@ pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     services: &[&str],
-    drain_timeout: Duration,
+    args: &ServeArgs,
     shutdown: CancellationToken,
 ) -> Result<Drained, ServeError> {
     serve_registered(
         listener,
         routes,
         services,
-        drain_timeout,
+        args,
         &RegistryArgs::default(),
         shutdown,
     )
@@ -93,10 +98,11 @@ pub async fn serve_registered(
     listener: TcpListener,
     routes: Routes,
     services: &[&str],
-    drain_timeout: Duration,
+    args: &ServeArgs,
     registry: &RegistryArgs,
     shutdown: CancellationToken,
 ) -> Result<Drained, ServeError> {
+    let drain_timeout = args.drain_timeout;
     let addr = listener.local_addr()?;
     let health = HealthReporter::new();
     set_health(&health, services, ServingStatus::Serving).await;
@@ -113,6 +119,9 @@ pub async fn serve_registered(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let stop_accepting = CancellationToken::new();
     let server = Server::builder()
+        .layer(tower::util::option_layer(
+            args.inject_latency.map(|by| DelayLayer { by }),
+        ))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
     tokio::pin!(server);
@@ -154,6 +163,55 @@ pub async fn serve_registered(
             tracing::warn!("drain deadline passed; dropping the calls still open");
             Ok(Drained::AtDeadline)
         }
+    }
+}
+
+/// Delays every call (fault injection: a slow replica).
+#[derive(Debug, Clone, Copy)]
+struct DelayLayer {
+    by: Duration,
+}
+
+impl<S> tower::Layer<S> for DelayLayer {
+    type Service = Delay<S>;
+
+    fn layer(&self, inner: S) -> Delay<S> {
+        Delay { inner, by: self.by }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Delay<S> {
+    inner: S,
+    by: Duration,
+}
+
+impl<S, R> tower::Service<R> for Delay<S>
+where
+    S: tower::Service<R> + Clone + Send + 'static,
+    S::Future: Send,
+    R: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: R) -> Self::Future {
+        // Take the service that was polled ready; leave a fresh clone.
+        let mut ready = self.inner.clone();
+        std::mem::swap(&mut ready, &mut self.inner);
+        let by = self.by;
+        Box::pin(async move {
+            tokio::time::sleep(by).await;
+            ready.call(request).await
+        })
     }
 }
 

@@ -43,6 +43,10 @@ enum Command {
     Up(up::Args),
 }
 
+/// Set by `up` for its children: stop when standard input closes, that is
+/// when `up` is gone.
+pub(crate) const EXIT_WITH_PARENT: &str = "BREWMESH_EXIT_WITH_PARENT";
+
 /// Where each role listens unless told otherwise.
 pub(crate) const REGISTRY_ADDR: &str = "127.0.0.1:50051";
 pub(crate) const PAYMENT_ADDR: &str = "127.0.0.1:50052";
@@ -105,6 +109,16 @@ where
         .await
         .with_context(|| format!("binding {addr}"))?;
     let shutdown = brewmesh::shutdown::on_signal();
+    if std::env::var_os(EXIT_WITH_PARENT).is_some() {
+        // A plain thread, not tokio's stdin: a read still blocked on the
+        // blocking pool would keep the runtime from shutting down.
+        let shutdown = shutdown.clone();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            shutdown.cancel();
+            tracing::info!("the parent process is gone; shutting down");
+        });
+    }
     match run(listener, shutdown).await {
         Ok(drained) => {
             tracing::info!(?drained, "stopped");

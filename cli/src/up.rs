@@ -205,13 +205,18 @@ async fn start(
         .args(["--log-format", "json"])
         .args(args)
         .envs(env.iter().copied())
-        .stdin(Stdio::null())
+        // The child drains and exits when this pipe closes, which happens
+        // however `up` ends, even by SIGKILL: no orphans.
+        .env(crate::EXIT_WITH_PARENT, "1")
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {label}"))?;
     let (addr_tx, addr_rx) = oneshot::channel();
+    // Held open (and never written) for the child's lifetime.
+    let stdin = child.stdin.take().context("child stdin")?;
     let stdout = child.stdout.take().context("child stdout")?;
     let stderr = child.stderr.take().context("child stderr")?;
     tokio::spawn(relay(
@@ -229,6 +234,7 @@ async fn start(
     let (exited_tx, mut exited) = watch::channel(None);
     let (watcher_label, watcher_exits) = (label.to_owned(), exits.clone());
     tokio::spawn(async move {
+        let _stdin = stdin;
         let status = match child.wait().await {
             Ok(status) => status.to_string(),
             Err(error) => error.to_string(),

@@ -247,6 +247,8 @@ async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
     let mut up = Process::start(
         &[
             "up",
+            "--registry-listen",
+            "127.0.0.1:0",
             "--payment-listen",
             "127.0.0.1:0",
             "--barista-listen",
@@ -257,7 +259,7 @@ async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
             "--barista-arg=--espresso-time=100ms",
             "--barista-arg=--milk-time=100ms",
         ],
-        2,
+        3,
     );
     let payment = up.instance("payment-1").to_string();
     let barista = up.instance("barista-1").to_string();
@@ -349,5 +351,42 @@ async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
             std::net::TcpStream::connect(addr.as_str()).is_err(),
             "{addr} still serving after up stopped"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn up_killed_with_sigkill_leaves_no_role_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let mut up = Process::start(
+        &[
+            "up",
+            "--registry-listen",
+            "127.0.0.1:0",
+            "--payment-listen",
+            "127.0.0.1:0",
+            "--barista-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data,
+        ],
+        3,
+    );
+    let addrs: Vec<_> = ["registry-1", "payment-1", "barista-1"]
+        .iter()
+        .map(|l| up.instance(l))
+        .collect();
+    up.kill9();
+
+    // Each role notices its parent is gone, drains and exits.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    for addr in addrs {
+        while std::net::TcpStream::connect(addr).is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{addr} still serving after up was killed"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }

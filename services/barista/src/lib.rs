@@ -203,7 +203,7 @@ pub async fn run(
             listener,
             routes,
             &[SERVICE_NAME],
-            drain_timeout,
+            &config.serve,
             &config.registry,
             shutdown.clone()
         ),

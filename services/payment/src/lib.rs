@@ -76,7 +76,7 @@ pub async fn run(
         listener,
         routes,
         &[SERVICE_NAME],
-        config.serve.drain_timeout,
+        &config.serve,
         &config.registry,
         shutdown,
     )

@@ -26,6 +26,7 @@ fn config(data_dir: &Path, processing_delay: Duration) -> Config {
         serve: ServeArgs {
             listen: None,
             drain_timeout: Duration::from_secs(5),
+            inject_latency: None,
         },
         database: DatabaseArgs {
             data_dir: data_dir.to_owned(),

@@ -105,7 +105,7 @@ pub async fn run(
         listener,
         Routes::new(RegistryServer::new(service)),
         &[SERVICE_NAME],
-        config.serve.drain_timeout,
+        &config.serve,
         shutdown,
     )
     .await;

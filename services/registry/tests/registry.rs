@@ -31,6 +31,7 @@ async fn registry() -> (
         serve: ServeArgs {
             listen: None,
             drain_timeout: Duration::from_secs(5),
+            inject_latency: None,
         },
         token: TOKEN.parse().unwrap(),
         default_ttl: Duration::from_secs(10),
@@ -44,14 +45,13 @@ async fn registry() -> (
 
 /// A real server answering grpc.health.v1 for SERVICE.
 fn instance_on(listener: TcpListener) -> Running<Result<Drained, ServeError>> {
-    spawn_on(listener, |listener, shutdown| {
-        brewmesh::server::serve(
-            listener,
-            Routes::default(),
-            &[SERVICE],
-            Duration::from_secs(5),
-            shutdown,
-        )
+    spawn_on(listener, |listener, shutdown| async move {
+        let args = ServeArgs {
+            listen: None,
+            drain_timeout: Duration::from_secs(5),
+            inject_latency: None,
+        };
+        brewmesh::server::serve(listener, Routes::default(), &[SERVICE], &args, shutdown).await
     })
 }
 
