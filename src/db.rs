@@ -1,9 +1,12 @@
 //! Opening a service's database: SQLite in a data directory by default, or
 //! any URL sqlx's `Any` driver takes (PostgreSQL when scaled out).
 //!
-//! SQLite runs in WAL mode with `synchronous=FULL`, so a committed write
-//! survives `kill -9` (and power loss), and a busy timeout so that writers
-//! from several connections or processes queue instead of failing.
+//! SQLite runs in WAL mode with a busy timeout, so writers from several
+//! connections or processes queue instead of failing. With the default
+//! `synchronous=NORMAL` a committed write is in the WAL before the call
+//! returns and survives `kill -9` of the process; only an OS crash or power
+//! loss can take the last commits. `--sqlite-synchronous full` adds an fsync
+//! per commit for that too (about 7 fsyncs per order: measure first).
 
 use std::path::Path;
 use std::time::Duration;
@@ -22,6 +25,21 @@ pub struct DatabaseArgs {
     /// Database URL; overrides --data-dir (e.g. `sqlite:///var/lib/x.db`).
     #[arg(long, env = "BREWMESH_DATABASE_URL")]
     pub database_url: Option<String>,
+
+    /// SQLite durability: `normal` survives a killed process, `full` also
+    /// an OS crash or power loss, at an fsync per commit.
+    #[arg(long, env = "BREWMESH_SQLITE_SYNCHRONOUS", default_value = "normal")]
+    pub sqlite_synchronous: Synchronous,
+}
+
+/// SQLite's `synchronous` setting in WAL mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Synchronous {
+    /// Commits survive a killed process.
+    #[default]
+    Normal,
+    /// Commits also survive an OS crash or power loss.
+    Full,
 }
 
 impl DatabaseArgs {
@@ -44,7 +62,19 @@ pub fn sqlite_url(path: &Path) -> String {
 
 /// Opens a pool on `url` and applies `schema` (idempotent DDL, one statement
 /// per entry).
-pub async fn open(url: &str, schema: &[&str]) -> Result<AnyPool, sqlx::Error> {
+pub async fn open(
+    url: &str,
+    synchronous: Synchronous,
+    schema: &[&str],
+) -> Result<AnyPool, sqlx::Error> {
+    let pragmas = match synchronous {
+        Synchronous::Normal => {
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;"
+        }
+        Synchronous::Full => {
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;"
+        }
+    };
     sqlx::any::install_default_drivers();
     let sqlite = url.starts_with("sqlite:");
     let pool = AnyPoolOptions::new()
@@ -53,11 +83,7 @@ pub async fn open(url: &str, schema: &[&str]) -> Result<AnyPool, sqlx::Error> {
         .after_connect(move |conn, _meta| {
             Box::pin(async move {
                 if sqlite {
-                    conn.execute(
-                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-                         PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
-                    )
-                    .await?;
+                    conn.execute(pragmas).await?;
                 }
                 Ok(())
             })

@@ -560,12 +560,15 @@ pub fn balanced_with(source: Source, balancing: Balancing) -> Result<Balanced, I
     }
     // A new endpoint's first guess is optimistic (1 ms): P2C compares loads,
     // so a pessimistic guess would starve a new replica of the very traffic
-    // that measures it. The first response replaces the guess, and 10 s of
-    // decay forgets a slow spell within seconds.
+    // that measures it; the first response replaces the guess. Decay: a
+    // latency peak counts at once and fades with a 1 s time constant. With
+    // 10 s, one spike on a fast replica sent traffic to a slow one for
+    // seconds: 4-5% of calls reached a +50 ms replica with 10 s, 2-4% with
+    // 1 s, and 300 ms was no better (BENCHMARKS.md, balancing).
     let discover = PeakEwmaDiscover::new(
         changes,
         Duration::from_millis(1),
-        Duration::from_secs(10),
+        Duration::from_secs(1),
         CompleteOnResponse::default(),
     );
     let balance = Balance::new(discover);

@@ -151,7 +151,11 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<Drained, RunError> {
-    let store = store::OrderStore::open(&config.database.url("barista.db")?).await?;
+    let store = store::OrderStore::open(
+        &config.database.url("barista.db")?,
+        config.database.sqlite_synchronous,
+    )
+    .await?;
     let rate = config.brew_failure_rate.clamp(0.0, 1.0);
     let queue = usize::from(config.queue_depth);
     let stations = stations::Stations {

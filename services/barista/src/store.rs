@@ -151,9 +151,12 @@ pub struct OrderStore {
 
 impl OrderStore {
     /// Opens (and if need be creates) the store at `url`.
-    pub async fn open(url: &str) -> Result<Self, sqlx::Error> {
+    pub async fn open(
+        url: &str,
+        synchronous: brewmesh::db::Synchronous,
+    ) -> Result<Self, sqlx::Error> {
         Ok(Self {
-            pool: brewmesh::db::open(url, SCHEMA).await?,
+            pool: brewmesh::db::open(url, synchronous, SCHEMA).await?,
         })
     }
 

@@ -44,6 +44,7 @@ fn database(dir: &Path) -> DatabaseArgs {
     DatabaseArgs {
         data_dir: dir.to_owned(),
         database_url: None,
+        sqlite_synchronous: Default::default(),
     }
 }
 

@@ -69,7 +69,11 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<Drained, RunError> {
-    let ledger = ledger::Ledger::open(&config.database.url("payment.db")?).await?;
+    let ledger = ledger::Ledger::open(
+        &config.database.url("payment.db")?,
+        config.database.sqlite_synchronous,
+    )
+    .await?;
     let service = PaymentService::new(ledger, config.processing_delay);
     let routes = Routes::new(PaymentsServer::new(service));
     Ok(brewmesh::server::serve_registered(

@@ -31,6 +31,7 @@ fn config(data_dir: &Path, processing_delay: Duration) -> Config {
         database: DatabaseArgs {
             data_dir: data_dir.to_owned(),
             database_url: None,
+            sqlite_synchronous: Default::default(),
         },
         processing_delay,
         registry: Default::default(),
