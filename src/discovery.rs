@@ -47,6 +47,7 @@ use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
 use tower::util::BoxCloneSyncService;
 
 use crate::client::{InvalidAddress, endpoint};
+use crate::ejection::{Ejecting, Ejections};
 use crate::pb::registry::v1::registry_client::RegistryClient;
 use crate::pb::registry::v1::{
     DeregisterRequest, Instance, KeepAliveRequest, RegisterRequest, WatchRequest,
@@ -546,6 +547,7 @@ pub fn balanced_with(source: Source, balancing: Balancing) -> Result<Balanced, I
         updates: WatchStream::new(addresses),
         current: BTreeSet::new(),
         pending: VecDeque::new(),
+        ejections: Arc::default(),
     };
     if balancing == Balancing::RoundRobin {
         let round_robin = RoundRobin {
@@ -581,7 +583,7 @@ pub fn balanced_with(source: Source, balancing: Balancing) -> Result<Balanced, I
 /// Round robin over the discovered endpoints.
 struct RoundRobin {
     changes: Changes,
-    endpoints: Vec<(String, Channel)>,
+    endpoints: Vec<(String, Ejecting<Channel>)>,
     next: usize,
 }
 
@@ -593,33 +595,38 @@ impl tower::Service<http::Request<Body>> for RoundRobin {
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         while let Poll::Ready(Some(Ok(change))) = Pin::new(&mut self.changes).poll_next(cx) {
             match change {
-                Change::Insert(key, channel) => {
+                Change::Insert(key, endpoint) => {
                     self.endpoints.retain(|(k, _)| *k != key);
-                    self.endpoints.push((key, channel));
+                    self.endpoints.push((key, endpoint));
                 }
                 Change::Remove(key) => self.endpoints.retain(|(k, _)| *k != key),
             }
         }
-        // With no endpoint the stream above has registered the wake-up.
-        if self.endpoints.is_empty() {
-            Poll::Pending
-        } else {
-            Poll::Ready(Ok(()))
+        // The next endpoint in turn that is ready (not ejected, connected).
+        let count = self.endpoints.len();
+        for offset in 0..count {
+            let index = (self.next + offset) % count;
+            if let Poll::Ready(Ok(())) =
+                tower::Service::poll_ready(&mut self.endpoints[index].1, cx)
+            {
+                self.next = index;
+                return Poll::Ready(Ok(()));
+            }
         }
+        // None ready: each one polled (or the discovery stream) will wake us.
+        Poll::Pending
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let index = self.next % self.endpoints.len().max(1);
+        let index = self.next;
         self.next = self.next.wrapping_add(1);
-        let channel = self
-            .endpoints
-            .get(index)
-            .map(|(_, channel)| channel.clone());
-        Box::pin(async move {
-            let mut channel = channel.ok_or("no endpoint")?;
-            std::future::poll_fn(|cx| tower::Service::poll_ready(&mut channel, cx)).await?;
-            Ok(tower::Service::call(&mut channel, request).await?)
-        })
+        match self.endpoints.get_mut(index) {
+            Some((_, endpoint)) => {
+                let call = tower::Service::call(endpoint, request);
+                Box::pin(async move { Ok(call.await?) })
+            }
+            None => Box::pin(async { Err("no endpoint".into()) }),
+        }
     }
 }
 
@@ -627,11 +634,12 @@ impl tower::Service<http::Request<Body>> for RoundRobin {
 struct Changes {
     updates: WatchStream<Addresses>,
     current: BTreeSet<String>,
-    pending: VecDeque<Change<String, Channel>>,
+    pending: VecDeque<Change<String, Ejecting<Channel>>>,
+    ejections: Arc<Ejections>,
 }
 
 impl Stream for Changes {
-    type Item = Result<Change<String, Channel>, Infallible>;
+    type Item = Result<Change<String, Ejecting<Channel>>, Infallible>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
@@ -647,9 +655,15 @@ impl Stream for Changes {
             }
             for new in next.difference(&this.current) {
                 match endpoint(new) {
-                    Ok(endpoint) => this
-                        .pending
-                        .push_back(Change::Insert(new.clone(), endpoint.connect_lazy())),
+                    Ok(endpoint) => {
+                        let endpoint = Ejecting::new(
+                            endpoint.connect_lazy(),
+                            new.clone(),
+                            Arc::clone(&this.ejections),
+                        );
+                        this.pending
+                            .push_back(Change::Insert(new.clone(), endpoint));
+                    }
                     Err(error) => tracing::warn!(address = %new, %error, "skipping an endpoint"),
                 }
             }
@@ -679,6 +693,7 @@ mod tests {
             updates: WatchStream::new(rx),
             current: BTreeSet::new(),
             pending: VecDeque::new(),
+            ejections: Arc::default(),
         };
         let mut inserted = Vec::new();
         for _ in 0..2 {

@@ -14,7 +14,8 @@
 //!   violations.
 //! - [`client`]: gRPC channels to peers given by address.
 //! - [`discovery`]: registration with the registry, resolvers (static,
-//!   DNS, registry) and P2C/peak-EWMA balanced channels.
+//!   DNS, registry) and P2C/peak-EWMA balanced channels; [`ejection`] takes
+//!   endpoints that keep failing out for a while.
 //! - [`db`]: SQLite (default) or PostgreSQL pools, durable across `kill -9`.
 //! - [`telemetry`]: structured (JSON or text) logs.
 //! - [`idempotency`]: request fingerprints for idempotency keys.
@@ -28,6 +29,7 @@
 pub mod client;
 pub mod db;
 pub mod discovery;
+pub mod ejection;
 pub mod health;
 pub mod idempotency;
 pub mod ids;
