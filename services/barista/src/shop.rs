@@ -29,6 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, broadcast};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Code, Request, Response, Status};
+use tower::retry::budget::{Budget as _, TpsBudget};
 
 use brewmesh::pb::barista::v1::{MenuItem, OrderEvent, OrderEventType as E, OrderState as S};
 use brewmesh::pb::payment::v1::payments_client::PaymentsClient;
@@ -77,6 +78,8 @@ pub struct Shop {
     pub(crate) stations: Stations,
     payments: PaymentsClient<Balanced>,
     payment_timeout: Duration,
+    /// Bounds retries of payment calls across every saga.
+    retries: TpsBudget,
     sagas: TaskTracker,
     /// Cancel tokens of the sagas running in this process, by order id. An
     /// entry is also the claim that this process drives the order.
@@ -103,6 +106,9 @@ impl Shop {
             stations,
             payments,
             payment_timeout,
+            // As linkerd's default: retries may add 20% to the calls of the
+            // last 10 s, plus 10 a second so a quiet shop can still retry.
+            retries: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
             sagas: TaskTracker::new(),
             running: Mutex::new(HashMap::new()),
             changes: broadcast::channel(1024).0,
@@ -710,6 +716,7 @@ impl Shop {
         F: FnMut(PaymentsClient<Balanced>, Duration) -> Fut,
         Fut: Future<Output = Result<Response<Payment>, Status>>,
     {
+        self.retries.deposit();
         let mut backoff = Duration::from_millis(100);
         loop {
             let attempt = tokio::time::timeout(
@@ -725,9 +732,17 @@ impl Shop {
                 Ok(Err(status)) => status,
                 Err(_) => Status::deadline_exceeded("payment call timed out"),
             };
-            tracing::warn!(order_id, call = what, code = ?status.code(), message = status.message(), retry_in = ?backoff, "payment call failed");
+            // Within the budget, retry after a short, growing wait; over it
+            // (payment is struggling for everyone), wait the longest, so
+            // sagas do not pile retries onto it.
+            let wait = if self.retries.withdraw() {
+                backoff
+            } else {
+                MAX_BACKOFF
+            };
+            tracing::warn!(order_id, call = what, code = ?status.code(), message = status.message(), retry_in = ?wait, "payment call failed");
             tokio::time::sleep(
-                backoff + Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2)),
+                wait + Duration::from_millis(fastrand::u64(0..=wait.as_millis() as u64 / 2)),
             )
             .await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
