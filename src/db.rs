@@ -42,7 +42,24 @@ pub enum Synchronous {
     Full,
 }
 
+/// Why a database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The data directory could not be created.
+    #[error("preparing the data directory")]
+    DataDir(#[from] std::io::Error),
+    /// The database could not be opened or its schema applied.
+    #[error("opening the database")]
+    Database(#[from] sqlx::Error),
+}
+
 impl DatabaseArgs {
+    /// Opens the database these flags name (`file` in the data directory
+    /// unless a URL is given) and applies `schema`.
+    pub async fn open(&self, file: &str, schema: &[&str]) -> Result<AnyPool, OpenError> {
+        Ok(open(&self.url(file)?, self.sqlite_synchronous, schema).await?)
+    }
+
     /// The URL to open: `--database-url`, or `<data-dir>/<file>` as SQLite.
     pub fn url(&self, file: &str) -> Result<String, std::io::Error> {
         match &self.database_url {

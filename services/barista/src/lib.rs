@@ -129,11 +129,11 @@ impl Config {
 /// Why the barista service stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The data directory could not be created.
-    #[error("preparing the data directory")]
-    DataDir(#[from] std::io::Error),
-    /// The order store could not be opened or read.
+    /// The order store could not be opened.
     #[error("opening the order store")]
+    Open(#[from] brewmesh::db::OpenError),
+    /// The order store could not be read.
+    #[error("reading the order store")]
     Store(#[from] sqlx::Error),
     /// A payment address is not valid.
     #[error(transparent)]
@@ -144,18 +144,15 @@ pub enum RunError {
 }
 
 /// Serves the barista service on `listener` until `shutdown`, then drains:
-/// calls in flight and sagas under way get `drain_timeout` to finish; sagas
-/// still running then are picked up again at the next start.
+/// calls in flight and sagas under way get `drain_timeout` to finish; the
+/// orders of sagas still running then are released at once to another
+/// barista replica (or to the next start).
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<Drained, RunError> {
-    let store = store::OrderStore::open(
-        &config.database.url("barista.db")?,
-        config.database.sqlite_synchronous,
-    )
-    .await?;
+    let store = store::OrderStore::open(&config.database).await?;
     let rate = config.brew_failure_rate.clamp(0.0, 1.0);
     let queue = usize::from(config.queue_depth);
     let stations = stations::Stations {

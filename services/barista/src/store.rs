@@ -150,13 +150,12 @@ pub struct OrderStore {
 }
 
 impl OrderStore {
-    /// Opens (and if need be creates) the store at `url`.
+    /// Opens (and if need be creates) the store `database` names.
     pub async fn open(
-        url: &str,
-        synchronous: brewmesh::db::Synchronous,
-    ) -> Result<Self, sqlx::Error> {
+        database: &brewmesh::db::DatabaseArgs,
+    ) -> Result<Self, brewmesh::db::OpenError> {
         Ok(Self {
-            pool: brewmesh::db::open(url, synchronous, SCHEMA).await?,
+            pool: database.open("barista.db", SCHEMA).await?,
         })
     }
 

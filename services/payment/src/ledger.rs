@@ -92,13 +92,12 @@ pub struct Ledger {
 }
 
 impl Ledger {
-    /// Opens (and if need be creates) the ledger at `url`.
+    /// Opens (and if need be creates) the ledger `database` names.
     pub async fn open(
-        url: &str,
-        synchronous: brewmesh::db::Synchronous,
-    ) -> Result<Self, sqlx::Error> {
+        database: &brewmesh::db::DatabaseArgs,
+    ) -> Result<Self, brewmesh::db::OpenError> {
         Ok(Self {
-            pool: brewmesh::db::open(url, synchronous, SCHEMA).await?,
+            pool: database.open("payment.db", SCHEMA).await?,
         })
     }
 

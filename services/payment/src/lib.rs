@@ -52,12 +52,9 @@ pub struct Config {
 /// Why the payment service stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The data directory could not be created.
-    #[error("preparing the data directory")]
-    DataDir(#[from] std::io::Error),
     /// The ledger could not be opened.
     #[error("opening the ledger")]
-    Ledger(#[from] sqlx::Error),
+    Ledger(#[from] brewmesh::db::OpenError),
     /// Serving failed.
     #[error(transparent)]
     Serve(#[from] ServeError),
@@ -69,11 +66,7 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<Drained, RunError> {
-    let ledger = ledger::Ledger::open(
-        &config.database.url("payment.db")?,
-        config.database.sqlite_synchronous,
-    )
-    .await?;
+    let ledger = ledger::Ledger::open(&config.database).await?;
     let service = PaymentService::new(ledger, config.processing_delay);
     let routes = Routes::new(PaymentsServer::new(service));
     Ok(brewmesh::server::serve_registered(
