@@ -677,6 +677,35 @@ mod tests {
     use super::*;
     use tokio_stream::StreamExt;
 
+    #[tokio::test]
+    async fn a_dns_name_resolves_to_its_addresses_and_a_static_list_to_itself() {
+        let source = Source::Dns {
+            name: "localhost:4242".into(),
+            every: Duration::from_secs(60),
+        };
+        let mut dns = resolve(source).unwrap();
+        let found =
+            tokio::time::timeout(Duration::from_secs(10), dns.wait_for(|set| !set.is_empty()))
+                .await
+                .expect("localhost resolves")
+                .unwrap()
+                .clone();
+        assert!(
+            found
+                .iter()
+                .all(|a| a == "127.0.0.1:4242" || a == "[::1]:4242"),
+            "{found:?}"
+        );
+
+        let fixed = resolve(Source::Static(vec![
+            "127.0.0.1:1".into(),
+            "127.0.0.1:2".into(),
+        ]))
+        .unwrap();
+        assert_eq!(fixed.borrow().len(), 2);
+        assert!(resolve(Source::Static(vec!["not an address".into()])).is_err());
+    }
+
     #[test]
     fn roles_come_from_the_package() {
         assert_eq!(role("brewmesh.payment.v1.Payments"), "payment");
