@@ -1,5 +1,7 @@
 //! Opening a service's database: SQLite in a data directory by default, or
-//! any URL sqlx's `Any` driver takes (PostgreSQL when scaled out).
+//! PostgreSQL by URL when scaled out. One code path serves both (sqlx's
+//! `Any` driver, `$n` placeholders, portable SQL); the service tests run
+//! against each.
 //!
 //! SQLite runs in WAL mode with a busy timeout, so writers from several
 //! connections or processes queue instead of failing. With the default
@@ -22,7 +24,8 @@ pub struct DatabaseArgs {
     #[arg(long, env = "BREWMESH_DATA_DIR", default_value = ".brewmesh")]
     pub data_dir: std::path::PathBuf,
 
-    /// Database URL; overrides --data-dir (e.g. `sqlite:///var/lib/x.db`).
+    /// Database URL; overrides --data-dir: `postgres://user@host/db` when
+    /// scaled out, or `sqlite:///var/lib/x.db`.
     #[arg(long, env = "BREWMESH_DATABASE_URL")]
     pub database_url: Option<String>,
 
@@ -94,8 +97,9 @@ pub async fn open(
     };
     sqlx::any::install_default_drivers();
     let sqlite = url.starts_with("sqlite:");
+    let postgres = url.starts_with("postgres:") || url.starts_with("postgresql:");
     let pool = AnyPoolOptions::new()
-        .max_connections(if sqlite { 4 } else { 16 })
+        .max_connections(if sqlite { 4 } else { 8 })
         .acquire_timeout(Duration::from_secs(10))
         .after_connect(move |conn, _meta| {
             Box::pin(async move {
@@ -109,6 +113,13 @@ pub async fn open(
         .await?;
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
+    if postgres {
+        // Replicas starting together would race their CREATE ... IF NOT
+        // EXISTS (PostgreSQL can fail one on pg_type's unique index):
+        // take turns.
+        tx.execute("SELECT pg_advisory_xact_lock(7205759403792793)")
+            .await?;
+    }
     for statement in schema {
         tx.execute(*statement).await?;
     }

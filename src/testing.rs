@@ -70,3 +70,54 @@ where
         task: Some(task),
     }
 }
+
+/// Set to a PostgreSQL server URL (`postgres://user@host:port`) to run the
+/// service suites against PostgreSQL instead of SQLite; `scripts/postgres.sh`
+/// starts a throwaway cluster and sets it.
+pub const POSTGRES_ENV: &str = "BREWMESH_TEST_POSTGRES_URL";
+
+/// Database flags for `service` in a test using `dir`: a SQLite file under
+/// `dir/service`, or, when [`POSTGRES_ENV`] is set, a PostgreSQL database of
+/// its own named after `dir` and `service`, so the service's replicas in one
+/// test share it and no two tests do.
+pub async fn database(dir: &std::path::Path, service: &str) -> crate::db::DatabaseArgs {
+    let mut args = crate::db::DatabaseArgs {
+        data_dir: dir.join(service),
+        database_url: None,
+        sqlite_synchronous: crate::db::Synchronous::Normal,
+    };
+    if let Ok(server) = std::env::var(POSTGRES_ENV) {
+        args.database_url = Some(postgres_database(&server, dir, service).await);
+    }
+    args
+}
+
+async fn postgres_database(server: &str, dir: &std::path::Path, service: &str) -> String {
+    use sqlx::{Connection as _, Executor as _};
+    let tag: String = dir
+        .file_name()
+        .map(|n| {
+            n.to_string_lossy()
+                .chars()
+                .filter(char::is_ascii_alphanumeric)
+                .collect()
+        })
+        .unwrap_or_default();
+    let name = format!("bm_{tag}_{service}");
+    sqlx::any::install_default_drivers();
+    let admin = format!("{}/postgres", server.trim_end_matches('/'));
+    let mut conn = sqlx::AnyConnection::connect(&admin)
+        .await
+        .expect("connecting to the test PostgreSQL server");
+    let exists = sqlx::query("SELECT 1 FROM pg_database WHERE datname = $1")
+        .bind(&name)
+        .fetch_optional(&mut conn)
+        .await
+        .expect("listing databases");
+    if exists.is_none() {
+        conn.execute(format!("CREATE DATABASE \"{name}\"").as_str())
+            .await
+            .expect("creating a test database");
+    }
+    format!("{}/{name}", server.trim_end_matches('/'))
+}

@@ -40,15 +40,13 @@ fn registry(listen: &str) -> Process {
     )
 }
 
-fn payment(dir: &Path, registries: &str) -> Process {
-    let data = dir.join("payment");
-    Process::start(
+async fn payment(dir: &Path, registries: &str) -> Process {
+    Process::start_role(
+        "payment",
+        dir,
         &[
-            "payment",
             "--listen",
             "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
             "--registry",
             registries,
             "--registry-token",
@@ -58,20 +56,18 @@ fn payment(dir: &Path, registries: &str) -> Process {
             "--lease-ttl",
             "3s",
         ],
-        1,
     )
+    .await
 }
 
 /// A barista whose espresso and milk each take `step`.
-fn barista(dir: &Path, registries: &str, step: &str) -> Process {
-    let data = dir.join("barista");
-    Process::start(
+async fn barista(dir: &Path, registries: &str, step: &str) -> Process {
+    Process::start_role(
+        "barista",
+        dir,
         &[
-            "barista",
             "--listen",
             "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
             "--registry",
             registries,
             "--registry-token",
@@ -87,8 +83,8 @@ fn barista(dir: &Path, registries: &str, step: &str) -> Process {
             "--order-lease",
             "1s",
         ],
-        1,
     )
+    .await
 }
 
 fn client<T>(url: String, new: fn(Channel) -> T) -> T {
@@ -231,13 +227,13 @@ async fn charged_once(payment: &Process, order_ids: &[String]) {
 async fn a_new_payment_replica_gets_traffic_without_restarting_its_callers() {
     let dir = tempfile::tempdir().unwrap();
     let registry = registry("127.0.0.1:0");
-    let first = payment(dir.path(), &registry.addr.to_string());
-    let barista = barista(dir.path(), &registry.addr.to_string(), "100ms");
+    let first = payment(dir.path(), &registry.addr.to_string()).await;
+    let barista = barista(dir.path(), &registry.addr.to_string(), "100ms").await;
     let mut client_b = client(barista.url(), BaristaClient::new);
     resolves_to(&registry, PAYMENTS, &[&first]).await;
     assert_eq!(order(&mut client_b, "before").await.1, OrderState::Ready);
 
-    let second = payment(dir.path(), &registry.addr.to_string());
+    let second = payment(dir.path(), &registry.addr.to_string()).await;
     resolves_to(&registry, PAYMENTS, &[&first, &second]).await;
     caller_uses(&barista, &[&first, &second]).await;
     let orders: Vec<_> = (0..10)
@@ -257,9 +253,9 @@ async fn killing_one_of_two_payment_replicas_under_load_fails_no_order_and_charg
     let dir = tempfile::tempdir().unwrap();
     let registry = registry("127.0.0.1:0");
     let registries = registry.addr.to_string();
-    let survivor = payment(dir.path(), &registries);
-    let mut victim = payment(dir.path(), &registries);
-    let barista = barista(dir.path(), &registries, "100ms");
+    let survivor = payment(dir.path(), &registries).await;
+    let mut victim = payment(dir.path(), &registries).await;
+    let barista = barista(dir.path(), &registries, "100ms").await;
     resolves_to(&registry, PAYMENTS, &[&survivor, &victim]).await;
     caller_uses(&barista, &[&survivor, &victim]).await;
 
@@ -293,9 +289,9 @@ async fn a_replica_in_maintenance_stops_getting_traffic_and_gets_it_back_after()
     let dir = tempfile::tempdir().unwrap();
     let registry = registry("127.0.0.1:0");
     let registries = registry.addr.to_string();
-    let stays = payment(dir.path(), &registries);
-    let leaves = payment(dir.path(), &registries);
-    let barista = barista(dir.path(), &registries, "100ms");
+    let stays = payment(dir.path(), &registries).await;
+    let leaves = payment(dir.path(), &registries).await;
+    let barista = barista(dir.path(), &registries, "100ms").await;
     resolves_to(&registry, PAYMENTS, &[&stays, &leaves]).await;
     caller_uses(&barista, &[&stays, &leaves]).await;
 
@@ -323,8 +319,8 @@ async fn with_every_registry_stopped_orders_flow_and_registration_resumes_when_o
     let dir = tempfile::tempdir().unwrap();
     let mut registry_process = registry("127.0.0.1:0");
     let address = registry_process.addr.to_string();
-    let payment = payment(dir.path(), &address);
-    let barista = barista(dir.path(), &address, "100ms");
+    let payment = payment(dir.path(), &address).await;
+    let barista = barista(dir.path(), &address, "100ms").await;
     resolves_to(&registry_process, PAYMENTS, &[&payment]).await;
     caller_uses(&barista, &[&payment]).await;
 
@@ -350,13 +346,13 @@ async fn with_one_of_two_registries_killed_discovery_goes_on() {
     let mut doomed = registry("127.0.0.1:0");
     let other = registry("127.0.0.1:0");
     let registries = format!("{},{}", doomed.addr, other.addr);
-    let first = payment(dir.path(), &registries);
-    let barista = barista(dir.path(), &registries, "100ms");
+    let first = payment(dir.path(), &registries).await;
+    let barista = barista(dir.path(), &registries, "100ms").await;
     resolves_to(&other, PAYMENTS, &[&first]).await;
     caller_uses(&barista, &[&first]).await;
 
     doomed.kill9();
-    let second = payment(dir.path(), &registries);
+    let second = payment(dir.path(), &registries).await;
     resolves_to(&other, PAYMENTS, &[&first, &second]).await;
     caller_uses(&barista, &[&first, &second]).await;
     let mut client_b = client(barista.url(), BaristaClient::new);
@@ -377,9 +373,9 @@ async fn either_barista_replica_serves_any_order_and_one_takes_over_from_a_kille
     let dir = tempfile::tempdir().unwrap();
     let registry = registry("127.0.0.1:0");
     let registries = registry.addr.to_string();
-    let payment = payment(dir.path(), &registries);
-    let mut doomed = barista(dir.path(), &registries, "1500ms");
-    let survivor = barista(dir.path(), &registries, "1500ms");
+    let payment = payment(dir.path(), &registries).await;
+    let mut doomed = barista(dir.path(), &registries, "1500ms").await;
+    let survivor = barista(dir.path(), &registries, "1500ms").await;
     let mut via_doomed = client(doomed.url(), BaristaClient::new);
     let mut via_survivor = client(survivor.url(), BaristaClient::new);
 

@@ -24,34 +24,30 @@ fn client<T>(url: String, new: fn(Channel) -> T) -> T {
     new(brewmesh::client::channel(&[url]).expect("valid url"))
 }
 
-fn start_payment(dir: &std::path::Path, delay: &str) -> Process {
-    let data = dir.join("payment");
-    Process::start(
+async fn start_payment(dir: &std::path::Path, delay: &str) -> Process {
+    Process::start_role(
+        "payment",
+        dir,
         &[
-            "payment",
             "--listen",
             "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
             "--processing-delay",
             delay,
             "--drain-timeout",
             "10s",
         ],
-        1,
     )
+    .await
 }
 
-fn start_barista(dir: &std::path::Path, payment: &Process, step: &str) -> Process {
-    let data = dir.join("barista");
+async fn start_barista(dir: &std::path::Path, payment: &Process, step: &str) -> Process {
     let payment_addr = payment.addr.to_string();
-    Process::start(
+    Process::start_role(
+        "barista",
+        dir,
         &[
-            "barista",
             "--listen",
             "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
             "--payment-addr",
             &payment_addr,
             "--espresso-time",
@@ -59,8 +55,8 @@ fn start_barista(dir: &std::path::Path, payment: &Process, step: &str) -> Proces
             "--milk-time",
             step,
         ],
-        1,
     )
+    .await
 }
 
 async fn events_until(
@@ -95,8 +91,8 @@ async fn events_until(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_barista_killed_mid_brew_finishes_the_order_after_restart_and_charges_once() {
     let dir = tempfile::tempdir().unwrap();
-    let payment = start_payment(dir.path(), "100ms");
-    let mut barista = start_barista(dir.path(), &payment, "1500ms");
+    let payment = start_payment(dir.path(), "100ms").await;
+    let mut barista = start_barista(dir.path(), &payment, "1500ms").await;
     let mut client_b = client(barista.url(), BaristaClient::new);
     let order = client_b
         .place_order(PlaceOrderRequest {
@@ -111,7 +107,7 @@ async fn a_barista_killed_mid_brew_finishes_the_order_after_restart_and_charges_
     events_until(&mut client_b, &order.order_id, |e| e == E::EspressoStarted).await;
 
     barista.kill9();
-    let barista = start_barista(dir.path(), &payment, "200ms");
+    let barista = start_barista(dir.path(), &payment, "200ms").await;
     let mut client_b = client(barista.url(), BaristaClient::new);
     let events = events_until(&mut client_b, &order.order_id, |e| {
         matches!(e, E::Ready | E::Failed | E::Cancelled)
@@ -142,7 +138,7 @@ async fn a_barista_killed_mid_brew_finishes_the_order_after_restart_and_charges_
 #[tokio::test(flavor = "multi_thread")]
 async fn a_payment_killed_with_sigkill_keeps_every_committed_payment() {
     let dir = tempfile::tempdir().unwrap();
-    let mut payment = start_payment(dir.path(), "0s");
+    let mut payment = start_payment(dir.path(), "0s").await;
     let mut client_p = client(payment.url(), PaymentsClient::new);
     let mut ids = Vec::new();
     for i in 0..5 {
@@ -155,7 +151,7 @@ async fn a_payment_killed_with_sigkill_keeps_every_committed_payment() {
     }
     payment.kill9();
 
-    let payment = start_payment(dir.path(), "0s");
+    let payment = start_payment(dir.path(), "0s").await;
     let mut client_p = client(payment.url(), PaymentsClient::new);
     for id in ids {
         let got = client_p
@@ -182,7 +178,7 @@ fn authorize(key: &str) -> AuthorizeRequest {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_under_load_lets_the_calls_in_flight_finish() {
     let dir = tempfile::tempdir().unwrap();
-    let mut payment = start_payment(dir.path(), "1s");
+    let mut payment = start_payment(dir.path(), "1s").await;
     let client_p = client(payment.url(), PaymentsClient::new);
     // One call first, so the connection is up before the load starts.
     let _ = client_p
@@ -214,7 +210,7 @@ async fn sigterm_under_load_lets_the_calls_in_flight_finish() {
         "the drain finished before the deadline"
     );
 
-    let payment = start_payment(dir.path(), "0s");
+    let payment = start_payment(dir.path(), "0s").await;
     let listed = client(payment.url(), PaymentsClient::new)
         .list_payments(ListPaymentsRequest::default())
         .await

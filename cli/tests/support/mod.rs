@@ -77,6 +77,24 @@ impl Process {
         }
     }
 
+    /// Runs `brewmesh <service> <database flags> <args>`: a SQLite file in
+    /// `dir`, or the test's PostgreSQL database for `service` when
+    /// `BREWMESH_TEST_POSTGRES_URL` is set (see `scripts/postgres.sh`).
+    pub async fn start_role(service: &str, dir: &std::path::Path, args: &[&str]) -> Process {
+        let database = brewmesh::testing::database(dir, service).await;
+        let mut all = vec![service.to_owned()];
+        match database.database_url {
+            Some(url) => all.extend(["--database-url".to_owned(), url]),
+            None => all.extend([
+                "--data-dir".to_owned(),
+                database.data_dir.display().to_string(),
+            ]),
+        }
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        Process::start(&all, 1)
+    }
+
     /// `http://addr`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

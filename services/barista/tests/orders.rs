@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
-use std::path::Path;
 use std::time::Duration;
 
 use tokio_stream::StreamExt;
@@ -40,19 +39,11 @@ fn serve_args() -> ServeArgs {
     }
 }
 
-fn database(dir: &Path) -> DatabaseArgs {
-    DatabaseArgs {
-        data_dir: dir.to_owned(),
-        database_url: None,
-        sqlite_synchronous: Default::default(),
-    }
-}
-
 /// Settings for a quick shop: 200 ms steps, 2 machines of each kind.
-fn barista_config(dir: &Path, payment_addr: String) -> brewmesh_barista::Config {
+fn barista_config(database: DatabaseArgs, payment_addr: String) -> brewmesh_barista::Config {
     brewmesh_barista::Config {
         serve: serve_args(),
-        database: database(dir),
+        database,
         registry: Default::default(),
         payment_addrs: vec![payment_addr],
         payment_dns: None,
@@ -73,12 +64,13 @@ async fn mesh(payment_delay: Duration, tweak: impl FnOnce(&mut brewmesh_barista:
     let dir = tempfile::tempdir().unwrap();
     let payment_config = brewmesh_payment::Config {
         serve: serve_args(),
-        database: database(&dir.path().join("payment")),
+        database: brewmesh::testing::database(dir.path(), "payment").await,
         processing_delay: payment_delay,
         registry: Default::default(),
     };
     let payment = spawn(|l, s| brewmesh_payment::run(l, payment_config, s)).await;
-    let mut config = barista_config(&dir.path().join("barista"), payment.addr.to_string());
+    let barista_db = brewmesh::testing::database(dir.path(), "barista").await;
+    let mut config = barista_config(barista_db, payment.addr.to_string());
     tweak(&mut config);
     let barista = spawn(|l, s| brewmesh_barista::run(l, config, s)).await;
     let channel = |url: String| brewmesh::client::channel(&[url]).unwrap();

@@ -9,7 +9,6 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
-use brewmesh::db::DatabaseArgs;
 use brewmesh::pb::payment::v1::payments_client::PaymentsClient;
 use brewmesh::pb::payment::v1::{
     AuthorizeRequest, CaptureRequest, GetPaymentRequest, ListPaymentsRequest, Money, PaymentState,
@@ -21,25 +20,21 @@ use brewmesh_payment::{Config, RunError};
 
 type Server = Running<Result<Drained, RunError>>;
 
-fn config(data_dir: &Path, processing_delay: Duration) -> Config {
+async fn config(data_dir: &Path, processing_delay: Duration) -> Config {
     Config {
         serve: ServeArgs {
             listen: None,
             drain_timeout: Duration::from_secs(5),
             inject_latency: None,
         },
-        database: DatabaseArgs {
-            data_dir: data_dir.to_owned(),
-            database_url: None,
-            sqlite_synchronous: Default::default(),
-        },
+        database: brewmesh::testing::database(data_dir, "payment").await,
         processing_delay,
         registry: Default::default(),
     }
 }
 
 async fn start(data_dir: &Path, delay: Duration) -> (Server, PaymentsClient<Channel>) {
-    let config = config(data_dir, delay);
+    let config = config(data_dir, delay).await;
     let server =
         spawn(|listener, shutdown| brewmesh_payment::run(listener, config, shutdown)).await;
     let client =
