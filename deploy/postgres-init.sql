@@ -1,0 +1,3 @@
+-- Each service owns its database; nothing shares one.
+CREATE DATABASE payment;
+CREATE DATABASE barista;
