@@ -58,9 +58,9 @@ pub enum OpenError {
 
 impl DatabaseArgs {
     /// Opens the database these flags name (`file` in the data directory
-    /// unless a URL is given) and applies `schema`.
-    pub async fn open(&self, file: &str, schema: &[&str]) -> Result<AnyPool, OpenError> {
-        Ok(open(&self.url(file)?, self.sqlite_synchronous, schema).await?)
+    /// unless a URL is given) and applies the `migrations` it lacks.
+    pub async fn open(&self, file: &str, migrations: &[Migration]) -> Result<AnyPool, OpenError> {
+        Ok(open(&self.url(file)?, self.sqlite_synchronous, migrations).await?)
     }
 
     /// The URL to open: `--database-url`, or `<data-dir>/<file>` as SQLite.
@@ -80,12 +80,20 @@ pub fn sqlite_url(path: &Path) -> String {
     format!("sqlite://{}?mode=rwc", path.display())
 }
 
-/// Opens a pool on `url` and applies `schema` (idempotent DDL, one statement
-/// per entry).
+/// One schema migration: statements applied together, once. A service's
+/// migrations are a list; the n-th (from 1) is schema version n. Append new
+/// ones, never edit an old one.
+pub type Migration = &'static [&'static str];
+
+/// Opens a pool on `url` and brings the schema up to date: every migration
+/// after the version recorded in `schema_migrations` is applied, in order,
+/// in one transaction. A database whose version is newer than the binary's
+/// last migration is refused (an older binary must not write a newer
+/// schema).
 pub async fn open(
     url: &str,
     synchronous: Synchronous,
-    schema: &[&str],
+    migrations: &[Migration],
 ) -> Result<AnyPool, sqlx::Error> {
     let pragmas = match synchronous {
         Synchronous::Normal => {
@@ -114,14 +122,43 @@ pub async fn open(
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
     if postgres {
-        // Replicas starting together would race their CREATE ... IF NOT
-        // EXISTS (PostgreSQL can fail one on pg_type's unique index):
-        // take turns.
+        // Replicas starting together migrate one at a time (PostgreSQL
+        // can also fail concurrent CREATE ... IF NOT EXISTS on pg_type).
         tx.execute("SELECT pg_advisory_xact_lock(7205759403792793)")
             .await?;
     }
-    for statement in schema {
-        tx.execute(*statement).await?;
+    // A write first: on SQLite it takes the write lock for the whole
+    // migration, so two processes cannot both see the same old version.
+    tx.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_time BIGINT NOT NULL)",
+    )
+    .await?;
+    let current: i64 =
+        sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            .fetch_one(&mut *tx)
+            .await?;
+    let latest = i64::try_from(migrations.len()).unwrap_or(i64::MAX);
+    if current > latest {
+        return Err(sqlx::Error::Configuration(
+            format!(
+                "the database schema is at version {current}, newer than this binary's {latest}"
+            )
+            .into(),
+        ));
+    }
+    for (version, migration) in (1..)
+        .zip(migrations.iter())
+        .skip(usize::try_from(current).unwrap_or(0))
+    {
+        for statement in *migration {
+            tx.execute(*statement).await?;
+        }
+        sqlx::query("INSERT INTO schema_migrations (version, applied_time) VALUES ($1, $2)")
+            .bind(version)
+            .bind(crate::time::now_micros())
+            .execute(&mut *tx)
+            .await?;
+        tracing::info!(version, "applied schema migration");
     }
     tx.commit().await?;
     Ok(pool)
@@ -138,5 +175,37 @@ pub fn status(error: &sqlx::Error, what: &str) -> tonic::Status {
             ))
         }
         _ => tonic::Status::internal(format!("{what} database error")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V1: Migration = &["CREATE TABLE t (a BIGINT NOT NULL)"];
+    const V2: Migration = &["ALTER TABLE t ADD COLUMN b TEXT NOT NULL DEFAULT ''"];
+
+    #[tokio::test]
+    async fn migrations_apply_once_in_order_and_a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = sqlite_url(&dir.path().join("t.db"));
+        open(&url, Synchronous::Normal, &[V1]).await.unwrap();
+        // Reopening applies only what is new; V1 again would fail (no IF NOT EXISTS).
+        let pool = open(&url, Synchronous::Normal, &[V1, V2]).await.unwrap();
+        sqlx::query("INSERT INTO t (a, b) VALUES (1, 'x')")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let versions: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM schema_migrations ORDER BY version")
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert_eq!(versions, [1, 2]);
+        let error = open(&url, Synchronous::Normal, &[V1]).await.unwrap_err();
+        assert!(
+            error.to_string().contains("newer than this binary"),
+            "{error}"
+        );
     }
 }

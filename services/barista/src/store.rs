@@ -14,7 +14,9 @@ use brewmesh::pb::barista::v1::{Order, OrderEvent, OrderEventType, OrderState};
 use brewmesh::pb::payment::v1::Money;
 use brewmesh::time::{now_micros, timestamp};
 
-const SCHEMA: &[&str] = &[
+/// The schema's migrations, oldest first (see `brewmesh::db::Migration`):
+/// append, never edit.
+const MIGRATIONS: &[brewmesh::db::Migration] = &[&[
     "CREATE TABLE IF NOT EXISTS orders (
         order_id        TEXT PRIMARY KEY,
         idempotency_key TEXT NOT NULL UNIQUE,
@@ -43,7 +45,7 @@ const SCHEMA: &[&str] = &[
         event_time  BIGINT NOT NULL,
         PRIMARY KEY (order_id, sequence)
     )",
-];
+]];
 
 const COLUMNS: &str = "order_id, item_id, customer_name, card_token, currency_code, amount_minor, \
                        state, saga_step, payment_id, failure_reason, create_time, update_time, \
@@ -155,7 +157,7 @@ impl OrderStore {
         database: &brewmesh::db::DatabaseArgs,
     ) -> Result<Self, brewmesh::db::OpenError> {
         Ok(Self {
-            pool: database.open("barista.db", SCHEMA).await?,
+            pool: database.open("barista.db", MIGRATIONS).await?,
         })
     }
 

@@ -18,7 +18,9 @@ use brewmesh::time::{now_micros, timestamp};
 
 use crate::error::PaymentError;
 
-const SCHEMA: &[&str] = &[
+/// The schema's migrations, oldest first (see `brewmesh::db::Migration`):
+/// append, never edit.
+const MIGRATIONS: &[brewmesh::db::Migration] = &[&[
     "CREATE TABLE IF NOT EXISTS payments (
         payment_id     TEXT PRIMARY KEY,
         order_id       TEXT NOT NULL,
@@ -38,7 +40,7 @@ const SCHEMA: &[&str] = &[
         response        TEXT NOT NULL,
         create_time     BIGINT NOT NULL
     )",
-];
+]];
 
 const COLUMNS: &str = "payment_id, order_id, currency_code, amount_minor, state, \
                        decline_reason, card_last4, refund_reason, create_time, update_time";
@@ -97,7 +99,7 @@ impl Ledger {
         database: &brewmesh::db::DatabaseArgs,
     ) -> Result<Self, brewmesh::db::OpenError> {
         Ok(Self {
-            pool: database.open("payment.db", SCHEMA).await?,
+            pool: database.open("payment.db", MIGRATIONS).await?,
         })
     }
 
