@@ -274,17 +274,31 @@ async fn follow(
     shutdown: CancellationToken,
     poll: Duration,
 ) {
+    let mut first_round = true;
     loop {
-        let events = match shop.store.events_after(&order_id, after).await {
+        let mut events = match shop.store.events_after(&order_id, after).await {
             Ok(events) => events,
             Err(error) => {
                 let _ = tx.send(Err(BaristaError::from(error).into())).await;
                 return;
             }
         };
-        if events.is_empty() && ended(&shop, &order_id).await {
-            return; // nothing after `after`, and nothing will come
+        // Only a watch that starts past the end of a finished order can find
+        // nothing and wait forever; later rounds end on the final event. The
+        // order may also have ended between the read above and this check:
+        // its final events are written with its final state, so one more
+        // read finds them.
+        if first_round && events.is_empty() && ended(&shop, &order_id).await {
+            match shop.store.events_after(&order_id, after).await {
+                Ok(late) if !late.is_empty() => events = late,
+                Ok(_) => return, // nothing after `after`, and nothing will come
+                Err(error) => {
+                    let _ = tx.send(Err(BaristaError::from(error).into())).await;
+                    return;
+                }
+            }
         }
+        first_round = false;
         for event in events {
             after = event.sequence;
             let last = matches!(event.r#type(), E::Ready | E::Failed | E::Cancelled);
