@@ -1,7 +1,5 @@
-//! gRPC channels to peers known by address.
-//!
-//! Until discovery through the registry lands, peers are given by flags: one
-//! address, or several that the channel balances over.
+//! gRPC channels to one peer known by address, and the connection settings
+//! every brewmesh client uses.
 
 use std::time::Duration;
 
@@ -16,19 +14,13 @@ pub struct InvalidAddress {
     source: tonic::transport::Error,
 }
 
-/// A lazily connecting channel to `addresses` (`host:port`, or full
-/// `http://` URIs), balanced when there are several.
+/// A lazily connecting channel to one peer (`host:port` or a full
+/// `http://` URI). To balance over several, or to follow the registry or
+/// DNS, use [`crate::discovery::balanced`].
 ///
 /// Must be called inside a Tokio runtime.
-pub fn channel(addresses: &[String]) -> Result<Channel, InvalidAddress> {
-    let mut endpoints = addresses
-        .iter()
-        .map(|address| endpoint(address))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(match endpoints.len() {
-        1 => endpoints.remove(0).connect_lazy(),
-        _ => Channel::balance_list(endpoints.into_iter()),
-    })
+pub fn channel(address: &str) -> Result<Channel, InvalidAddress> {
+    Ok(endpoint(address)?.connect_lazy())
 }
 
 /// The endpoint for one peer address (`host:port` or a full URI), with the

@@ -96,7 +96,7 @@ async fn main() {
         }
         baristas.push(Process::start(&args, 1));
     }
-    let mut resolver = RegistryClient::new(brewmesh::client::channel(&[registry.url()]).unwrap());
+    let mut resolver = RegistryClient::new(brewmesh::client::channel(&registry.url()).unwrap());
     let started = Instant::now();
     while resolver
         .resolve(ResolveRequest {

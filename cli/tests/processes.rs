@@ -21,7 +21,7 @@ use brewmesh::pb::payment::v1::{
 use support::{PATIENCE, Process};
 
 fn client<T>(url: String, new: fn(Channel) -> T) -> T {
-    new(brewmesh::client::channel(&[url]).expect("valid url"))
+    new(brewmesh::client::channel(&url).expect("valid url"))
 }
 
 async fn start_payment(dir: &std::path::Path, delay: &str) -> Process {

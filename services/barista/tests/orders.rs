@@ -73,7 +73,7 @@ async fn mesh(payment_delay: Duration, tweak: impl FnOnce(&mut brewmesh_barista:
     let mut config = barista_config(barista_db, payment.addr.to_string());
     tweak(&mut config);
     let barista = spawn(|l, s| brewmesh_barista::run(l, config, s)).await;
-    let channel = |url: String| brewmesh::client::channel(&[url]).unwrap();
+    let channel = |url: String| brewmesh::client::channel(&url).unwrap();
     Mesh {
         barista: BaristaClient::new(channel(barista.url())),
         payments: PaymentsClient::new(channel(payment.url())),

@@ -37,8 +37,7 @@ async fn start(data_dir: &Path, delay: Duration) -> (Server, PaymentsClient<Chan
     let config = config(data_dir, delay).await;
     let server =
         spawn(|listener, shutdown| brewmesh_payment::run(listener, config, shutdown)).await;
-    let client =
-        PaymentsClient::new(brewmesh::client::channel(&[server.url()]).expect("valid url"));
+    let client = PaymentsClient::new(brewmesh::client::channel(&server.url()).expect("valid url"));
     (server, client)
 }
 
@@ -391,7 +390,7 @@ async fn draining_turns_health_not_serving_at_once_and_lets_calls_finish() {
 
     let dir = tempfile::tempdir().unwrap();
     let (server, client) = start(dir.path(), Duration::from_millis(800)).await;
-    let channel = brewmesh::client::channel(&[server.url()]).unwrap();
+    let channel = brewmesh::client::channel(&server.url()).unwrap();
     let mut health = HealthClient::new(channel);
     for service in ["", brewmesh_payment::SERVICE_NAME] {
         let status = health

@@ -39,7 +39,7 @@ async fn registry() -> (
         health_retry: Duration::from_millis(100),
     };
     let server = spawn(|l, s| brewmesh_registry::run(l, config, s)).await;
-    let client = RegistryClient::new(brewmesh::client::channel(&[server.url()]).unwrap());
+    let client = RegistryClient::new(brewmesh::client::channel(&server.url()).unwrap());
     (server, client)
 }
 
