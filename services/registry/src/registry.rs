@@ -154,20 +154,14 @@ impl Registry {
     pub fn resolve(&self, service: &str) -> Vec<Instance> {
         let state = self.lock();
         let now = (Instant::now(), SystemTime::now());
-        let mut instances: Vec<Instance> = state
-            .leases
-            .values()
-            .filter(|e| e.instance.service == service && e.health == HealthStatus::Serving)
-            .map(|e| {
-                let expire = now.1 + e.expires.saturating_duration_since(now.0);
-                Instance {
-                    lease_expire_time: Some(expire.into()),
-                    ..e.instance.clone()
-                }
+        serving(&state, service)
+            .map(|e| Instance {
+                lease_expire_time: Some(
+                    (now.1 + e.expires.saturating_duration_since(now.0)).into(),
+                ),
+                ..e.instance.clone()
             })
-            .collect();
-        instances.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
-        instances
+            .collect()
     }
 
     /// A receiver of `service`'s healthy set, starting with the current one.
@@ -221,15 +215,22 @@ fn remove(state: &mut State, lease_id: &str) -> Option<Entry> {
     Some(entry)
 }
 
-fn healthy(state: &State, service: &str) -> Vec<Instance> {
-    let mut instances: Vec<Instance> = state
+/// The serving leases of `service`, ordered by instance id: what Resolve
+/// and Watch both show.
+fn serving<'a>(state: &'a State, service: &str) -> impl Iterator<Item = &'a Entry> {
+    let mut entries: Vec<&Entry> = state
         .leases
         .values()
         .filter(|e| e.instance.service == service && e.health == HealthStatus::Serving)
-        .map(|e| e.instance.clone())
         .collect();
-    instances.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
-    instances
+    entries.sort_by(|a, b| a.instance.instance_id.cmp(&b.instance.instance_id));
+    entries.into_iter()
+}
+
+fn healthy(state: &State, service: &str) -> Vec<Instance> {
+    serving(state, service)
+        .map(|e| e.instance.clone())
+        .collect()
 }
 
 /// Sends `service`'s healthy set to its watchers if it changed.
