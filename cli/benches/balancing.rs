@@ -131,7 +131,6 @@ async fn main() {
             service: "brewmesh.barista.v1.Barista".into(),
         };
         let client = BaristaClient::new(balanced_with(source, policy).unwrap());
-        let slow_before = baristas[2].lines_with("\"order accepted\"").len();
         // Warm up: connections, and for P2C the latency estimates.
         run(&client, 300, concurrency, &format!("warm-{round}")).await;
         let slow_warm = baristas[2].lines_with("\"order accepted\"").len();
@@ -139,7 +138,6 @@ async fn main() {
         let mut latencies = run(&client, orders, concurrency, &format!("r{round}")).await;
         let elapsed = t0.elapsed();
         let to_slow = baristas[2].lines_with("\"order accepted\"").len() - slow_warm;
-        let _ = slow_before;
         latencies.sort();
         let pct = |q: f64| {
             latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)]

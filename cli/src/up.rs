@@ -251,20 +251,16 @@ async fn start(
         }
         () = tokio::time::sleep(START_TIMEOUT) => None,
     };
-    let instance = Instance {
+    let Some(addr) = addr else {
+        stop_process(label, pid, &mut exited, Duration::ZERO).await;
+        bail!("{label} did not start serving within {START_TIMEOUT:?}")
+    };
+    Ok(Instance {
         label: label.to_owned(),
         pid,
-        addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+        addr,
         exited,
-    };
-    match addr {
-        Some(addr) => Ok(Instance { addr, ..instance }),
-        None => {
-            let mut instance = instance;
-            stop(&mut instance, Duration::ZERO).await;
-            bail!("{label} did not start serving within {START_TIMEOUT:?}")
-        }
-    }
+    })
 }
 
 /// Reads a child's output, labels each line and sends it on; reports the
@@ -378,24 +374,30 @@ async fn wait_for_stop(
 
 /// SIGTERM, then SIGKILL if the role is still running after `grace`.
 async fn stop(instance: &mut Instance, grace: Duration) {
-    if instance.exited.borrow().is_some() {
+    stop_process(&instance.label, instance.pid, &mut instance.exited, grace).await;
+}
+
+async fn stop_process(
+    label: &str,
+    pid: u32,
+    exited: &mut watch::Receiver<Option<String>>,
+    grace: Duration,
+) {
+    if exited.borrow().is_some() {
         return;
     }
     let signal = |signal| {
-        if let Ok(pid) = i32::try_from(instance.pid) {
+        if let Ok(pid) = i32::try_from(pid) {
             let _ = kill(Pid::from_raw(pid), signal);
         }
     };
     signal(Signal::SIGTERM);
-    let exited = tokio::time::timeout(grace, instance.exited.wait_for(Option::is_some))
+    let stopped = tokio::time::timeout(grace, exited.wait_for(Option::is_some))
         .await
         .is_ok();
-    if !exited {
-        eprintln!(
-            "{} did not stop within {grace:?}: killing it",
-            instance.label
-        );
+    if !stopped {
+        eprintln!("{label} did not stop within {grace:?}: killing it");
         signal(Signal::SIGKILL);
-        let _ = instance.exited.wait_for(Option::is_some).await;
+        let _ = exited.wait_for(Option::is_some).await;
     }
 }
