@@ -11,6 +11,10 @@ const PROTOS: &[&str] = &[
     "brewmesh/payment/v1/payment.proto",
     "brewmesh/barista/v1/barista.proto",
     "brewmesh/registry/v1/registry.proto",
+    // Not used by the services' code: in the set so that the gateway can
+    // write error details (BadRequest, RetryInfo, …) as JSON.
+    "google/rpc/status.proto",
+    "google/rpc/error_details.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

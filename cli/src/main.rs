@@ -39,6 +39,8 @@ enum Command {
     Payment(brewmesh_payment::Config),
     /// Run the barista service (default 127.0.0.1:50053).
     Barista(brewmesh_barista::Config),
+    /// Run the REST/JSON gateway (default 127.0.0.1:8080).
+    Gateway(brewmesh_gateway::Config),
     /// Run the whole mesh on 127.0.0.1 as child processes, with one log.
     Up(up::Args),
 }
@@ -51,6 +53,7 @@ pub(crate) const EXIT_WITH_PARENT: &str = "BREWMESH_EXIT_WITH_PARENT";
 pub(crate) const REGISTRY_ADDR: &str = "127.0.0.1:50051";
 pub(crate) const PAYMENT_ADDR: &str = "127.0.0.1:50052";
 pub(crate) const BARISTA_ADDR: &str = "127.0.0.1:50053";
+pub(crate) const GATEWAY_ADDR: &str = brewmesh_gateway::DEFAULT_ADDR;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -79,6 +82,14 @@ fn main() -> anyhow::Result<()> {
                 let addr = config.serve.listen.unwrap_or(default_addr(PAYMENT_ADDR));
                 serve(addr, |listener, shutdown| {
                     brewmesh_payment::run(listener, config, shutdown)
+                })
+                .await
+            }
+            Command::Gateway(config) => {
+                brewmesh::telemetry::init(cli.log_format.unwrap_or(LogFormat::Json));
+                let addr = config.listen.unwrap_or(default_addr(GATEWAY_ADDR));
+                serve(addr, |listener, shutdown| {
+                    brewmesh_gateway::run(listener, config, shutdown)
                 })
                 .await
             }

@@ -45,6 +45,10 @@ pub struct Args {
     #[arg(long, default_value = crate::BARISTA_ADDR)]
     barista_listen: SocketAddr,
 
+    /// Where the gateway listens.
+    #[arg(long, default_value = crate::GATEWAY_ADDR)]
+    gateway_listen: SocketAddr,
+
     /// Registry replicas to run.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
     registry_replicas: u8,
@@ -68,6 +72,10 @@ pub struct Args {
     /// An extra flag for the barista service, e.g. `--barista-arg=--espresso-machines=4`.
     #[arg(long, allow_hyphen_values = true)]
     barista_arg: Vec<String>,
+
+    /// An extra flag for the gateway, e.g. `--gateway-arg=--timeout=5s`.
+    #[arg(long, allow_hyphen_values = true)]
+    gateway_arg: Vec<String>,
 
     /// How long each role may drain before it is killed.
     #[arg(long, default_value = "15s", value_parser = brewmesh::server::parse_duration)]
@@ -155,6 +163,14 @@ pub async fn run(args: Args, format: LogFormat) -> anyhow::Result<()> {
                     .push(start(&exe, &label, &role, &env, format, &lines_tx, &exits_tx).await?);
             }
         }
+
+        // The gateway last: it finds the services through the registry.
+        let mut role = vec!["gateway".to_owned()];
+        role.extend(flag("--listen", args.gateway_listen));
+        role.extend(flag("--drain-timeout", &drain));
+        role.extend(flag("--registry", &registry));
+        role.extend(args.gateway_arg.iter().cloned());
+        instances.push(start(&exe, "gateway", &role, &env, format, &lines_tx, &exits_tx).await?);
         anyhow::Ok(())
     };
     let outcome = match started.await {
@@ -342,7 +358,12 @@ fn print_banner(instances: &[Instance]) {
             .map(|i| i.addr.to_string())
             .unwrap_or_default()
     };
-    let (payment, barista, registry) = (first("payment"), first("barista"), first("registry"));
+    let (payment, barista, registry, gateway) = (
+        first("payment"),
+        first("barista"),
+        first("registry"),
+        first("gateway"),
+    );
     let mut listing = String::new();
     for instance in instances {
         listing.push_str(&format!("  {:<11} {}\n", instance.label, instance.addr));
@@ -350,6 +371,9 @@ fn print_banner(instances: &[Instance]) {
     eprintln!(
         "\nbrewmesh is up (Ctrl-C stops it):\n{listing}\n\
          Try:\n  \
+           curl -s {gateway}/v1/menu\n  \
+           curl -s -XPOST {gateway}/v1/orders -d '{{\"idempotencyKey\":\"order-1\",\"itemId\":\"latte\",\"customerName\":\"Ada\",\"cardToken\":\"tok_visa\"}}'\n  \
+           curl -sN {gateway}/v1/orders/ORDER_ID:watch\n  \
            grpcurl -plaintext {barista} list\n  \
            grpcurl -plaintext -d '{{\"idempotency_key\":\"order-1\",\"item_id\":\"latte\",\"customer_name\":\"Ada\",\"card_token\":\"tok_visa\"}}' {barista} brewmesh.barista.v1.Barista/PlaceOrder\n  \
            grpcurl -plaintext -d '{{\"order_id\":\"ORDER_ID\"}}' {barista} brewmesh.barista.v1.Barista/WatchOrder\n  \

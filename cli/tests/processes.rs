@@ -249,13 +249,15 @@ async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
             "127.0.0.1:0",
             "--barista-listen",
             "127.0.0.1:0",
+            "--gateway-listen",
+            "127.0.0.1:0",
             "--data-dir",
             data,
             "--payment-arg=--processing-delay=50ms",
             "--barista-arg=--espresso-time=100ms",
             "--barista-arg=--milk-time=100ms",
         ],
-        3,
+        4,
     );
     let payment = up.instance("payment-1").to_string();
     let barista = up.instance("barista-1").to_string();
@@ -363,10 +365,12 @@ async fn up_killed_with_sigkill_leaves_no_role_running() {
             "127.0.0.1:0",
             "--barista-listen",
             "127.0.0.1:0",
+            "--gateway-listen",
+            "127.0.0.1:0",
             "--data-dir",
             data,
         ],
-        3,
+        4,
     );
     let addrs: Vec<_> = ["registry-1", "payment-1", "barista-1"]
         .iter()

@@ -1,0 +1,433 @@
+//! The request path: find the route, build the request message, call the
+//! backend with the client's metadata and deadline, answer in JSON — a
+//! document, newline-delimited JSON or Server-Sent Events.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut as _, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use http_body_util::{BodyExt as _, LengthLimitError, Limited};
+use prost_reflect::DynamicMessage;
+use serde_json::json;
+use tokio_stream::StreamExt as _;
+use tonic::Code;
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+
+use crate::Gateway;
+use crate::cache::none_match;
+use crate::codec::DynamicCodec;
+use crate::errors::{bad_request, gateway_error, http_status, status_json, status_response};
+use crate::routes::{BodyRule, Route};
+use crate::transcode;
+
+/// Headers that go upstream under their own name.
+const PASSED_THROUGH: &[&str] = &["authorization", "traceparent", "tracestate", "baggage"];
+
+/// The REST routes.
+pub async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path();
+    let Some((route, bindings)) = find(&gateway, &parts.method, path) else {
+        return no_route(&gateway, &parts.method, path);
+    };
+
+    let has_body = !matches!(route.body, BodyRule::None);
+    if has_body && !json_content(&parts.headers) {
+        return gateway_error(
+            Code::InvalidArgument,
+            "the body must be JSON (Content-Type: application/json)",
+        )
+        .with_status(StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+    let body = match read_body(body, &parts.headers, gateway.max_body_bytes).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let message = match transcode::request(route, bindings, parts.uri.query(), &body) {
+        Ok(message) => message,
+        Err(violations) => return bad_request(&violations),
+    };
+
+    // Cached: safe GETs only, and never a caller's personal answer.
+    let cache_key = (route.method == Method::GET
+        && route.rpc.cache_ttl.is_some()
+        && !parts.headers.contains_key(header::AUTHORIZATION))
+    .then(|| parts.uri.to_string());
+    if let Some(key) = &cache_key {
+        if let Some(entry) = gateway.cache.get(key, Instant::now()) {
+            return cached(&parts.headers, &entry, "HIT");
+        }
+    }
+
+    let Some(upstream) = gateway.upstreams.get(&route.rpc.service) else {
+        return gateway_error(Code::Unavailable, format!("no backend for {}", route.rpc.service));
+    };
+    let mut grpc = tonic::client::Grpc::new(upstream.clone());
+    let streaming = route.rpc.method.is_server_streaming();
+    let mut call = tonic::Request::new(message);
+    forward_headers(&parts.headers, call.metadata_mut());
+    match deadline(&parts.headers) {
+        Ok(Some(timeout)) => call.set_timeout(timeout),
+        // Streams (WatchOrder) last as long as the client wants.
+        Ok(None) if !streaming => call.set_timeout(gateway.timeout),
+        Ok(None) => {}
+        Err(message) => return gateway_error(Code::InvalidArgument, message),
+    }
+    if let Err(error) = grpc.ready().await {
+        return gateway_error(Code::Unavailable, format!("backend unavailable: {error}"));
+    }
+    let codec = DynamicCodec::new(route.rpc.method.output());
+    let path = route.rpc.path.clone();
+
+    if streaming {
+        let sse = accepts_event_stream(&parts.headers);
+        return match grpc.server_streaming(call, path, codec).await {
+            Ok(response) => stream_response(&gateway, route, response, sse),
+            Err(status) => error_response(&gateway, &status),
+        };
+    }
+    match grpc.unary(call, path, codec).await {
+        Ok(response) => {
+            let (metadata, message, _) = response.into_parts();
+            let json = Bytes::from(transcode::response_json(route, &message));
+            if let (Some(key), Some(ttl)) = (cache_key, route.rpc.cache_ttl) {
+                let entry = gateway.cache.put(key, json, ttl, Instant::now());
+                let mut answer = cached(&parts.headers, &entry, "MISS");
+                add_metadata(answer.headers_mut(), &metadata);
+                return answer;
+            }
+            let status = if route.rpc.created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            let mut answer = (status, json).into_response();
+            answer
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            add_metadata(answer.headers_mut(), &metadata);
+            answer
+        }
+        Err(status) => error_response(&gateway, &status),
+    }
+}
+
+/// The first route of `method` whose template matches `path`.
+fn find<'g>(
+    gateway: &'g Gateway,
+    method: &Method,
+    path: &str,
+) -> Option<(&'g Route, Vec<(&'g str, String)>)> {
+    // HEAD is GET without the body (hyper leaves the body out).
+    let method = if method == Method::HEAD { &Method::GET } else { method };
+    gateway
+        .routes
+        .get(method)?
+        .iter()
+        .find_map(|route| route.template.matches(path).map(|bound| (route, bound)))
+}
+
+/// 405 with `Allow` when the path exists under other methods, else 404.
+fn no_route(gateway: &Gateway, method: &Method, path: &str) -> Response {
+    let mut allowed: Vec<&str> = gateway
+        .routes
+        .iter()
+        .filter(|(_, routes)| routes.iter().any(|r| r.template.matches(path).is_some()))
+        .map(|(m, _)| m.as_str())
+        .collect();
+    if allowed.is_empty() {
+        return gateway_error(Code::NotFound, format!("no route for {method} {path}"));
+    }
+    allowed.sort_unstable();
+    let allow = allowed.join(", ");
+    let mut response = gateway_error(
+        Code::Unimplemented,
+        format!("{method} is not allowed on {path}; allowed: {allow}"),
+    )
+    .with_status(StatusCode::METHOD_NOT_ALLOWED);
+    if let Ok(value) = HeaderValue::from_str(&allow) {
+        response.headers_mut().insert(header::ALLOW, value);
+    }
+    response
+}
+
+trait WithStatus {
+    fn with_status(self, status: StatusCode) -> Self;
+}
+
+impl WithStatus for Response {
+    fn with_status(mut self, status: StatusCode) -> Self {
+        *self.status_mut() = status;
+        self
+    }
+}
+
+fn json_content(headers: &HeaderMap) -> bool {
+    match headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+        None => true,
+        Some(value) => {
+            let mime = value.split(';').next().unwrap_or_default().trim();
+            // `curl -d` without `-H` says form encoding, and grpc-gateway
+            // reads that as JSON too; other types are refused.
+            ["application/json", "application/x-www-form-urlencoded", "text/plain"]
+                .iter()
+                .any(|m| mime.eq_ignore_ascii_case(m))
+                || mime.ends_with("+json")
+        }
+    }
+}
+
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, Response> {
+    let too_large = || {
+        gateway_error(
+            Code::InvalidArgument,
+            format!("the body is larger than {limit} bytes"),
+        )
+        .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(error) => Err(gateway_error(
+            Code::InvalidArgument,
+            format!("reading the body: {error}"),
+        )),
+    }
+}
+
+/// Authorization, trace context and `Grpc-Metadata-*` go upstream.
+fn forward_headers(headers: &HeaderMap, metadata: &mut MetadataMap) {
+    for (name, value) in headers {
+        let name = name.as_str();
+        let key = if PASSED_THROUGH.contains(&name) {
+            name
+        } else if let Some(stripped) = name.strip_prefix("grpc-metadata-") {
+            stripped
+        } else {
+            continue;
+        };
+        // Binary (-bin) metadata would need base64 decoding; not passed.
+        if key.ends_with("-bin") {
+            continue;
+        }
+        if let (Ok(key), Ok(value)) = (
+            MetadataKey::from_bytes(key.as_bytes()),
+            MetadataValue::try_from(value.as_bytes()),
+        ) {
+            metadata.append(key, value);
+        }
+    }
+}
+
+/// The client's `Grpc-Timeout` (`100m`, `5S`, …), if any.
+fn deadline(headers: &HeaderMap) -> Result<Option<Duration>, String> {
+    let Some(value) = headers.get("grpc-timeout") else {
+        return Ok(None);
+    };
+    let bad = || format!("Grpc-Timeout {value:?}: expected digits and a unit (H M S m u n)");
+    let text = value.to_str().map_err(|_| bad())?;
+    if text.len() < 2 || text.len() > 9 {
+        return Err(bad());
+    }
+    let (digits, unit) = text.split_at(text.len() - 1);
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let duration = match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return Err(bad()),
+    };
+    Ok(Some(duration))
+}
+
+/// The backend's metadata as `Grpc-Metadata-*` headers, as grpc-gateway
+/// returns them.
+fn add_metadata(headers: &mut HeaderMap, metadata: &MetadataMap) {
+    for (name, value) in metadata.clone().into_headers().iter() {
+        let name = name.as_str();
+        if name.starts_with("grpc-") || name == "content-type" || name == "date" || name == "te" {
+            continue;
+        }
+        if let Ok(header) = HeaderName::from_bytes(format!("grpc-metadata-{name}").as_bytes()) {
+            headers.append(header, value.clone());
+        }
+    }
+}
+
+fn error_response(gateway: &Gateway, status: &tonic::Status) -> Response {
+    let mut response = status_response(http_status(status.code()), &status_json(&gateway.pool, status));
+    add_metadata(response.headers_mut(), status.metadata());
+    if status.code() == Code::Unauthenticated {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    response
+}
+
+/// A cached answer, or 304 when the client has it already.
+fn cached(headers: &HeaderMap, entry: &crate::cache::Entry, how: &'static str) -> Response {
+    let fresh = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| none_match(v, &entry.etag));
+    let mut response = if fresh {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        let mut r = (StatusCode::OK, entry.body.clone()).into_response();
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        r
+    };
+    let h = response.headers_mut();
+    if let Ok(etag) = HeaderValue::from_str(&entry.etag) {
+        h.insert(header::ETAG, etag);
+    }
+    if let Ok(control) =
+        HeaderValue::from_str(&format!("max-age={}", entry.max_age(Instant::now())))
+    {
+        h.insert(header::CACHE_CONTROL, control);
+    }
+    h.insert("x-cache", HeaderValue::from_static(how));
+    response
+}
+
+fn accepts_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|m| m.trim().starts_with("text/event-stream")))
+}
+
+/// A server stream as NDJSON (`{"result": …}` per line, `{"error": …}` at
+/// the end when it fails, as grpc-gateway writes it) or as Server-Sent
+/// Events (`data:` per message, `event: error` when it fails).
+fn stream_response(
+    gateway: &Arc<Gateway>,
+    route: &Route,
+    response: tonic::Response<tonic::Streaming<DynamicMessage>>,
+    sse: bool,
+) -> Response {
+    let (metadata, stream, _) = response.into_parts();
+    let gateway = Arc::clone(gateway);
+    let route = route.clone();
+    let frames = stream.map(move |item| -> Result<Bytes, Infallible> {
+        let mut frame = BytesMut::with_capacity(256);
+        match (item, sse) {
+            (Ok(message), false) => {
+                frame.put_slice(b"{\"result\":");
+                frame.put_slice(&transcode::response_json(&route, &message));
+                frame.put_slice(b"}\n");
+            }
+            (Ok(message), true) => {
+                frame.put_slice(b"data: ");
+                frame.put_slice(&transcode::response_json(&route, &message));
+                frame.put_slice(b"\n\n");
+            }
+            (Err(status), false) => {
+                let error = json!({"error": status_json(&gateway.pool, &status)});
+                frame.put_slice(error.to_string().as_bytes());
+                frame.put_slice(b"\n");
+            }
+            (Err(status), true) => {
+                frame.put_slice(b"event: error\ndata: ");
+                frame.put_slice(status_json(&gateway.pool, &status).to_string().as_bytes());
+                frame.put_slice(b"\n\n");
+            }
+        }
+        Ok(frame.freeze())
+    });
+    let mut response = Response::new(Body::from_stream(frames));
+    let content_type = if sse {
+        "text/event-stream"
+    } else {
+        "application/x-ndjson"
+    };
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    add_metadata(h, &metadata);
+    response
+}
+
+/// `/healthz`: every backend's `grpc.health.v1`, 200 when all serve.
+pub async fn healthz(State(gateway): State<Arc<Gateway>>) -> Response {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let checks = gateway.upstreams.iter().map(|(service, channel)| {
+        let mut client = HealthClient::new(channel.clone());
+        let service = service.clone();
+        async move {
+            let mut request = tonic::Request::new(HealthCheckRequest {
+                service: service.clone(),
+            });
+            request.set_timeout(Duration::from_secs(2));
+            let status = match tokio::time::timeout(Duration::from_secs(3), client.check(request)).await {
+                Ok(Ok(answer)) => answer.into_inner().status().as_str_name().trim_start_matches("SERVING_STATUS_").to_owned(),
+                Ok(Err(status)) => format!("{:?}", status.code()),
+                Err(_) => "DeadlineExceeded".to_owned(),
+            };
+            (service, status)
+        }
+    });
+    let results: Vec<(String, String)> = futures_join(checks).await;
+    let serving = results.iter().all(|(_, s)| s == "SERVING");
+    let body = json!({
+        "status": if serving { "SERVING" } else { "NOT_SERVING" },
+        "services": results
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect::<serde_json::Map<_, _>>(),
+    });
+    let code = if serving {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut response = (code, body.to_string()).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// Runs the futures at once; their results in order.
+async fn futures_join<F, T>(futures: impl Iterator<Item = F>) -> Vec<T>
+where
+    F: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for handle in handles {
+        if let Ok(result) = handle.await {
+            out.push(result);
+        }
+    }
+    out
+}
+
+/// `/openapi.json`.
+pub async fn openapi(State(gateway): State<Arc<Gateway>>) -> Response {
+    let mut response = gateway.openapi.clone().into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
