@@ -232,6 +232,16 @@ fn grpcurl(args: &[&str]) -> String {
     String::from_utf8(output.stdout).expect("utf-8")
 }
 
+fn curl(args: &[&str]) -> String {
+    let output = std::process::Command::new("curl")
+        .args(["--max-time", "30"])
+        .args(args)
+        .output()
+        .expect("curl is installed");
+    assert!(output.status.success(), "curl {args:?}: {output:?}");
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
@@ -333,6 +343,37 @@ async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
     ]));
     assert_eq!(paid["state"], "PAYMENT_STATE_CAPTURED");
 
+    // The README's curl flow, through the gateway `up` started.
+    let gateway = up.instance("gateway").to_string();
+    let menu = json(&curl(&["-s", &format!("{gateway}/v1/menu")]));
+    assert!(
+        menu["items"].as_array().is_some_and(|i| !i.is_empty()),
+        "{menu}"
+    );
+    let placed = json(&curl(&[
+        "-s",
+        "-XPOST",
+        &format!("{gateway}/v1/orders"),
+        "-d",
+        r#"{"idempotencyKey":"order-2","itemId":"latte","customerName":"Ada","cardToken":"tok_visa"}"#,
+    ]));
+    let rest_order = placed["orderId"].as_str().expect("an order id").to_owned();
+    let watched = curl(&["-sN", &format!("{gateway}/v1/orders/{rest_order}:watch")]);
+    let last = watched.lines().last().map(json).unwrap_or_default();
+    assert_eq!(
+        last["result"]["type"], "ORDER_EVENT_TYPE_READY",
+        "{watched}"
+    );
+    let got = json(&curl(&["-s", &format!("{gateway}/v1/orders/{rest_order}")]));
+    let rest_payment = got["paymentId"].as_str().expect("a payment id");
+    let paid = json(&curl(&[
+        "-s",
+        &format!("{gateway}/v1/payments/{rest_payment}"),
+    ]));
+    assert_eq!(paid["state"], "PAYMENT_STATE_CAPTURED");
+    let health = json(&curl(&["-s", &format!("{gateway}/healthz")]));
+    assert_eq!(health["status"], "SERVING", "{health}");
+
     // One stream, every line labelled with the instance that wrote it.
     let about_order = up.lines_with(&order_id);
     for instance in ["payment-1", "barista-1"] {
@@ -344,7 +385,7 @@ async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
 
     up.signal(Signal::SIGINT);
     assert!(up.wait().success());
-    for addr in [&payment, &barista] {
+    for addr in [&payment, &barista, &gateway] {
         assert!(
             std::net::TcpStream::connect(addr.as_str()).is_err(),
             "{addr} still serving after up stopped"

@@ -91,7 +91,12 @@ mod tests {
     fn an_entry_is_served_until_it_expires() {
         let cache = Cache::new(4);
         let now = Instant::now();
-        cache.put("k".into(), Bytes::from_static(b"{}"), Duration::from_secs(5), now);
+        cache.put(
+            "k".into(),
+            Bytes::from_static(b"{}"),
+            Duration::from_secs(5),
+            now,
+        );
         assert!(cache.get("k", now + Duration::from_secs(4)).is_some());
         assert!(cache.get("k", now + Duration::from_secs(5)).is_none());
         assert!(cache.get("other", now).is_none());

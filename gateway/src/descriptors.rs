@@ -9,10 +9,10 @@ use std::path::Path;
 use prost::Message as _;
 use prost_reflect::DescriptorPool;
 use tokio_stream::StreamExt as _;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-use tonic_reflection::pb::v1::ServerReflectionRequest;
 
 /// Why descriptors could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +84,9 @@ pub async fn add_reflected(
         host: String::new(),
         message_request: Some(message),
     };
-    let _ = tx.send(request(MessageRequest::ListServices(String::new()))).await;
+    let _ = tx
+        .send(request(MessageRequest::ListServices(String::new())))
+        .await;
     let mut answers = client
         .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
@@ -113,7 +115,9 @@ pub async fn add_reflected(
                     let symbol = service.name.clone();
                     services.push(service.name);
                     pending += 1;
-                    let _ = tx.send(request(MessageRequest::FileContainingSymbol(symbol))).await;
+                    let _ = tx
+                        .send(request(MessageRequest::FileContainingSymbol(symbol)))
+                        .await;
                 }
             }
             Some(MessageResponse::FileDescriptorResponse(found)) => {
@@ -129,7 +133,9 @@ pub async fn add_reflected(
                             && asked.insert(dependency.clone())
                         {
                             pending += 1;
-                            let _ = tx.send(request(MessageRequest::FileByFilename(dependency))).await;
+                            let _ = tx
+                                .send(request(MessageRequest::FileByFilename(dependency)))
+                                .await;
                         }
                     }
                     files.insert(name, raw);

@@ -67,7 +67,8 @@ struct Serialized<'a>(&'a DynamicMessage);
 
 impl serde::Serialize for Serialized<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize_with_options(serializer, serialize_options())
+        self.0
+            .serialize_with_options(serializer, serialize_options())
     }
 }
 

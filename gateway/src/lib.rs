@@ -29,13 +29,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::serve::ListenerExt as _;
-use std::future::IntoFuture as _;
 use axum::routing::get;
+use axum::serve::ListenerExt as _;
 use brewmesh::discovery::{Balanced, Source};
 use brewmesh::server::{Drained, parse_duration};
 use bytes::Bytes;
 use prost_reflect::DescriptorPool;
+use std::future::IntoFuture as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -64,13 +64,21 @@ pub struct Config {
 
     /// Also front the services in this descriptor set file (`protoc
     /// --include_imports -o`, `buf build -o`). Repeatable.
-    #[arg(long = "descriptor-set", env = "BREWMESH_GATEWAY_DESCRIPTOR_SETS", value_delimiter = ',')]
+    #[arg(
+        long = "descriptor-set",
+        env = "BREWMESH_GATEWAY_DESCRIPTOR_SETS",
+        value_delimiter = ','
+    )]
     pub descriptor_sets: Vec<PathBuf>,
 
     /// Also front every service of the backend at this address, learnt from
     /// its reflection service at start; calls go to that address unless a
     /// --backend says otherwise. Repeatable.
-    #[arg(long = "reflect", env = "BREWMESH_GATEWAY_REFLECT", value_delimiter = ',')]
+    #[arg(
+        long = "reflect",
+        env = "BREWMESH_GATEWAY_REFLECT",
+        value_delimiter = ','
+    )]
     pub reflect: Vec<String>,
 
     /// Leave out brewmesh's own services (front only --descriptor-set and

@@ -114,7 +114,10 @@ pub fn document(pool: &DescriptorPool, routes: &[Route]) -> Value {
         paths
             .entry(route.template.openapi_path())
             .or_default()
-            .insert(route.method.as_str().to_ascii_lowercase(), Value::Object(operation));
+            .insert(
+                route.method.as_str().to_ascii_lowercase(),
+                Value::Object(operation),
+            );
     }
     let mut tags: Vec<Value> = Vec::new();
     let mut seen = BTreeSet::new();
@@ -279,7 +282,9 @@ impl Schemas {
             Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
                 json!({"type": "integer", "format": "int32"})
             }
-            Kind::Uint32 | Kind::Fixed32 => json!({"type": "integer", "format": "int64", "minimum": 0}),
+            Kind::Uint32 | Kind::Fixed32 => {
+                json!({"type": "integer", "format": "int64", "minimum": 0})
+            }
             Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => {
                 json!({"type": "string", "format": "int64"})
             }
@@ -313,7 +318,9 @@ fn with_description(schema: Value, description: String) -> Value {
 fn well_known(name: &str) -> Option<Value> {
     Some(match name {
         "google.protobuf.Timestamp" => json!({"type": "string", "format": "date-time"}),
-        "google.protobuf.Duration" => json!({"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]+)?s$"}),
+        "google.protobuf.Duration" => {
+            json!({"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]+)?s$"})
+        }
         "google.protobuf.FieldMask" => json!({"type": "string"}),
         "google.protobuf.Empty" => json!({"type": "object", "additionalProperties": false}),
         "google.protobuf.Struct" => json!({"type": "object"}),
@@ -326,7 +333,9 @@ fn well_known(name: &str) -> Option<Value> {
             "additionalProperties": true,
         }),
         "google.protobuf.StringValue" => json!({"type": ["string", "null"]}),
-        "google.protobuf.BytesValue" => json!({"type": ["string", "null"], "contentEncoding": "base64"}),
+        "google.protobuf.BytesValue" => {
+            json!({"type": ["string", "null"], "contentEncoding": "base64"})
+        }
         "google.protobuf.BoolValue" => json!({"type": ["boolean", "null"]}),
         "google.protobuf.DoubleValue" | "google.protobuf.FloatValue" => {
             json!({"type": ["number", "null"]})

@@ -65,56 +65,90 @@ pub async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Re
     }
 
     let Some(upstream) = gateway.upstreams.get(&route.rpc.service) else {
-        return gateway_error(Code::Unavailable, format!("no backend for {}", route.rpc.service));
+        return gateway_error(
+            Code::Unavailable,
+            format!("no backend for {}", route.rpc.service),
+        );
     };
     let mut grpc = tonic::client::Grpc::new(upstream.clone());
     let streaming = route.rpc.method.is_server_streaming();
     let mut call = tonic::Request::new(message);
     forward_headers(&parts.headers, call.metadata_mut());
-    match deadline(&parts.headers) {
-        Ok(Some(timeout)) => call.set_timeout(timeout),
+    let timeout = match deadline(&parts.headers) {
+        Ok(Some(timeout)) => Some(timeout),
         // Streams (WatchOrder) last as long as the client wants.
-        Ok(None) if !streaming => call.set_timeout(gateway.timeout),
-        Ok(None) => {}
+        Ok(None) if !streaming => Some(gateway.timeout),
+        Ok(None) => None,
         Err(message) => return gateway_error(Code::InvalidArgument, message),
-    }
-    if let Err(error) = grpc.ready().await {
-        return gateway_error(Code::Unavailable, format!("backend unavailable: {error}"));
+    };
+    if let Some(timeout) = timeout {
+        // Upstream as grpc-timeout; enforced here too, for the time spent
+        // waiting for a backend that never answers.
+        call.set_timeout(timeout);
     }
     let codec = DynamicCodec::new(route.rpc.method.output());
     let path = route.rpc.path.clone();
-
-    if streaming {
-        let sse = accepts_event_stream(&parts.headers);
-        return match grpc.server_streaming(call, path, codec).await {
-            Ok(response) => stream_response(&gateway, route, response, sse),
-            Err(status) => error_response(&gateway, &status),
-        };
-    }
-    match grpc.unary(call, path, codec).await {
-        Ok(response) => {
-            let (metadata, message, _) = response.into_parts();
-            let json = Bytes::from(transcode::response_json(route, &message));
-            if let (Some(key), Some(ttl)) = (cache_key, route.rpc.cache_ttl) {
-                let entry = gateway.cache.put(key, json, ttl, Instant::now());
-                let mut answer = cached(&parts.headers, &entry, "MISS");
-                add_metadata(answer.headers_mut(), &metadata);
-                return answer;
-            }
-            let status = if route.rpc.created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            let mut answer = (status, json).into_response();
-            answer
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            add_metadata(answer.headers_mut(), &metadata);
-            answer
+    let sse = accepts_event_stream(&parts.headers);
+    let exchange = async {
+        grpc.ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("backend unavailable: {e}")))?;
+        if streaming {
+            grpc.server_streaming(call, path, codec)
+                .await
+                .map(|r| stream_response(&gateway, route, r, sse))
+        } else {
+            grpc.unary(call, path, codec)
+                .await
+                .map(|r| unary_response(&gateway, route, &parts.headers, cache_key, r))
         }
-        Err(status) => error_response(&gateway, &status),
+    };
+    let started = Instant::now();
+    let outcome = match timeout {
+        Some(timeout) => tokio::time::timeout(timeout, exchange)
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("the deadline passed")))
+            .map_err(|status| {
+                // tonic servers end an expired call with CANCELLED; past
+                // the client's deadline that is a deadline, as in grpc-go.
+                if status.code() == Code::Cancelled && started.elapsed() >= timeout {
+                    tonic::Status::deadline_exceeded(status.message())
+                } else {
+                    status
+                }
+            }),
+        None => exchange.await,
+    };
+    outcome.unwrap_or_else(|status| error_response(&gateway, &status))
+}
+
+fn unary_response(
+    gateway: &Gateway,
+    route: &Route,
+    headers: &HeaderMap,
+    cache_key: Option<String>,
+    response: tonic::Response<DynamicMessage>,
+) -> Response {
+    let (metadata, message, _) = response.into_parts();
+    let json = Bytes::from(transcode::response_json(route, &message));
+    if let (Some(key), Some(ttl)) = (cache_key, route.rpc.cache_ttl) {
+        let entry = gateway.cache.put(key, json, ttl, Instant::now());
+        let mut answer = cached(headers, &entry, "MISS");
+        add_metadata(answer.headers_mut(), &metadata);
+        return answer;
     }
+    let status = if route.rpc.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let mut answer = (status, json).into_response();
+    answer.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    add_metadata(answer.headers_mut(), &metadata);
+    answer
 }
 
 /// The first route of `method` whose template matches `path`.
@@ -124,7 +158,11 @@ fn find<'g>(
     path: &str,
 ) -> Option<(&'g Route, Vec<(&'g str, String)>)> {
     // HEAD is GET without the body (hyper leaves the body out).
-    let method = if method == Method::HEAD { &Method::GET } else { method };
+    let method = if method == Method::HEAD {
+        &Method::GET
+    } else {
+        method
+    };
     gateway
         .routes
         .get(method)?
@@ -168,15 +206,22 @@ impl WithStatus for Response {
 }
 
 fn json_content(headers: &HeaderMap) -> bool {
-    match headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+    match headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
         None => true,
         Some(value) => {
             let mime = value.split(';').next().unwrap_or_default().trim();
             // `curl -d` without `-H` says form encoding, and grpc-gateway
             // reads that as JSON too; other types are refused.
-            ["application/json", "application/x-www-form-urlencoded", "text/plain"]
-                .iter()
-                .any(|m| mime.eq_ignore_ascii_case(m))
+            [
+                "application/json",
+                "application/x-www-form-urlencoded",
+                "text/plain",
+            ]
+            .iter()
+            .any(|m| mime.eq_ignore_ascii_case(m))
                 || mime.ends_with("+json")
         }
     }
@@ -270,7 +315,10 @@ fn add_metadata(headers: &mut HeaderMap, metadata: &MetadataMap) {
 }
 
 fn error_response(gateway: &Gateway, status: &tonic::Status) -> Response {
-    let mut response = status_response(http_status(status.code()), &status_json(&gateway.pool, status));
+    let mut response = status_response(
+        http_status(status.code()),
+        &status_json(&gateway.pool, status),
+    );
     add_metadata(response.headers_mut(), status.metadata());
     if status.code() == Code::Unauthenticated {
         response
@@ -290,8 +338,10 @@ fn cached(headers: &HeaderMap, entry: &crate::cache::Entry, how: &'static str) -
         StatusCode::NOT_MODIFIED.into_response()
     } else {
         let mut r = (StatusCode::OK, entry.body.clone()).into_response();
-        r.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         r
     };
     let h = response.headers_mut();
@@ -312,7 +362,10 @@ fn accepts_event_stream(headers: &HeaderMap) -> bool {
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').any(|m| m.trim().starts_with("text/event-stream")))
+        .any(|v| {
+            v.split(',')
+                .any(|m| m.trim().starts_with("text/event-stream"))
+        })
 }
 
 /// A server stream as NDJSON (`{"result": …}` per line, `{"error": …}` at
@@ -378,11 +431,17 @@ pub async fn healthz(State(gateway): State<Arc<Gateway>>) -> Response {
                 service: service.clone(),
             });
             request.set_timeout(Duration::from_secs(2));
-            let status = match tokio::time::timeout(Duration::from_secs(3), client.check(request)).await {
-                Ok(Ok(answer)) => answer.into_inner().status().as_str_name().trim_start_matches("SERVING_STATUS_").to_owned(),
-                Ok(Err(status)) => format!("{:?}", status.code()),
-                Err(_) => "DeadlineExceeded".to_owned(),
-            };
+            let status =
+                match tokio::time::timeout(Duration::from_secs(3), client.check(request)).await {
+                    Ok(Ok(answer)) => answer
+                        .into_inner()
+                        .status()
+                        .as_str_name()
+                        .trim_start_matches("SERVING_STATUS_")
+                        .to_owned(),
+                    Ok(Err(status)) => format!("{:?}", status.code()),
+                    Err(_) => "DeadlineExceeded".to_owned(),
+                };
             (service, status)
         }
     });
@@ -401,9 +460,10 @@ pub async fn healthz(State(gateway): State<Arc<Gateway>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let mut response = (code, body.to_string()).into_response();
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
@@ -426,8 +486,9 @@ where
 /// `/openapi.json`.
 pub async fn openapi(State(gateway): State<Arc<Gateway>>) -> Response {
     let mut response = gateway.openapi.clone().into_response();
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }

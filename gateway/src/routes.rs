@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use brewmesh::pb::google::api::{HttpRule, http_rule::Pattern};
 use http::Method;
-use prost_reflect::{DescriptorPool, FieldDescriptor, Kind, MessageDescriptor, MethodDescriptor, Value};
+use prost_reflect::{
+    DescriptorPool, FieldDescriptor, Kind, MessageDescriptor, MethodDescriptor, Value,
+};
 
 use crate::template::{Template, TemplateError};
 
@@ -115,7 +117,10 @@ pub fn build(
 ) -> Result<Vec<Route>, RouteError> {
     let http_ext = pool.get_extension_by_name("google.api.http");
     let mut routes = Vec::new();
-    for service in pool.services().filter(|s| services.iter().any(|n| n == s.full_name())) {
+    for service in pool
+        .services()
+        .filter(|s| services.iter().any(|n| n == s.full_name()))
+    {
         for method in service.methods() {
             if method.is_client_streaming() {
                 continue; // REST has no client streams
@@ -128,7 +133,10 @@ pub fn build(
                         reason: "not a valid gRPC path".to_owned(),
                     })?,
                 service: service.full_name().to_owned(),
-                created: settings.created.iter().any(|n| MethodSettings::matches(n, &method)),
+                created: settings
+                    .created
+                    .iter()
+                    .any(|n| MethodSettings::matches(n, &method)),
                 cache_ttl: settings
                     .cached
                     .iter()
@@ -164,7 +172,7 @@ pub fn build(
             }
         }
     }
-    routes.sort_by(|a, b| b.template.specificity().cmp(&a.template.specificity()));
+    routes.sort_by_key(|r| std::cmp::Reverse(r.template.specificity()));
     let mut seen: HashMap<(Method, String), String> = HashMap::new();
     for r in &routes {
         let key = (r.method.clone(), r.template.openapi_path());
@@ -209,8 +217,13 @@ fn route(rpc: &Arc<Rpc>, rule: &HttpRule) -> Result<Route, RouteError> {
     let input = rpc.method.input();
     for field_path in template.field_paths() {
         let field = resolve(&input, field_path).map_err(field_error)?;
-        if field.is_list() || field.is_map() || matches!(field.kind(), Kind::Message(_)) && !is_scalar_wrapper(&field) {
-            return Err(field_error(format!("{field_path}: a path variable must be a scalar field")));
+        if field.is_list()
+            || field.is_map()
+            || matches!(field.kind(), Kind::Message(_)) && !is_scalar_wrapper(&field)
+        {
+            return Err(field_error(format!(
+                "{field_path}: a path variable must be a scalar field"
+            )));
         }
     }
     let body = match rule.body.as_str() {
@@ -222,15 +235,13 @@ fn route(rpc: &Arc<Rpc>, rule: &HttpRule) -> Result<Route, RouteError> {
                 .ok_or_else(|| field_error(format!("body field {name:?} does not exist")))?,
         ),
     };
-    let response_body = match rule.response_body.as_str() {
-        "" => None,
-        name => Some(
-            rpc.method
-                .output()
-                .get_field_by_name(name)
-                .ok_or_else(|| field_error(format!("response_body field {name:?} does not exist")))?,
-        ),
-    };
+    let response_body =
+        match rule.response_body.as_str() {
+            "" => None,
+            name => Some(rpc.method.output().get_field_by_name(name).ok_or_else(|| {
+                field_error(format!("response_body field {name:?} does not exist"))
+            })?),
+        };
     Ok(Route {
         method,
         template,

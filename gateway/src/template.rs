@@ -75,7 +75,10 @@ impl Template {
             }
             None => (rest, None),
         };
-        if verb.as_deref().is_some_and(|v| v.is_empty() || v.contains('/')) {
+        if verb
+            .as_deref()
+            .is_some_and(|v| v.is_empty() || v.contains('/'))
+        {
             return Err(fail("empty or malformed verb"));
         }
         let mut template = Template {
@@ -113,7 +116,9 @@ impl Template {
                     if part.contains(['{', '}']) {
                         return Err(fail("nested variable"));
                     }
-                    template.segments.push(segment(part).ok_or(fail("empty segment"))?);
+                    template
+                        .segments
+                        .push(segment(part).ok_or(fail("empty segment"))?);
                 }
                 template.variables.push(Variable {
                     field_path: field_path.to_owned(),
@@ -127,11 +132,13 @@ impl Template {
                 if part.contains(['{', '}']) {
                     return Err(fail("variable must be a whole segment"));
                 }
-                template.segments.push(segment(part).ok_or(fail("empty segment"))?);
+                template
+                    .segments
+                    .push(segment(part).ok_or(fail("empty segment"))?);
                 chars = &chars[end..];
             }
             match chars.strip_prefix('/') {
-                Some(next) if next.is_empty() => return Err(fail("trailing /")),
+                Some("") => return Err(fail("trailing /")),
                 Some(next) => chars = next,
                 None if chars.is_empty() => {}
                 None => return Err(fail("variable must be a whole segment")),
@@ -244,7 +251,10 @@ impl Template {
             let covered = &parts[at[v.start]..at[v.end]];
             let value = if v.end - v.start == 1 && self.segments[v.start] != Segment::Rest {
                 // A single segment: everything is decoded.
-                percent_decode_str(covered[0]).decode_utf8().ok()?.into_owned()
+                percent_decode_str(covered[0])
+                    .decode_utf8()
+                    .ok()?
+                    .into_owned()
             } else {
                 // Several segments: '/' stays, and so does an encoded one.
                 covered
@@ -317,10 +327,16 @@ mod tests {
     #[test]
     fn a_custom_verb_is_split_off_the_last_segment() {
         let t = "/v1/orders/{order_id}:cancel";
-        assert_eq!(bound(t, "/v1/orders/o1:cancel"), pairs(&[("order_id", "o1")]));
+        assert_eq!(
+            bound(t, "/v1/orders/o1:cancel"),
+            pairs(&[("order_id", "o1")])
+        );
         assert_eq!(bound(t, "/v1/orders/o1:watch"), None);
         assert_eq!(bound(t, "/v1/orders/o1"), None);
-        assert_eq!(bound("/v1/payments:authorize", "/v1/payments:authorize"), pairs(&[]));
+        assert_eq!(
+            bound("/v1/payments:authorize", "/v1/payments:authorize"),
+            pairs(&[])
+        );
     }
 
     #[test]

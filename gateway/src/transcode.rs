@@ -5,7 +5,8 @@ use std::sync::OnceLock;
 
 use prost::Message as _;
 use prost_reflect::{
-    DeserializeOptions, DynamicMessage, ReflectMessage as _, FieldDescriptor, Kind, MessageDescriptor, SerializeOptions,
+    DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor,
+    ReflectMessage as _, SerializeOptions,
 };
 use serde_json::{Map, Value as Json};
 
@@ -106,13 +107,19 @@ pub fn request(
                 violations.push(violation(key.clone(), "no such field"));
                 continue;
             };
-            if path_fields.iter().any(|p| resolve(&input, p).ok().as_ref() == Some(&field)) {
+            if path_fields
+                .iter()
+                .any(|p| resolve(&input, p).ok().as_ref() == Some(&field))
+            {
                 violations.push(violation(key, "is set by the path"));
                 continue;
             }
             if let BodyRule::Field(body_field) = &route.body {
                 let top = key.split('.').next().unwrap_or_default();
-                if input.get_field_by_name(top).or_else(|| input.get_field_by_json_name(top)).as_ref()
+                if input
+                    .get_field_by_name(top)
+                    .or_else(|| input.get_field_by_json_name(top))
+                    .as_ref()
                     == Some(body_field)
                 {
                     violations.push(violation(key, "is set by the body"));
@@ -129,8 +136,9 @@ pub fn request(
     }
     if !params.is_empty() {
         let options = DeserializeOptions::new().deny_unknown_fields(true);
-        let from_params = DynamicMessage::deserialize_with_options(input, Json::Object(params), &options)
-            .map_err(|e| vec![violation("query", e.to_string())])?;
+        let from_params =
+            DynamicMessage::deserialize_with_options(input, Json::Object(params), &options)
+                .map_err(|e| vec![violation("query", e.to_string())])?;
         // Protobuf merge: what the path and query set overrides the body.
         message
             .merge(from_params.encode_to_vec().as_slice())
@@ -165,7 +173,10 @@ fn set_param(
 ) -> Result<(), Violation> {
     let field = resolve(input, field_path).map_err(|e| violation(field_path, e))?;
     if field.is_map() || matches!(field.kind(), Kind::Message(_)) && !is_scalar_wrapper(&field) {
-        return Err(violation(field_path, "cannot be set from a path or query parameter"));
+        return Err(violation(
+            field_path,
+            "cannot be set from a path or query parameter",
+        ));
     }
     let leaf = typed(&field, value).map_err(|e| violation(field_path, e))?;
     // Walk (and create) the nested objects, keyed by proto names so that
@@ -197,7 +208,11 @@ fn set_param(
             _ => return Err(violation(field_path, "set twice")),
         }
     } else if node.insert(key, leaf).is_some() {
-        let how = if repeatable { "given more than once" } else { "set twice" };
+        let how = if repeatable {
+            "given more than once"
+        } else {
+            "set twice"
+        };
         return Err(violation(field_path, how));
     }
     Ok(())
@@ -234,10 +249,7 @@ pub fn response_json(route: &Route, message: &DynamicMessage) -> Vec<u8> {
             let mut holder = DynamicMessage::new(message.descriptor());
             holder.set_field(field, value.into_owned());
             let json = serde_json::to_value(SerializeHolder(&holder)).unwrap_or(Json::Null);
-            let inner = json
-                .get(field.json_name())
-                .cloned()
-                .unwrap_or(Json::Null);
+            let inner = json.get(field.json_name()).cloned().unwrap_or(Json::Null);
             let _ = serde::Serialize::serialize(&inner, &mut serializer);
             out
         }
@@ -249,6 +261,7 @@ struct SerializeHolder<'a>(&'a DynamicMessage);
 
 impl serde::Serialize for SerializeHolder<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize_with_options(serializer, serialize_options())
+        self.0
+            .serialize_with_options(serializer, serialize_options())
     }
 }

@@ -1,0 +1,311 @@
+//! The coffee shop through the gateway: real payment and barista services
+//! on port 0 with real SQLite, called over REST as the README shows.
+
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Method;
+use serde_json::json;
+use tonic::Code;
+
+use brewmesh::server::ServeArgs;
+use brewmesh::testing::{Running, spawn};
+use support::{GatewayRun, Http, gateway};
+
+type PaymentRun = Result<brewmesh::server::Drained, brewmesh_payment::RunError>;
+type BaristaRun = Result<brewmesh::server::Drained, brewmesh_barista::RunError>;
+
+struct Shop {
+    http: Http,
+    _servers: (
+        Running<PaymentRun>,
+        Running<BaristaRun>,
+        Running<GatewayRun>,
+    ),
+    _dir: tempfile::TempDir,
+}
+
+fn serve_args() -> ServeArgs {
+    ServeArgs {
+        listen: None,
+        drain_timeout: Duration::from_secs(5),
+        inject_latency: None,
+    }
+}
+
+/// Payment, a barista with 100 ms steps (`tweak` changes it), and a gateway
+/// with the menu cached for `menu_ttl`.
+async fn shop(menu_ttl: Duration, tweak: impl FnOnce(&mut brewmesh_barista::Config)) -> Shop {
+    let dir = tempfile::tempdir().unwrap();
+    let payment_config = brewmesh_payment::Config {
+        serve: serve_args(),
+        database: brewmesh::testing::database(dir.path(), "payment").await,
+        processing_delay: Duration::ZERO,
+        registry: Default::default(),
+    };
+    let payment = spawn(|l, s| brewmesh_payment::run(l, payment_config, s)).await;
+    let mut barista_config = brewmesh_barista::Config {
+        serve: serve_args(),
+        database: brewmesh::testing::database(dir.path(), "barista").await,
+        registry: Default::default(),
+        payment_addrs: vec![payment.addr.to_string()],
+        payment_dns: None,
+        payment_timeout: Duration::from_secs(5),
+        espresso_machines: 2,
+        steam_wands: 2,
+        queue_depth: 4,
+        espresso_time: Duration::from_millis(100),
+        milk_time: Duration::from_millis(100),
+        brew_failure_rate: 0.0,
+        order_lease: Duration::from_secs(2),
+        watch_poll: Duration::from_millis(200),
+    };
+    tweak(&mut barista_config);
+    let barista = spawn(|l, s| brewmesh_barista::run(l, barista_config, s)).await;
+    let config = brewmesh_gateway::Config {
+        backends: vec![
+            (
+                "brewmesh.barista.v1.Barista".into(),
+                vec![barista.addr.to_string()],
+            ),
+            (
+                "brewmesh.payment.v1.Payments".into(),
+                vec![payment.addr.to_string()],
+            ),
+            // Nothing listens there: the registry is not part of this suite.
+            (
+                "brewmesh.registry.v1.Registry".into(),
+                vec!["127.0.0.1:1".into()],
+            ),
+        ],
+        cached: vec![("brewmesh.barista.v1.Barista.GetMenu".into(), menu_ttl)],
+        ..Default::default()
+    };
+    let (gw, http) = gateway(config).await;
+    Shop {
+        http,
+        _servers: (payment, barista, gw),
+        _dir: dir,
+    }
+}
+
+fn order_body(key: &str, item: &str, card: &str) -> String {
+    json!({"idempotencyKey": key, "itemId": item, "customerName": "Ada", "cardToken": card})
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_readme_flow_over_rest_places_watches_and_pays_for_an_order() {
+    let shop = shop(Duration::from_secs(60), |_| {}).await;
+    let http = &shop.http;
+
+    let menu = http.get("/v1/menu").await;
+    assert_eq!(menu.status, 200, "{}", menu.text());
+    let items = menu.json()["items"].as_array().unwrap().clone();
+    assert!(items.iter().any(|i| i["itemId"] == "latte"), "{items:?}");
+
+    // PlaceOrder creates: 201.
+    let placed = http
+        .post("/v1/orders", &order_body("rest-1", "latte", "tok_visa"))
+        .await;
+    assert_eq!(placed.status, 201, "{}", placed.text());
+    let order = placed.json();
+    assert_eq!(order["state"], "ORDER_STATE_ACCEPTED");
+    let order_id = order["orderId"].as_str().unwrap().to_owned();
+
+    // WatchOrder as NDJSON, to the end of the order.
+    let watched = http.get(&format!("/v1/orders/{order_id}:watch")).await;
+    assert_eq!(watched.status, 200);
+    assert_eq!(watched.header("content-type"), Some("application/x-ndjson"));
+    let events: Vec<serde_json::Value> = watched
+        .text()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["result"].clone())
+        .collect();
+    assert_eq!(events.first().unwrap()["type"], "ORDER_EVENT_TYPE_ACCEPTED");
+    assert_eq!(events.last().unwrap()["type"], "ORDER_EVENT_TYPE_READY");
+    // 64-bit sequence numbers are strings.
+    assert!(
+        events.iter().all(|e| e["sequence"].is_string()),
+        "{events:?}"
+    );
+
+    // The same as Server-Sent Events.
+    let sse = http
+        .send(
+            Method::GET,
+            &format!("/v1/orders/{order_id}:watch"),
+            &[("accept", "text/event-stream")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(sse.header("content-type"), Some("text/event-stream"));
+    let data: Vec<serde_json::Value> = sse
+        .text()
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(data.len(), events.len());
+
+    let got = http.get(&format!("/v1/orders/{order_id}")).await.json();
+    assert_eq!(got["state"], "ORDER_STATE_READY");
+    let payment_id = got["paymentId"].as_str().unwrap();
+    let payment = http.get(&format!("/v1/payments/{payment_id}")).await;
+    assert_eq!(payment.status, 200, "{}", payment.text());
+    assert_eq!(payment.json()["state"], "PAYMENT_STATE_CAPTURED");
+    assert_eq!(payment.json()["amount"]["amountMinor"], "475");
+
+    // FAILED_PRECONDITION is 400: a READY order cannot be cancelled.
+    http.post(&format!("/v1/orders/{order_id}:cancel"), "{}")
+        .await
+        .assert_status(400, Code::FailedPrecondition);
+
+    // The same key again: the same order, no second one.
+    let again = http
+        .post("/v1/orders", &order_body("rest-1", "latte", "tok_visa"))
+        .await;
+    assert_eq!(again.json()["orderId"], order_id.as_str());
+    let listed = http.get("/v1/orders?pageSize=10").await.json();
+    assert_eq!(listed["orders"].as_array().unwrap().len(), 1, "{listed}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_menu_is_cached_with_etags_and_expires() {
+    let ttl = Duration::from_millis(400);
+    let shop = shop(ttl, |_| {}).await;
+    let http = &shop.http;
+
+    let first = http.get("/v1/menu").await;
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    let etag = first.header("etag").unwrap().to_owned();
+    assert!(
+        first
+            .header("cache-control")
+            .unwrap()
+            .starts_with("max-age=")
+    );
+
+    let second = http.get("/v1/menu").await;
+    assert_eq!(second.header("x-cache"), Some("HIT"));
+    assert_eq!(second.body, first.body);
+    assert_eq!(second.header("etag"), Some(etag.as_str()));
+
+    // Revalidation: 304 with no body when the client has it.
+    let revalidated = http
+        .send(
+            Method::GET,
+            "/v1/menu",
+            &[("if-none-match", &etag)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(revalidated.status, 304);
+    assert!(revalidated.body.is_empty());
+    let changed = http
+        .send(
+            Method::GET,
+            "/v1/menu",
+            &[("if-none-match", "\"other\"")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(changed.status, 200);
+
+    // A caller with credentials is not served from the shared cache.
+    let personal = http
+        .send(
+            Method::GET,
+            "/v1/menu",
+            &[("authorization", "Bearer x")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(personal.status, 200);
+    assert_eq!(personal.header("x-cache"), None);
+
+    // Past the TTL, the backend is asked again.
+    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+    let expired = http.get("/v1/menu").await;
+    assert_eq!(expired.header("x-cache"), Some("MISS"));
+    assert_eq!(
+        expired.header("etag"),
+        Some(etag.as_str()),
+        "same menu, same tag"
+    );
+
+    // Orders are never cached.
+    let orders = http.get("/v1/orders").await;
+    assert_eq!(orders.header("x-cache"), None);
+    assert_eq!(orders.header("etag"), None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_services_errors_come_back_as_http_statuses_with_their_details() {
+    let shop = shop(Duration::from_secs(60), |c| {
+        c.espresso_machines = 1;
+        c.queue_depth = 1;
+        c.espresso_time = Duration::from_secs(5);
+    })
+    .await;
+    let http = &shop.http;
+
+    // INVALID_ARGUMENT: the service's BadRequest, field by field.
+    let invalid = http.post("/v1/orders", "{}").await;
+    let body = invalid.assert_status(400, Code::InvalidArgument);
+    let detail = &body["details"][0];
+    assert_eq!(detail["@type"], "type.googleapis.com/google.rpc.BadRequest");
+    let fields: Vec<&str> = detail["fieldViolations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["field"].as_str().unwrap())
+        .collect();
+    assert!(
+        fields.contains(&"item_id") && fields.contains(&"card_token"),
+        "{fields:?}"
+    );
+
+    // NOT_FOUND.
+    http.get("/v1/orders/ord_00000000000000000000000000000000")
+        .await
+        .assert_status(404, Code::NotFound);
+
+    // RESOURCE_EXHAUSTED: 429 with the service's RetryInfo.
+    for key in ["busy-1", "busy-2"] {
+        let placed = http
+            .post("/v1/orders", &order_body(key, "espresso", "tok_visa"))
+            .await;
+        assert_eq!(placed.status, 201, "{}", placed.text());
+    }
+    let full = http
+        .post("/v1/orders", &order_body("busy-3", "espresso", "tok_visa"))
+        .await;
+    let body = full.assert_status(429, Code::ResourceExhausted);
+    let retry = body["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["@type"] == "type.googleapis.com/google.rpc.RetryInfo")
+        .unwrap_or_else(|| panic!("RetryInfo in {body}"));
+    assert!(
+        retry["retryDelay"].as_str().unwrap().ends_with('s'),
+        "{retry}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn healthz_answers_from_the_backends_health() {
+    let shop = shop(Duration::from_secs(60), |_| {}).await;
+    // The registry backend points at a closed port: not serving.
+    let health = shop.http.get("/healthz").await;
+    assert_eq!(health.status, 503, "{}", health.text());
+    let body = health.json();
+    assert_eq!(body["services"]["brewmesh.barista.v1.Barista"], "SERVING");
+    assert_eq!(body["services"]["brewmesh.payment.v1.Payments"], "SERVING");
+    assert_ne!(body["services"]["brewmesh.registry.v1.Registry"], "SERVING");
+}
