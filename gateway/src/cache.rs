@@ -1,13 +1,159 @@
-//! The in-process cache of GET answers that are safe to cache (the menu):
-//! by path and query, for a per-method TTL, with strong ETags so clients
-//! can revalidate with `If-None-Match`.
+//! The cache of GET answers that are safe to cache (the menu): by path and
+//! query, for a per-method TTL, with strong ETags so clients can revalidate
+//! with `If-None-Match`. In process by default; in Redis, shared by every
+//! gateway replica, when `--redis-url` is set — an in-process cache per
+//! replica would answer differently replica to replica once scaled out.
 
 use std::collections::HashMap;
 use std::hash::{Hash as _, Hasher as _};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use redis::aio::ConnectionManager;
+
+/// How long a request waits for Redis before going to the backend instead.
+const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// Where answers are kept.
+pub enum Store {
+    /// In this process.
+    Local(Cache),
+    /// In Redis, shared.
+    Shared(Shared),
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Store::Local(_) => f.write_str("Store::Local"),
+            Store::Shared(_) => f.write_str("Store::Shared"),
+        }
+    }
+}
+
+impl Store {
+    /// The fresh answer under `key`, if any.
+    pub async fn get(&self, key: &str) -> Option<Entry> {
+        match self {
+            Store::Local(cache) => cache.get(key, Instant::now()),
+            Store::Shared(shared) => shared.get(key).await,
+        }
+    }
+
+    /// Keeps `body` under `key` for `ttl`; the entry to answer with.
+    pub async fn put(&self, key: String, body: Bytes, ttl: Duration) -> Entry {
+        match self {
+            Store::Local(cache) => cache.put(key, body, ttl, Instant::now()),
+            Store::Shared(shared) => shared.put(&key, body, ttl).await,
+        }
+    }
+}
+
+/// Why the shared cache could not be reached at start.
+#[derive(Debug, thiserror::Error)]
+#[error("the shared cache at {url}: {reason}")]
+pub struct SharedError {
+    url: String,
+    reason: String,
+}
+
+/// Answers in Redis: `<prefix><key>` holds the ETag, a newline and the
+/// body, and expires with the TTL (`SET … PX`). A Redis that fails or is
+/// slow is a miss, never an error: the backend answers instead.
+pub struct Shared {
+    connection: ConnectionManager,
+    failing: AtomicBool,
+}
+
+const PREFIX: &str = "brewmesh:gateway:";
+
+impl Shared {
+    /// Connects to `url` (`redis://host:port/db`, `redis+unix:///path`).
+    pub async fn connect(url: &str) -> Result<Self, SharedError> {
+        let fail = |reason: String| SharedError {
+            url: url.to_owned(),
+            reason,
+        };
+        let client = redis::Client::open(url).map_err(|e| fail(e.to_string()))?;
+        let connection =
+            tokio::time::timeout(Duration::from_secs(5), ConnectionManager::new(client))
+                .await
+                .map_err(|_| fail("no answer within 5 s".to_owned()))?
+                .map_err(|e| fail(e.to_string()))?;
+        Ok(Self {
+            connection,
+            failing: AtomicBool::new(false),
+        })
+    }
+
+    /// Logs a change between working and failing, once per change.
+    fn outcome<T>(
+        &self,
+        result: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Option<T> {
+        let value = match result {
+            Ok(Ok(value)) => Some(value),
+            Ok(Err(error)) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(%error, "the shared cache fails; calling backends instead");
+                }
+                return None;
+            }
+            Err(_) => {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(timeout = ?REDIS_TIMEOUT, "the shared cache is slow; calling backends instead");
+                }
+                return None;
+            }
+        };
+        if self.failing.swap(false, Ordering::Relaxed) {
+            tracing::info!("the shared cache answers again");
+        }
+        value
+    }
+
+    async fn get(&self, key: &str) -> Option<Entry> {
+        let mut connection = self.connection.clone();
+        let full = format!("{PREFIX}{key}");
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(&full).cmd("PTTL").arg(&full);
+        let query = pipe.query_async::<(Option<Vec<u8>>, i64)>(&mut connection);
+        let (value, ttl_ms) = self.outcome(tokio::time::timeout(REDIS_TIMEOUT, query).await)?;
+        let value = value?;
+        let split = value.iter().position(|b| *b == b'\n')?;
+        let etag = std::str::from_utf8(&value[..split]).ok()?.to_owned();
+        let ttl = Duration::from_millis(u64::try_from(ttl_ms).ok()?);
+        Some(Entry {
+            body: Bytes::copy_from_slice(&value[split + 1..]),
+            etag,
+            expires: Instant::now() + ttl,
+        })
+    }
+
+    async fn put(&self, key: &str, body: Bytes, ttl: Duration) -> Entry {
+        let entry = Entry {
+            etag: etag(&body),
+            body,
+            expires: Instant::now() + ttl,
+        };
+        let mut value = Vec::with_capacity(entry.etag.len() + 1 + entry.body.len());
+        value.extend_from_slice(entry.etag.as_bytes());
+        value.push(b'\n');
+        value.extend_from_slice(&entry.body);
+        let mut connection = self.connection.clone();
+        let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut set = redis::cmd("SET");
+        set.arg(format!("{PREFIX}{key}"))
+            .arg(value)
+            .arg("PX")
+            .arg(millis);
+        let query = set.query_async::<()>(&mut connection);
+        let _ = self.outcome(tokio::time::timeout(REDIS_TIMEOUT, query).await);
+        entry
+    }
+}
 
 /// One cached answer.
 #[derive(Debug, Clone)]

@@ -113,6 +113,11 @@ pub struct Config {
     )]
     pub cached: Vec<(String, Duration)>,
 
+    /// Keep cached answers in this Redis (`redis://host:6379`), shared by
+    /// every gateway replica, instead of in process.
+    #[arg(long, env = "BREWMESH_GATEWAY_REDIS_URL")]
+    pub redis_url: Option<String>,
+
     /// Most answers the in-process cache holds.
     #[arg(long, env = "BREWMESH_GATEWAY_CACHE_ENTRIES", default_value_t = 10_000)]
     pub cache_entries: usize,
@@ -139,6 +144,7 @@ impl Default for Config {
                 "brewmesh.barista.v1.Barista.GetMenu".to_owned(),
                 Duration::from_secs(5),
             )],
+            redis_url: None,
             cache_entries: 10_000,
             drain_timeout: Duration::from_secs(15),
         }
@@ -183,6 +189,9 @@ pub enum RunError {
     /// A backend address is invalid.
     #[error(transparent)]
     Address(#[from] brewmesh::client::InvalidAddress),
+    /// The shared cache is configured but cannot be reached.
+    #[error(transparent)]
+    Cache(#[from] cache::SharedError),
     /// The listener failed.
     #[error("serving HTTP")]
     Serve(#[from] std::io::Error),
@@ -196,7 +205,7 @@ pub struct Gateway {
     pub(crate) upstreams: BTreeMap<String, Balanced>,
     pub(crate) timeout: Duration,
     pub(crate) max_body_bytes: usize,
-    pub(crate) cache: cache::Cache,
+    pub(crate) cache: cache::Store,
     pub(crate) openapi: Bytes,
 }
 
@@ -273,6 +282,10 @@ impl Gateway {
             upstreams.insert(service.clone(), brewmesh::discovery::balanced(source)?);
         }
 
+        let cache = match &config.redis_url {
+            Some(url) => cache::Store::Shared(cache::Shared::connect(url).await?),
+            None => cache::Store::Local(cache::Cache::new(config.cache_entries)),
+        };
         let openapi = Bytes::from(openapi::document(&pool, &table).to_string());
         let mut routes: HashMap<http::Method, Vec<Route>> = HashMap::new();
         for route in table {
@@ -284,7 +297,7 @@ impl Gateway {
             upstreams,
             timeout: config.timeout,
             max_body_bytes: config.max_body_bytes,
-            cache: cache::Cache::new(config.cache_entries),
+            cache,
             openapi,
         })
     }

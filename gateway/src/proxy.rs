@@ -59,7 +59,7 @@ pub async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Re
         && !parts.headers.contains_key(header::AUTHORIZATION))
     .then(|| parts.uri.to_string());
     if let Some(key) = &cache_key {
-        if let Some(entry) = gateway.cache.get(key, Instant::now()) {
+        if let Some(entry) = gateway.cache.get(key).await {
             return cached(&parts.headers, &entry, "HIT");
         }
     }
@@ -98,9 +98,8 @@ pub async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Re
                 .await
                 .map(|r| stream_response(&gateway, route, r, sse))
         } else {
-            grpc.unary(call, path, codec)
-                .await
-                .map(|r| unary_response(&gateway, route, &parts.headers, cache_key, r))
+            let response = grpc.unary(call, path, codec).await?;
+            Ok(unary_response(&gateway, route, &parts.headers, cache_key, response).await)
         }
     };
     let started = Instant::now();
@@ -122,7 +121,7 @@ pub async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Re
     outcome.unwrap_or_else(|status| error_response(&gateway, &status))
 }
 
-fn unary_response(
+async fn unary_response(
     gateway: &Gateway,
     route: &Route,
     headers: &HeaderMap,
@@ -132,7 +131,7 @@ fn unary_response(
     let (metadata, message, _) = response.into_parts();
     let json = Bytes::from(transcode::response_json(route, &message));
     if let (Some(key), Some(ttl)) = (cache_key, route.rpc.cache_ttl) {
-        let entry = gateway.cache.put(key, json, ttl, Instant::now());
+        let entry = gateway.cache.put(key, json, ttl).await;
         let mut answer = cached(headers, &entry, "MISS");
         add_metadata(answer.headers_mut(), &metadata);
         return answer;

@@ -21,6 +21,8 @@ type BaristaRun = Result<brewmesh::server::Drained, brewmesh_barista::RunError>;
 
 struct Shop {
     http: Http,
+    /// The gateway's settings, to start more gateways on the same backends.
+    config: brewmesh_gateway::Config,
     _servers: (
         Running<PaymentRun>,
         Running<BaristaRun>,
@@ -85,9 +87,10 @@ async fn shop(menu_ttl: Duration, tweak: impl FnOnce(&mut brewmesh_barista::Conf
         cached: vec![("brewmesh.barista.v1.Barista.GetMenu".into(), menu_ttl)],
         ..Default::default()
     };
-    let (gw, http) = gateway(config).await;
+    let (gw, http) = gateway(config.clone()).await;
     Shop {
         http,
+        config,
         _servers: (payment, barista, gw),
         _dir: dir,
     }
@@ -308,4 +311,45 @@ async fn healthz_answers_from_the_backends_health() {
     assert_eq!(body["services"]["brewmesh.barista.v1.Barista"], "SERVING");
     assert_eq!(body["services"]["brewmesh.payment.v1.Payments"], "SERVING");
     assert_ne!(body["services"]["brewmesh.registry.v1.Registry"], "SERVING");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gateway_replicas_share_the_cache_in_redis_and_survive_its_loss() {
+    let ttl = Duration::from_millis(500);
+    let shop = shop(ttl, |_| {}).await;
+    let mut redis = support::Redis::start().await;
+    let shared = brewmesh_gateway::Config {
+        redis_url: Some(redis.url.clone()),
+        ..shop.config.clone()
+    };
+    let (_a, a) = gateway(shared.clone()).await;
+    let (_b, b) = gateway(shared).await;
+
+    let first = a.get("/v1/menu").await;
+    assert_eq!(first.header("x-cache"), Some("MISS"));
+    let etag = first.header("etag").unwrap().to_owned();
+    // The other replica answers from what the first one stored.
+    let second = b.get("/v1/menu").await;
+    assert_eq!(second.header("x-cache"), Some("HIT"));
+    assert_eq!(second.header("etag"), Some(etag.as_str()));
+    assert_eq!(second.body, first.body);
+    let revalidated = b
+        .send(
+            Method::GET,
+            "/v1/menu",
+            &[("if-none-match", &etag)],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(revalidated.status, 304);
+
+    // Redis expires it.
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    assert_eq!(b.get("/v1/menu").await.header("x-cache"), Some("MISS"));
+
+    // Without Redis, the backends answer: a cache is never a point of failure.
+    redis.kill();
+    let without = a.get("/v1/menu").await;
+    assert_eq!(without.status, 200, "{}", without.text());
+    assert_eq!(without.body, first.body);
 }

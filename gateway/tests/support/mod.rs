@@ -138,6 +138,70 @@ pub async fn gateway(config: brewmesh_gateway::Config) -> (Running<GatewayRun>, 
     (running, http)
 }
 
+/// A throwaway redis-server on a Unix socket in a temporary directory;
+/// killed when dropped.
+pub struct Redis {
+    child: std::process::Child,
+    /// `redis+unix:///…/redis.sock`.
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    /// Starts one and waits until it answers PING.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("redis.sock");
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", "0", "--save", "", "--appendonly", "no"])
+            .arg("--unixsocket")
+            .arg(&socket)
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test.sh installs it)");
+        let url = format!("redis+unix://{}", socket.display());
+        let redis = Redis {
+            child,
+            url,
+            _dir: dir,
+        };
+        for _ in 0..200 {
+            if redis.ping().await {
+                return redis;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("redis-server did not answer within 5 s");
+    }
+
+    async fn ping(&self) -> bool {
+        let Ok(client) = redis::Client::open(self.url.as_str()) else {
+            return false;
+        };
+        let Ok(mut connection) = client.get_multiplexed_async_connection().await else {
+            return false;
+        };
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
+            .is_ok()
+    }
+
+    /// Kills it now.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// The echo service's descriptors, compiled from `tests/proto` (options
 /// kept), encoded.
 pub fn echo_descriptors() -> Vec<u8> {
