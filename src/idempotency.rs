@@ -23,7 +23,7 @@ pub fn to_hex(bytes: &[u8]) -> String {
 
 /// The bytes behind [`to_hex`]'s text; `None` if it is not such text.
 pub fn from_hex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())

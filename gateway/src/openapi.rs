@@ -271,11 +271,11 @@ impl Schemas {
     }
 
     fn field(&mut self, field: &FieldDescriptor, pool: &DescriptorPool) -> Value {
-        if field.is_map() {
-            if let Kind::Message(entry) = field.kind() {
-                let value = entry.map_entry_value_field();
-                return json!({"type": "object", "additionalProperties": self.field(&value, pool)});
-            }
+        if field.is_map()
+            && let Kind::Message(entry) = field.kind()
+        {
+            let value = entry.map_entry_value_field();
+            return json!({"type": "object", "additionalProperties": self.field(&value, pool)});
         }
         let single = match field.kind() {
             Kind::Double | Kind::Float => json!({"type": "number"}),

@@ -58,10 +58,10 @@ pub async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Re
         && route.rpc.cache_ttl.is_some()
         && !parts.headers.contains_key(header::AUTHORIZATION))
     .then(|| parts.uri.to_string());
-    if let Some(key) = &cache_key {
-        if let Some(entry) = gateway.cache.get(key).await {
-            return cached(&parts.headers, &entry, "HIT");
-        }
+    if let Some(key) = &cache_key
+        && let Some(entry) = gateway.cache.get(key).await
+    {
+        return cached(&parts.headers, &entry, "HIT");
     }
 
     let Some(upstream) = gateway.upstreams.get(&route.rpc.service) else {

@@ -47,16 +47,16 @@ impl Process {
             std::thread::spawn(move || {
                 for line in BufReader::new(stdout).lines() {
                     let Ok(line) = line else { break };
-                    if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) {
-                        if value["message"] == "serving" {
-                            let addr: SocketAddr = value["addr"]
-                                .as_str()
-                                .and_then(|a| a.parse().ok())
-                                .expect("serving line has addr");
-                            let instance = value["instance"].as_str().unwrap_or("").to_owned();
-                            serving.lock().unwrap().push((instance, addr));
-                            let _ = tx.send(addr);
-                        }
+                    if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
+                        && value["message"] == "serving"
+                    {
+                        let addr: SocketAddr = value["addr"]
+                            .as_str()
+                            .and_then(|a| a.parse().ok())
+                            .expect("serving line has addr");
+                        let instance = value["instance"].as_str().unwrap_or("").to_owned();
+                        serving.lock().unwrap().push((instance, addr));
+                        let _ = tx.send(addr);
                     }
                     lines.lock().unwrap().push(line);
                 }

@@ -254,10 +254,10 @@ impl Shop {
             {
                 tracing::warn!(%error, "renewing order leases failed");
             }
-            if !draining.is_cancelled() {
-                if let Err(error) = self.adopt().await {
-                    tracing::warn!(%error, "adopting orphaned orders failed");
-                }
+            if !draining.is_cancelled()
+                && let Err(error) = self.adopt().await
+            {
+                tracing::warn!(%error, "adopting orphaned orders failed");
             }
         }
     }

@@ -74,10 +74,10 @@ impl Registry {
         let follower = CancellationToken::new();
         let key = (instance.service.clone(), instance.instance_id.clone());
         let mut state = self.lock();
-        if let Some(old) = state.by_instance.insert(key, lease_id.clone()) {
-            if let Some(old) = state.leases.remove(&old) {
-                old.follower.cancel();
-            }
+        if let Some(old) = state.by_instance.insert(key, lease_id.clone())
+            && let Some(old) = state.leases.remove(&old)
+        {
+            old.follower.cancel();
         }
         let service = instance.service.clone();
         state.leases.insert(
