@@ -38,6 +38,7 @@ echo "compose file parses"
 python3 - "$brewmesh" "$out" <<'PY'
 import glob, subprocess, sys, yaml
 brewmesh, out = sys.argv[1], sys.argv[2]
+ROLES = ("registry", "payment", "barista", "gateway")
 helps = {}
 def help_of(role):
     if role not in helps:
@@ -46,7 +47,7 @@ def help_of(role):
 problems, checked = [], 0
 def check(where, args, env):
     global checked
-    if not args or args[0] not in ("registry", "payment", "barista"):
+    if not args or args[0] not in ROLES:
         return
     text = help_of(args[0])
     for arg in args[1:]:
@@ -57,7 +58,7 @@ def check(where, args, env):
     for key in env:
         if key.startswith("BREWMESH_"):
             checked += 1
-            known = any(f"[env: {key}=" in help_of(r) or f"[env: {key}]" in help_of(r) for r in ("registry", "payment", "barista"))
+            known = any(f"[env: {key}=" in help_of(r) or f"[env: {key}]" in help_of(r) for r in ROLES)
             if not known:
                 problems.append(f"{where}: no role reads {key}")
 for path in glob.glob(f"{out}/*.yaml"):
