@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::transport::Channel;
+use tower::Layer as _;
 use tower::balance::p2c::Balance;
 use tower::buffer::Buffer;
 use tower::discover::Change;
@@ -48,6 +49,7 @@ use tower::util::BoxCloneSyncService;
 
 use crate::client::{InvalidAddress, endpoint};
 use crate::ejection::{Ejecting, Ejections};
+use crate::instrument::ClientLayer;
 use crate::pb::registry::v1::registry_client::RegistryClient;
 use crate::pb::registry::v1::{
     DeregisterRequest, Instance, KeepAliveRequest, RegisterRequest, WatchRequest,
@@ -297,7 +299,7 @@ async fn keep_registered(
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(key.clone(), granted.lease_id.clone());
-            tracing::info!(%registry, service = %instance.service, lease_id = %granted.lease_id, "registered");
+            tracing::info!(%registry, grpc_service = %instance.service, lease_id = %granted.lease_id, "registered");
             let ttl = granted
                 .ttl
                 .and_then(|t| Duration::try_from(t).ok())
@@ -479,7 +481,7 @@ async fn follow_registries(
             continue;
         }
         if **tx.borrow() != union {
-            tracing::info!(%service, addresses = ?union, "endpoints changed");
+            tracing::info!(grpc_service = %service, addresses = ?union, "endpoints changed");
             tx.send_replace(Arc::new(union));
         }
     }
@@ -555,10 +557,9 @@ pub fn balanced_with(source: Source, balancing: Balancing) -> Result<Balanced, I
             endpoints: Vec::new(),
             next: 0,
         };
-        return Ok(Balanced(BoxCloneSyncService::new(Buffer::new(
-            round_robin,
-            1024,
-        ))));
+        return Ok(Balanced(BoxCloneSyncService::new(
+            ClientLayer.layer(Buffer::new(round_robin, 1024)),
+        )));
     }
     // A new endpoint's first guess is optimistic (1 ms): P2C compares loads,
     // so a pessimistic guess would starve a new replica of the very traffic
@@ -575,9 +576,11 @@ pub fn balanced_with(source: Source, balancing: Balancing) -> Result<Balanced, I
     );
     let balance = Balance::new(discover);
     // Requests beyond this many queue in callers instead of here.
-    Ok(Balanced(BoxCloneSyncService::new(Buffer::new(
-        balance, 1024,
-    ))))
+    // Traced outside the buffer: the client span covers the wait for an
+    // endpoint, as the caller sees it.
+    Ok(Balanced(BoxCloneSyncService::new(
+        ClientLayer.layer(Buffer::new(balance, 1024)),
+    )))
 }
 
 /// Round robin over the discovered endpoints.

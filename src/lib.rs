@@ -17,7 +17,10 @@
 //!   DNS, registry) and P2C/peak-EWMA balanced channels; [`ejection`] takes
 //!   endpoints that keep failing out for a while.
 //! - [`db`]: SQLite (default) or PostgreSQL pools, durable across `kill -9`.
-//! - [`telemetry`]: structured (JSON or text) logs.
+//! - [`telemetry`]: JSON (or text) logs with trace ids, and OpenTelemetry
+//!   traces over OTLP configured by the `OTEL_*` variables;
+//!   [`instrument`] traces and measures every gRPC call (server and
+//!   client); [`metrics`] serves them to Prometheus.
 //! - [`idempotency`]: request fingerprints for idempotency keys.
 //! - [`testing`]: servers on port 0 for integration tests.
 //! - [`ids`] and [`time`]: identifiers and timestamps as the contracts spell them.
@@ -33,6 +36,8 @@ pub mod ejection;
 pub mod health;
 pub mod idempotency;
 pub mod ids;
+pub mod instrument;
+pub mod metrics;
 pub mod pb;
 pub mod secret;
 pub mod server;

@@ -113,12 +113,21 @@ pub async fn serve_registered(
         .add_service(health_service)
         .add_service(reflection(services).build_v1()?)
         .add_service(reflection(services).build_v1alpha()?);
+    // Prometheus scrapes the same port, over HTTP/1.1.
+    let routes = Routes::from(
+        routes
+            .into_axum_router()
+            .route("/metrics", axum::routing::get(metrics)),
+    );
 
     // tonic leaves Nagle on for a listener handed to it; small gRPC frames
     // would then wait for ACKs (tens of milliseconds a call).
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let stop_accepting = CancellationToken::new();
     let server = Server::builder()
+        .accept_http1(true)
+        // Outermost: the span and the latency include injected delays.
+        .layer(crate::instrument::ServerLayer)
         .layer(tower::util::option_layer(
             args.inject_latency.map(|by| DelayLayer { by }),
         ))
@@ -164,6 +173,17 @@ pub async fn serve_registered(
             Ok(Drained::AtDeadline)
         }
     }
+}
+
+/// `/metrics`: this process's metrics in the Prometheus text format.
+async fn metrics() -> impl axum::response::IntoResponse {
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        crate::metrics::render(),
+    )
 }
 
 /// Delays every call (fault injection: a slow replica).

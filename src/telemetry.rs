@@ -1,35 +1,442 @@
-//! Structured logs: JSON lines by default (what `brewmesh up` and log stacks
-//! read), or human-readable text. `RUST_LOG` filters as usual.
+//! Logs, traces and their context, configured by the standard `OTEL_*`
+//! variables.
+//!
+//! Logs are JSON lines by default (what `brewmesh up` and log stacks read)
+//! with `service`, `instance` and, inside a traced request, `trace_id` and
+//! `span_id`; or human-readable text. `RUST_LOG` filters them.
+//!
+//! Traces go over OTLP (gRPC, or HTTP/protobuf with
+//! `OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`) through the batch processor
+//! when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `…_TRACES_ENDPOINT`) is set, sampled
+//! by `OTEL_TRACES_SAMPLER`/`_ARG`, described by `OTEL_SERVICE_NAME` and
+//! `OTEL_RESOURCE_ATTRIBUTES`; `OTEL_SDK_DISABLED=true` turns it all off.
+//! With nothing set no OpenTelemetry layer is installed at all, and the RPC
+//! layers skip their spans: next to no cost. Logs also go over OTLP with
+//! `OTEL_LOGS_EXPORTER=otlp`.
+//!
+//! Only brewmesh's own spans are exported: h2, hyper and tonic internals
+//! would cost more CPU than the requests they describe.
 
-use tracing_subscriber::EnvFilter;
+use std::fmt;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
+
+use opentelemetry::KeyValue;
+use opentelemetry::propagation::{Extractor, Injector, TextMapCompositePropagator};
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::logs::SdkLoggerProvider;
+use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
-    /// One JSON object per line: timestamp, level, target, message, fields.
+    /// One JSON object per line: timestamp, level, target, message, fields,
+    /// service, instance, trace and span ids.
     Json,
     /// Human-readable lines.
     Text,
 }
 
-/// Installs the global subscriber writing to standard output. A second call
-/// (as in tests that start several servers) keeps the first.
-pub fn init(format: LogFormat) {
+/// The crates whose spans and logs are exported.
+const OWN_TARGETS: &[&str] = &[
+    "brewmesh",
+    "brewmesh_payment",
+    "brewmesh_barista",
+    "brewmesh_registry",
+    "brewmesh_gateway",
+    "brewmesh_cli",
+];
+
+static TRACING: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are exported: the RPC layers skip their spans when not.
+pub fn tracing_enabled() -> bool {
+    TRACING.load(Ordering::Relaxed)
+}
+
+/// Which RPC attribute names spans carry, from
+/// `OTEL_SEMCONV_STABILITY_OPT_IN`: `rpc` the new ones, `rpc/dup` both, else
+/// the old ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Semconv {
+    /// `rpc.system`, `rpc.service`, `rpc.method` (short), `rpc.grpc.status_code`.
+    pub old: bool,
+    /// `rpc.system.name`, `rpc.method` (`package.Service/Method`),
+    /// `rpc.response.status_code`.
+    pub new: bool,
+}
+
+/// The attribute names to emit, read once.
+pub fn semconv() -> Semconv {
+    static SEMCONV: OnceLock<Semconv> = OnceLock::new();
+    *SEMCONV.get_or_init(|| {
+        let opt_in = std::env::var("OTEL_SEMCONV_STABILITY_OPT_IN").unwrap_or_default();
+        let options: Vec<&str> = opt_in.split(',').map(str::trim).collect();
+        if options.contains(&"rpc/dup") {
+            Semconv {
+                old: true,
+                new: true,
+            }
+        } else if options.contains(&"rpc") {
+            Semconv {
+                old: false,
+                new: true,
+            }
+        } else {
+            Semconv {
+                old: true,
+                new: false,
+            }
+        }
+    })
+}
+
+/// What this process is, for logs and the trace resource.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// `service.name`: the role (`barista`), unless `OTEL_SERVICE_NAME`
+    /// says otherwise.
+    pub service: String,
+    /// `service.instance.id`: `BREWMESH_INSTANCE`, else host and pid.
+    pub instance: String,
+}
+
+impl Identity {
+    /// The identity of a process running `role`.
+    pub fn of(role: &str) -> Self {
+        let service = std::env::var("OTEL_SERVICE_NAME")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| role.to_owned());
+        let instance = std::env::var("BREWMESH_INSTANCE")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| {
+                let host = std::env::var("HOSTNAME")
+                    .ok()
+                    .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_else(|| "localhost".to_owned());
+                format!("{host}-{}", std::process::id())
+            });
+        Self { service, instance }
+    }
+}
+
+/// Flushes what is still buffered when the process ends: call
+/// [`Telemetry::shutdown`] after the last request.
+#[derive(Debug, Default)]
+#[must_use = "dropping it at once would stop exporting"]
+pub struct Telemetry {
+    tracer: Option<SdkTracerProvider>,
+    logger: Option<SdkLoggerProvider>,
+}
+
+impl Telemetry {
+    /// Exports what is buffered and stops the exporters. Blocks: call it
+    /// from a blocking context (`spawn_blocking`) in async code.
+    pub fn shutdown(self) {
+        if let Some(tracer) = self.tracer {
+            let _ = tracer.shutdown();
+        }
+        if let Some(logger) = self.logger {
+            let _ = logger.shutdown();
+        }
+    }
+}
+
+/// Why telemetry could not be set up as configured.
+#[derive(Debug, thiserror::Error)]
+#[error("OpenTelemetry: {0}")]
+pub struct TelemetryError(String);
+
+fn env_is(name: &str, value: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v.trim().eq_ignore_ascii_case(value))
+}
+
+fn env_set(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
+}
+
+/// Whether traces are configured to go anywhere.
+fn traces_configured() -> bool {
+    !env_is("OTEL_SDK_DISABLED", "true")
+        && !env_is("OTEL_TRACES_EXPORTER", "none")
+        && (env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+}
+
+fn logs_configured() -> bool {
+    !env_is("OTEL_SDK_DISABLED", "true") && env_is("OTEL_LOGS_EXPORTER", "otlp")
+}
+
+fn http_protocol(signal_var: &str) -> bool {
+    let protocol = std::env::var(signal_var)
+        .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or_default();
+    protocol.trim().starts_with("http/")
+}
+
+fn resource(identity: &Identity) -> Resource {
+    let mut builder = Resource::builder();
+    if !env_set("OTEL_SERVICE_NAME") {
+        builder = builder.with_service_name(identity.service.clone());
+    }
+    let from_env = std::env::var("OTEL_RESOURCE_ATTRIBUTES").unwrap_or_default();
+    if !from_env.contains("service.instance.id=") {
+        builder = builder.with_attribute(KeyValue::new(
+            "service.instance.id",
+            identity.instance.clone(),
+        ));
+    }
+    if !from_env.contains("service.namespace=") {
+        builder = builder.with_attribute(KeyValue::new("service.namespace", "brewmesh"));
+    }
+    builder.build()
+}
+
+/// Installs the global subscriber: logs to standard output as `format`,
+/// and, when configured, traces (and logs) over OTLP. Must be called inside
+/// a Tokio runtime when OTLP over gRPC is configured. A second call (as in
+/// tests that start several servers) keeps the first.
+pub fn init(format: LogFormat, identity: Identity) -> Result<Telemetry, TelemetryError> {
     // h2/hyper/tower at info would log every connection; keep them quiet
     // unless RUST_LOG asks for them.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,sqlx=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(|| LossyStdout);
-    let _already_set = match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
-        LogFormat::Text => builder.try_init(),
+    let filter = || {
+        EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,sqlx=warn"))
     };
+    let own = || {
+        OWN_TARGETS.iter().fold(Targets::new(), |t, target| {
+            t.with_target(*target, Level::TRACE)
+        })
+    };
+
+    let mut telemetry = Telemetry::default();
+    let otel_traces = if traces_configured() {
+        let exporter = if http_protocol("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") {
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .build()
+        } else {
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .build()
+        }
+        .map_err(|e| TelemetryError(e.to_string()))?;
+        // The sampler comes from OTEL_TRACES_SAMPLER/_ARG, the batch
+        // settings from OTEL_BSP_*.
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource(&identity))
+            .build();
+        let tracer = provider.tracer("brewmesh");
+        opentelemetry::global::set_tracer_provider(provider.clone());
+        opentelemetry::global::set_text_map_propagator(TextMapCompositePropagator::new(vec![
+            Box::new(TraceContextPropagator::new()),
+            Box::new(BaggagePropagator::new()),
+        ]));
+        telemetry.tracer = Some(provider);
+        TRACING.store(true, Ordering::Relaxed);
+        Some(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_error_events_to_status(true)
+                .with_filter(own()),
+        )
+    } else {
+        None
+    };
+    let otel_logs = if logs_configured() {
+        let exporter = if http_protocol("OTEL_EXPORTER_OTLP_LOGS_PROTOCOL") {
+            opentelemetry_otlp::LogExporter::builder()
+                .with_http()
+                .build()
+        } else {
+            opentelemetry_otlp::LogExporter::builder()
+                .with_tonic()
+                .build()
+        }
+        .map_err(|e| TelemetryError(e.to_string()))?;
+        let provider = SdkLoggerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource(&identity))
+            .build();
+        let bridge =
+            opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(&provider);
+        telemetry.logger = Some(provider);
+        Some(bridge.with_filter(filter()).with_filter(own()))
+    } else {
+        None
+    };
+
+    let lines = match format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .event_format(JsonLines {
+                service: identity.service.clone(),
+                instance: identity.instance.clone(),
+            })
+            .with_writer(|| LossyStdout)
+            .boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(|| LossyStdout)
+            .boxed(),
+    };
+    let _already_set = tracing_subscriber::registry()
+        .with(lines.with_filter(filter()))
+        .with(otel_traces)
+        .with(otel_logs)
+        .try_init();
+    Ok(telemetry)
+}
+
+/// Reads W3C trace context (and baggage) from request headers.
+pub struct HeaderExtractor<'a>(pub &'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// Writes W3C trace context (and baggage) into request headers.
+pub struct HeaderInjector<'a>(pub &'a mut http::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(name, value);
+        }
+    }
+}
+
+/// The remote parent in `headers` (an invalid context when none).
+pub fn extract(headers: &http::HeaderMap) -> opentelemetry::Context {
+    opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)))
+}
+
+/// Puts `span`'s context into `headers`, for the next hop.
+pub fn inject(span: &tracing::Span, headers: &mut http::HeaderMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let context = span.context();
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&context, &mut HeaderInjector(headers));
+    });
+}
+
+/// Marks `span` failed with `message`, and records it as an event.
+pub fn fail(span: &tracing::Span, message: &str) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    span.set_status(opentelemetry::trace::Status::error(message.to_owned()));
+    span.add_event(
+        "exception",
+        vec![KeyValue::new("exception.message", message.to_owned())],
+    );
+}
+
+/// JSON lines with the process's identity and the current trace context.
+struct JsonLines {
+    service: String,
+    instance: String,
+}
+
+impl<S, N> FormatEvent<S, N> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let metadata = event.metadata();
+        let mut line = serde_json::Map::new();
+        line.insert(
+            "timestamp".into(),
+            humantime::format_rfc3339_micros(SystemTime::now())
+                .to_string()
+                .into(),
+        );
+        line.insert("level".into(), metadata.level().as_str().into());
+        line.insert("target".into(), metadata.target().into());
+        event.record(&mut JsonFields(&mut line));
+        line.insert("service".into(), self.service.as_str().into());
+        line.insert("instance".into(), self.instance.as_str().into());
+        if tracing_enabled()
+            && let Some(span) = ctx.lookup_current()
+        {
+            let context = tracing::dispatcher::get_default(|dispatch| {
+                tracing_opentelemetry::get_otel_context(&span.id(), dispatch)
+            });
+            if let Some(context) = context {
+                let span_context = context.span().span_context().clone();
+                if span_context.is_valid() {
+                    line.insert(
+                        "trace_id".into(),
+                        span_context.trace_id().to_string().into(),
+                    );
+                    line.insert("span_id".into(), span_context.span_id().to_string().into());
+                }
+            }
+        }
+        let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
+        writeln!(writer, "{text}")
+    }
+}
+
+/// An event's fields as JSON values.
+struct JsonFields<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
+
+impl Visit for JsonFields<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0
+            .insert(field.name().to_owned(), format!("{value:?}").into());
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.0
+            .insert(field.name().to_owned(), value.to_string().into());
+    }
 }
 
 /// Standard output that drops what it cannot write. When the reader of our

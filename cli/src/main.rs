@@ -70,33 +70,29 @@ fn main() -> anyhow::Result<()> {
                 up::run(args, format).await
             }
             Command::Registry(config) => {
-                brewmesh::telemetry::init(cli.log_format.unwrap_or(LogFormat::Json));
                 let addr = config.serve.listen.unwrap_or(default_addr(REGISTRY_ADDR));
-                serve(addr, |listener, shutdown| {
+                serve("registry", cli.log_format, addr, |listener, shutdown| {
                     brewmesh_registry::run(listener, config, shutdown)
                 })
                 .await
             }
             Command::Payment(config) => {
-                brewmesh::telemetry::init(cli.log_format.unwrap_or(LogFormat::Json));
                 let addr = config.serve.listen.unwrap_or(default_addr(PAYMENT_ADDR));
-                serve(addr, |listener, shutdown| {
+                serve("payment", cli.log_format, addr, |listener, shutdown| {
                     brewmesh_payment::run(listener, config, shutdown)
                 })
                 .await
             }
             Command::Gateway(config) => {
-                brewmesh::telemetry::init(cli.log_format.unwrap_or(LogFormat::Json));
                 let addr = config.listen.unwrap_or(default_addr(GATEWAY_ADDR));
-                serve(addr, |listener, shutdown| {
+                serve("gateway", cli.log_format, addr, |listener, shutdown| {
                     brewmesh_gateway::run(listener, config, shutdown)
                 })
                 .await
             }
             Command::Barista(config) => {
-                brewmesh::telemetry::init(cli.log_format.unwrap_or(LogFormat::Json));
                 let addr = config.serve.listen.unwrap_or(default_addr(BARISTA_ADDR));
-                serve(addr, |listener, shutdown| {
+                serve("barista", cli.log_format, addr, |listener, shutdown| {
                     brewmesh_barista::run(listener, config, shutdown)
                 })
                 .await
@@ -109,13 +105,23 @@ fn default_addr(addr: &str) -> SocketAddr {
     addr.parse().expect("the default addresses are valid")
 }
 
-/// Binds `addr` and runs a role until SIGTERM/SIGINT and its drain.
-async fn serve<F, Fut, E>(addr: SocketAddr, run: F) -> anyhow::Result<()>
+/// Sets up logs and traces for `role`, binds `addr` and runs the role until
+/// SIGTERM/SIGINT and its drain; then flushes the traces.
+async fn serve<F, Fut, E>(
+    role: &str,
+    log_format: Option<LogFormat>,
+    addr: SocketAddr,
+    run: F,
+) -> anyhow::Result<()>
 where
     F: FnOnce(TcpListener, CancellationToken) -> Fut,
     Fut: Future<Output = Result<Drained, E>>,
     E: std::error::Error + Send + Sync + 'static,
 {
+    let telemetry = brewmesh::telemetry::init(
+        log_format.unwrap_or(LogFormat::Json),
+        brewmesh::telemetry::Identity::of(role),
+    )?;
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
@@ -133,6 +139,8 @@ where
     match run(listener, shutdown).await {
         Ok(drained) => {
             tracing::info!(?drained, "stopped");
+            // The batch exporter blocks while it flushes.
+            let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
             Ok(())
         }
         Err(error) => {

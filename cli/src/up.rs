@@ -221,6 +221,12 @@ async fn start(
         .args(["--log-format", "json"])
         .args(args)
         .envs(env.iter().copied())
+        // Each child its own name in traces and logs, whatever `up` got.
+        .env(
+            "OTEL_SERVICE_NAME",
+            args.first().map_or("brewmesh", String::as_str),
+        )
+        .env("BREWMESH_INSTANCE", label)
         // The child drains and exits when this pipe closes, which happens
         // however `up` ends, even by SIGKILL: no orphans.
         .env(crate::EXIT_WITH_PARENT, "1")
@@ -328,7 +334,7 @@ fn text_line(object: &Map<String, Value>) -> String {
     for (key, value) in object {
         if matches!(
             key.as_str(),
-            "timestamp" | "level" | "target" | "message" | "instance"
+            "timestamp" | "level" | "target" | "message" | "instance" | "service" | "span_id"
         ) {
             continue;
         }

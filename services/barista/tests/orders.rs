@@ -60,7 +60,10 @@ fn barista_config(database: DatabaseArgs, payment_addr: String) -> brewmesh_bari
 }
 
 async fn mesh(payment_delay: Duration, tweak: impl FnOnce(&mut brewmesh_barista::Config)) -> Mesh {
-    brewmesh::telemetry::init(brewmesh::telemetry::LogFormat::Text);
+    let _ = brewmesh::telemetry::init(
+        brewmesh::telemetry::LogFormat::Text,
+        brewmesh::telemetry::Identity::of("test"),
+    );
     let dir = tempfile::tempdir().unwrap();
     let payment_config = brewmesh_payment::Config {
         serve: serve_args(),

@@ -128,7 +128,7 @@ impl Registry {
         }
         entry.health = health;
         let service = entry.instance.service.clone();
-        tracing::info!(lease_id, instance = %entry.instance.instance_id, address = %entry.instance.address, ?health, "instance health changed");
+        tracing::info!(lease_id, instance_id = %entry.instance.instance_id, address = %entry.instance.address, ?health, "instance health changed");
         publish(&mut state, &service);
     }
 
@@ -143,7 +143,7 @@ impl Registry {
             .collect();
         for lease_id in &expired {
             if let Some(entry) = remove(&mut state, lease_id) {
-                tracing::info!(lease_id, instance = %entry.instance.instance_id, "lease expired");
+                tracing::info!(lease_id, instance_id = %entry.instance.instance_id, "lease expired");
                 publish(&mut state, &entry.instance.service);
             }
         }

@@ -121,7 +121,7 @@ impl RegistryApi for RegistryService {
             ..instance
         };
         let granted = self.registry.register(instance.clone(), ttl);
-        tracing::info!(lease_id = %granted.lease_id, instance = %instance.instance_id, service = %instance.service, address = %instance.address, ?ttl, "registered");
+        tracing::info!(lease_id = %granted.lease_id, instance_id = %instance.instance_id, grpc_service = %instance.service, address = %instance.address, ?ttl, "registered");
         tokio::spawn(follow_health(
             Arc::clone(&self.registry),
             granted.lease_id.clone(),

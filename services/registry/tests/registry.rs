@@ -26,7 +26,10 @@ async fn registry() -> (
     Running<Result<Drained, ServeError>>,
     RegistryClient<Channel>,
 ) {
-    brewmesh::telemetry::init(brewmesh::telemetry::LogFormat::Text);
+    let _ = brewmesh::telemetry::init(
+        brewmesh::telemetry::LogFormat::Text,
+        brewmesh::telemetry::Identity::of("test"),
+    );
     let config = brewmesh_registry::Config {
         serve: ServeArgs {
             listen: None,

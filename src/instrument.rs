@@ -1,0 +1,312 @@
+//! Tower layers that trace and measure gRPC calls: [`ServerLayer`] around a
+//! server's routes (a server span continuing the caller's trace, and the
+//! RPC metrics), [`ClientLayer`] around a channel (a client span, and the
+//! trace context put into the request's headers).
+//!
+//! Span names and attributes follow the OpenTelemetry RPC conventions,
+//! old or new names as [`crate::telemetry::semconv`] says. A call ends when
+//! its response body ends (its trailers carry the status), so a stream's
+//! span and latency cover the whole stream.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http_body_util::BodyExt as _;
+use tonic::Code;
+use tonic::body::Body;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use crate::metrics::{RpcCodeLabels, RpcLabels, code_name, rpc};
+use crate::telemetry::{extract, fail, inject, semconv, tracing_enabled};
+
+/// The service and method of a gRPC path (`/package.Service/Method`).
+fn split_path(path: &str) -> (&str, &str) {
+    let path = path.trim_start_matches('/');
+    path.split_once('/').unwrap_or((path, ""))
+}
+
+/// Health checks and reflection are plumbing: measured, not traced.
+fn plumbing(service: &str) -> bool {
+    service.starts_with("grpc.health.") || service.starts_with("grpc.reflection.")
+}
+
+/// The gRPC status in a header map (headers of a trailers-only response,
+/// or trailers).
+fn status_in(headers: &http::HeaderMap) -> Option<Code> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(Code::from_i32)
+}
+
+/// A span with the RPC attributes of `service`/`method`.
+fn rpc_span(kind: &'static str, service: &str, method: &str) -> tracing::Span {
+    let name = format!("{service}/{method}");
+    let span = match kind {
+        "server" => {
+            tracing::info_span!(target: "brewmesh::rpc", "grpc", otel.name = %name, otel.kind = "server")
+        }
+        _ => {
+            tracing::info_span!(target: "brewmesh::rpc", "grpc", otel.name = %name, otel.kind = "client")
+        }
+    };
+    let conventions = semconv();
+    if conventions.old {
+        span.set_attribute("rpc.system", "grpc");
+        span.set_attribute("rpc.service", service.to_owned());
+        span.set_attribute("rpc.method", method.to_owned());
+    }
+    if conventions.new {
+        span.set_attribute("rpc.system.name", "grpc");
+        // The same key in both sets: the new, fully qualified value wins.
+        span.set_attribute("rpc.method", name);
+    }
+    span
+}
+
+/// Records the outcome on the span: status attributes, and an error status
+/// for the codes the conventions count as errors.
+fn finish_span(span: &tracing::Span, kind: &'static str, code: Code, message: Option<&str>) {
+    let conventions = semconv();
+    if conventions.old {
+        span.set_attribute("rpc.grpc.status_code", code as i64);
+    }
+    if conventions.new {
+        span.set_attribute("rpc.response.status_code", code_name(code));
+    }
+    // Server spans: only codes that say the server failed are errors;
+    // client spans: every non-OK code (OpenTelemetry's gRPC conventions).
+    let error = match kind {
+        "server" => matches!(
+            code,
+            Code::Unknown
+                | Code::DeadlineExceeded
+                | Code::Unimplemented
+                | Code::Internal
+                | Code::Unavailable
+                | Code::DataLoss
+        ),
+        _ => code != Code::Ok,
+    };
+    if error {
+        fail(span, message.unwrap_or(code_name(code)));
+    }
+}
+
+/// Traces and measures every call a gRPC server answers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServerLayer;
+
+impl<S> tower::Layer<S> for ServerLayer {
+    type Service = Server<S>;
+
+    fn layer(&self, inner: S) -> Server<S> {
+        Server { inner }
+    }
+}
+
+/// See [`ServerLayer`].
+#[derive(Debug, Clone)]
+pub struct Server<S> {
+    inner: S,
+}
+
+/// The end of one call: metrics and span, recorded once, when the body
+/// ends or is dropped.
+struct Outcome {
+    labels: RpcLabels,
+    started: Instant,
+    span: Option<tracing::Span>,
+    kind: &'static str,
+    measured: bool,
+    done: AtomicBool,
+}
+
+impl Outcome {
+    fn finish(&self, code: Code, message: Option<&str>) {
+        if self.done.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if self.measured {
+            let metrics = rpc();
+            metrics.in_flight.get_or_create(&self.labels).dec();
+            metrics
+                .duration
+                .get_or_create(&self.labels)
+                .observe(self.started.elapsed().as_secs_f64());
+            metrics
+                .requests
+                .get_or_create(&RpcCodeLabels {
+                    service: self.labels.service.clone(),
+                    method: self.labels.method.clone(),
+                    code: code_name(code).to_owned(),
+                })
+                .inc();
+        }
+        if let Some(span) = &self.span {
+            finish_span(span, self.kind, code, message);
+        }
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        // The body was dropped before its end: the caller went away.
+        self.finish(Code::Cancelled, Some("the call ended early"));
+    }
+}
+
+/// Ends `outcome` with the status in the response's headers (a
+/// trailers-only answer) or, failing that, its trailers.
+fn watch_body(response: http::Response<Body>, outcome: Arc<Outcome>) -> http::Response<Body> {
+    if let Some(code) = status_in(response.headers()) {
+        let message = response
+            .headers()
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        outcome.finish(code, message.as_deref());
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let watched = body.map_frame(move |frame| {
+        if let Some(trailers) = frame.trailers_ref() {
+            let message = trailers.get("grpc-message").and_then(|v| v.to_str().ok());
+            outcome.finish(status_in(trailers).unwrap_or(Code::Unknown), message);
+        }
+        frame
+    });
+    http::Response::from_parts(parts, Body::new(watched))
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Server<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<Body>> + Send,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let (service, method) = split_path(request.uri().path());
+        // Anything else on the port (/metrics) is not an RPC.
+        let is_rpc = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        if !is_rpc {
+            return Box::pin(self.inner.call(request));
+        }
+        let labels = RpcLabels {
+            service: service.to_owned(),
+            method: method.to_owned(),
+        };
+        let span = (tracing_enabled() && !plumbing(service)).then(|| {
+            let span = rpc_span("server", service, method);
+            // Before the span is entered, or the parent cannot change.
+            let _ = span.set_parent(extract(request.headers()));
+            span
+        });
+        rpc().in_flight.get_or_create(&labels).inc();
+        let outcome = Arc::new(Outcome {
+            labels,
+            started: Instant::now(),
+            span: span.clone(),
+            kind: "server",
+            measured: true,
+            done: AtomicBool::new(false),
+        });
+        let call = self.inner.call(request);
+        let call = async move {
+            let response = call.await?;
+            Ok(watch_body(response, outcome))
+        };
+        match span {
+            Some(span) => Box::pin(call.instrument(span)),
+            None => Box::pin(call),
+        }
+    }
+}
+
+/// Traces every call through a channel, and sends the trace context along.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClientLayer;
+
+impl<S> tower::Layer<S> for ClientLayer {
+    type Service = Client<S>;
+
+    fn layer(&self, inner: S) -> Client<S> {
+        Client { inner }
+    }
+}
+
+/// See [`ClientLayer`].
+#[derive(Debug, Clone)]
+pub struct Client<S> {
+    inner: S,
+}
+
+impl<S> tower::Service<http::Request<Body>> for Client<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>> + Send,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        if !tracing_enabled() {
+            return Box::pin(self.inner.call(request));
+        }
+        let (service, method) = split_path(request.uri().path());
+        if plumbing(service) {
+            return Box::pin(self.inner.call(request));
+        }
+        let span = rpc_span("client", service, method);
+        let labels = RpcLabels {
+            service: service.to_owned(),
+            method: method.to_owned(),
+        };
+        inject(&span, request.headers_mut());
+        let outcome = Arc::new(Outcome {
+            labels,
+            started: Instant::now(),
+            span: Some(span.clone()),
+            kind: "client",
+            measured: false,
+            done: AtomicBool::new(false),
+        });
+        let call = self.inner.call(request);
+        let failed = Arc::clone(&outcome);
+        Box::pin(
+            async move {
+                match call.await {
+                    Ok(response) => Ok(watch_body(response, outcome)),
+                    Err(error) => {
+                        failed.finish(Code::Unavailable, Some("the call did not reach a server"));
+                        Err(error)
+                    }
+                }
+            }
+            .instrument(span),
+        )
+    }
+}

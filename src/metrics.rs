@@ -1,0 +1,127 @@
+//! Prometheus metrics of this process, written as text at `/metrics` (every
+//! gRPC server serves it on its own port, over HTTP/1.1).
+//!
+//! One registry per process; the RPC families are here, the services
+//! register their own (saga outcomes, stations, registry counts) through
+//! [`register`].
+
+use std::sync::{Mutex, OnceLock};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Metric, Registry};
+
+pub use prometheus_client;
+
+fn registry() -> &'static Mutex<Registry> {
+    static REGISTRY: OnceLock<Mutex<Registry>> = OnceLock::new();
+    REGISTRY.get_or_init(|| Mutex::new(Registry::default()))
+}
+
+/// Adds `metric` to this process's registry. Register each name once.
+pub fn register(name: &str, help: &str, metric: impl Metric) {
+    registry()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .register(name, help, metric);
+}
+
+/// Every metric in the Prometheus text format.
+pub fn render() -> String {
+    let mut out = String::new();
+    let registry = registry().lock().unwrap_or_else(|p| p.into_inner());
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}
+
+/// A latency histogram from 0.5 ms to about 16 s.
+pub fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Labels of an RPC.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    /// `package.Service`.
+    pub service: String,
+    /// `Method`.
+    pub method: String,
+}
+
+/// Labels of a finished RPC.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcCodeLabels {
+    /// `package.Service`.
+    pub service: String,
+    /// `Method`.
+    pub method: String,
+    /// The gRPC status code's name (`OK`, `NOT_FOUND`, …).
+    pub code: String,
+}
+
+/// The server side of every gRPC call this process answers.
+#[derive(Debug, Clone)]
+pub struct RpcMetrics {
+    /// Finished calls by code.
+    pub requests: Family<RpcCodeLabels, Counter>,
+    /// Time from the request to the end of the response.
+    pub duration: Family<RpcLabels, Histogram>,
+    /// Calls being answered now.
+    pub in_flight: Family<RpcLabels, Gauge>,
+}
+
+/// The process's [`RpcMetrics`], registered on first use.
+pub fn rpc() -> &'static RpcMetrics {
+    static RPC: OnceLock<RpcMetrics> = OnceLock::new();
+    RPC.get_or_init(|| {
+        let metrics = RpcMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+            in_flight: Family::default(),
+        };
+        register(
+            "rpc_server_requests",
+            "gRPC calls answered, by service, method and status code",
+            metrics.requests.clone(),
+        );
+        register(
+            "rpc_server_duration_seconds",
+            "gRPC call latency, request to the end of the response",
+            metrics.duration.clone(),
+        );
+        register(
+            "rpc_server_in_flight_requests",
+            "gRPC calls being answered",
+            metrics.in_flight.clone(),
+        );
+        metrics
+    })
+}
+
+/// The name of a gRPC code as the status proto spells it (`NOT_FOUND`).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
