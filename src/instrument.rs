@@ -59,12 +59,16 @@ fn rpc_span(kind: &'static str, service: &str, method: &str) -> tracing::Span {
     if conventions.old {
         span.set_attribute("rpc.system", "grpc");
         span.set_attribute("rpc.service", service.to_owned());
-        span.set_attribute("rpc.method", method.to_owned());
     }
     if conventions.new {
         span.set_attribute("rpc.system.name", "grpc");
-        // The same key in both sets: the new, fully qualified value wins.
+    }
+    // The one key both sets use, with different values: the new, fully
+    // qualified one wins when both are asked for.
+    if conventions.new {
         span.set_attribute("rpc.method", name);
+    } else {
+        span.set_attribute("rpc.method", method.to_owned());
     }
     span
 }

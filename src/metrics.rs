@@ -7,14 +7,15 @@
 
 use std::sync::{Mutex, OnceLock};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Metric, Registry};
-
-pub use prometheus_client;
 
 fn registry() -> &'static Mutex<Registry> {
     static REGISTRY: OnceLock<Mutex<Registry>> = OnceLock::new();
@@ -27,6 +28,48 @@ pub fn register(name: &str, help: &str, metric: impl Metric) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .register(name, help, metric);
+}
+
+/// Label pairs, for gauges read at scrape time.
+pub type Labels = Vec<(String, String)>;
+
+/// Registers a gauge family whose values `read` gives at each scrape: for
+/// figures another structure already keeps (semaphores, maps), so nothing
+/// has to be updated on the hot path.
+pub fn register_gauges<F>(name: &'static str, help: &'static str, read: F)
+where
+    F: Fn() -> Vec<(Labels, f64)> + Send + Sync + 'static,
+{
+    registry()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .register_collector(Box::new(GaugesAtScrape { name, help, read }));
+}
+
+struct GaugesAtScrape<F> {
+    name: &'static str,
+    help: &'static str,
+    read: F,
+}
+
+impl<F> std::fmt::Debug for GaugesAtScrape<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl<F> Collector for GaugesAtScrape<F>
+where
+    F: Fn() -> Vec<(Labels, f64)> + Send + Sync + 'static,
+{
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let family = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        for (labels, value) in (self.read)() {
+            family.get_or_create(&labels).set(value);
+        }
+        let metric = encoder.encode_descriptor(self.name, self.help, None, family.metric_type())?;
+        family.encode(metric)
+    }
 }
 
 /// Every metric in the Prometheus text format.

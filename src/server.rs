@@ -104,6 +104,8 @@ pub async fn serve_registered(
 ) -> Result<Drained, ServeError> {
     let drain_timeout = args.drain_timeout;
     let addr = listener.local_addr()?;
+    // The RPC families exist (at 0) from the start, not from the first call.
+    let _ = crate::metrics::rpc();
     let health = HealthReporter::new();
     set_health(&health, services, ServingStatus::Serving).await;
     let draining = CancellationToken::new();

@@ -121,3 +121,143 @@ async fn postgres_database(server: &str, dir: &std::path::Path, service: &str) -
     }
     format!("{}/{name}", server.trim_end_matches('/'))
 }
+
+/// A span as an OTLP receiver got it, with the `service.name` of its
+/// resource.
+#[derive(Debug, Clone)]
+pub struct CollectedSpan {
+    /// `service.name` of the process that sent it.
+    pub service: String,
+    /// The span.
+    pub span: opentelemetry_proto::tonic::trace::v1::Span,
+}
+
+impl CollectedSpan {
+    /// A string attribute of the span.
+    pub fn attribute(&self, key: &str) -> Option<String> {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        self.span
+            .attributes
+            .iter()
+            .find(|a| a.key == key)
+            .and_then(|a| a.value.as_ref())
+            .and_then(|v| v.value.as_ref())
+            .map(|v| match v {
+                Value::StringValue(s) => s.clone(),
+                Value::IntValue(i) => i.to_string(),
+                Value::BoolValue(b) => b.to_string(),
+                Value::DoubleValue(d) => d.to_string(),
+                other => format!("{other:?}"),
+            })
+    }
+
+    /// The trace id, in hex.
+    pub fn trace_id(&self) -> String {
+        crate::idempotency::to_hex(&self.span.trace_id)
+    }
+
+    /// The span id, in hex.
+    pub fn span_id(&self) -> String {
+        crate::idempotency::to_hex(&self.span.span_id)
+    }
+
+    /// The parent's span id, in hex (empty for a root).
+    pub fn parent_id(&self) -> String {
+        crate::idempotency::to_hex(&self.span.parent_span_id)
+    }
+
+    /// Whether its status is ERROR.
+    pub fn is_error(&self) -> bool {
+        self.span.status.as_ref().is_some_and(|s| s.code == 2)
+    }
+}
+
+/// An OTLP/gRPC trace receiver on 127.0.0.1:0 that keeps what it gets:
+/// the test collector (and the benchmarks' local receiver).
+#[derive(Debug, Clone, Default)]
+pub struct Collector {
+    spans: std::sync::Arc<std::sync::Mutex<Vec<CollectedSpan>>>,
+}
+
+impl Collector {
+    /// Starts one; it runs until the runtime ends. Returns it and its
+    /// `http://127.0.0.1:port` endpoint.
+    pub async fn start() -> (Collector, String) {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding 127.0.0.1:0");
+        let addr = listener
+            .local_addr()
+            .expect("a bound listener has an address");
+        let collector = Collector::default();
+        let service =
+            TraceServiceServer::new(collector.clone()).max_decoding_message_size(64 << 20);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        (collector, format!("http://{addr}"))
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<CollectedSpan> {
+        self.spans.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// How many spans were received so far.
+    pub fn count(&self) -> usize {
+        self.spans.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        let mut received = Vec::new();
+        for resource_spans in request.into_inner().resource_spans {
+            let service = resource_spans
+                .resource
+                .iter()
+                .flat_map(|r| r.attributes.iter())
+                .find(|a| a.key == "service.name")
+                .and_then(|a| a.value.as_ref())
+                .and_then(|v| match &v.value {
+                    Some(Value::StringValue(s)) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for scope in resource_spans.scope_spans {
+                for span in scope.spans {
+                    received.push(CollectedSpan {
+                        service: service.clone(),
+                        span,
+                    });
+                }
+            }
+        }
+        self.spans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(received);
+        Ok(tonic::Response::new(
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse {
+                partial_success: None,
+            },
+        ))
+    }
+}

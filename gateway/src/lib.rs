@@ -6,7 +6,8 @@
 //! the descriptors' http rules into a route table; [`transcode`] builds
 //! request messages from path, query and body and writes JSON; [`proxy`]
 //! is the request path (route, transcode, call, answer); [`errors`] maps
-//! gRPC statuses to HTTP; [`cache`] keeps cacheable GET answers;
+//! gRPC statuses to HTTP; [`observe`] counts requests for `/metrics`;
+//! [`cache`] keeps cacheable GET answers;
 //! [`openapi`] writes the OpenAPI document; [`descriptors`] loads them.
 //! [`run`] serves it all until shutdown.
 
@@ -16,6 +17,7 @@ pub mod cache;
 pub mod codec;
 pub mod descriptors;
 pub mod errors;
+pub mod observe;
 pub mod openapi;
 pub mod proxy;
 pub mod routes;
@@ -307,6 +309,7 @@ impl Gateway {
         Router::new()
             .route("/healthz", get(proxy::healthz))
             .route("/openapi.json", get(proxy::openapi))
+            .route("/metrics", get(proxy::metrics))
             .fallback(proxy::handle)
             .with_state(self)
     }

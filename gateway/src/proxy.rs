@@ -18,22 +18,108 @@ use tokio_stream::StreamExt as _;
 use tonic::Code;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 
+use brewmesh::telemetry::tracing_enabled;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
 use crate::Gateway;
 use crate::cache::none_match;
 use crate::codec::DynamicCodec;
 use crate::errors::{bad_request, gateway_error, http_status, status_json, status_response};
+use crate::observe::{HttpLabels, HttpStatusLabels};
 use crate::routes::{BodyRule, Route};
 use crate::transcode;
 
 /// Headers that go upstream under their own name.
 const PASSED_THROUGH: &[&str] = &["authorization", "traceparent", "tracestate", "baggage"];
 
-/// The REST routes.
+/// The REST routes: each request in an HTTP server span (continuing the
+/// client's trace context) and counted by route and status.
 pub async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let path = parts.uri.path();
-    let Some((route, bindings)) = find(&gateway, &parts.method, path) else {
-        return no_route(&gateway, &parts.method, path);
+    let found = find(&gateway, &parts.method, path);
+    let route_name = found
+        .as_ref()
+        .map_or("unmatched", |(route, _)| route.template.source());
+    let labels = HttpLabels {
+        method: parts.method.as_str().to_owned(),
+        route: route_name.to_owned(),
+    };
+    let metrics = crate::observe::http();
+    metrics.in_flight.get_or_create(&labels).inc();
+    let started = Instant::now();
+    let span = tracing_enabled().then(|| {
+        let span = tracing::info_span!(
+            target: "brewmesh_gateway::http",
+            "http",
+            otel.name = %format!("{} {route_name}", parts.method),
+            otel.kind = "server",
+        );
+        let _ = span.set_parent(brewmesh::telemetry::extract(&parts.headers));
+        span.set_attribute("http.request.method", parts.method.as_str().to_owned());
+        span.set_attribute("http.route", route_name.to_owned());
+        span.set_attribute("url.path", path.to_owned());
+        span.set_attribute("url.scheme", "http");
+        span
+    });
+    let answer = respond(&gateway, &parts, body, found);
+    let response = match &span {
+        Some(span) => answer.instrument(span.clone()).await,
+        None => answer.await,
+    };
+    let status = response.status();
+    let elapsed = started.elapsed();
+    metrics.in_flight.get_or_create(&labels).dec();
+    metrics
+        .duration
+        .get_or_create(&labels)
+        .observe(elapsed.as_secs_f64());
+    metrics
+        .requests
+        .get_or_create(&HttpStatusLabels {
+            method: labels.method,
+            route: labels.route,
+            status: status.as_u16(),
+        })
+        .inc();
+    if let Some(span) = &span {
+        span.set_attribute("http.response.status_code", i64::from(status.as_u16()));
+        if status.is_server_error() {
+            brewmesh::telemetry::fail(span, status.as_str());
+        }
+        span.in_scope(|| {
+            tracing::debug!(
+                target: "brewmesh_gateway::access",
+                method = %parts.method,
+                path,
+                status = status.as_u16(),
+                elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+                "request"
+            );
+        });
+    } else {
+        tracing::debug!(
+            target: "brewmesh_gateway::access",
+            method = %parts.method,
+            path,
+            status = status.as_u16(),
+            elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
+    response
+}
+
+async fn respond(
+    gateway: &Arc<Gateway>,
+    parts: &http::request::Parts,
+    body: Body,
+    found: Option<(&Route, Vec<(&str, String)>)>,
+) -> Response {
+    let path = parts.uri.path();
+    let Some((route, bindings)) = found else {
+        return no_route(gateway, &parts.method, path);
     };
 
     let has_body = !matches!(route.body, BodyRule::None);
@@ -96,10 +182,10 @@ pub async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Re
         if streaming {
             grpc.server_streaming(call, path, codec)
                 .await
-                .map(|r| stream_response(&gateway, route, r, sse))
+                .map(|r| stream_response(gateway, route, r, sse))
         } else {
             let response = grpc.unary(call, path, codec).await?;
-            Ok(unary_response(&gateway, route, &parts.headers, cache_key, response).await)
+            Ok(unary_response(gateway, route, &parts.headers, cache_key, response).await)
         }
     };
     let started = Instant::now();
@@ -118,7 +204,7 @@ pub async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Re
             }),
         None => exchange.await,
     };
-    outcome.unwrap_or_else(|status| error_response(&gateway, &status))
+    outcome.unwrap_or_else(|status| error_response(gateway, &status))
 }
 
 async fn unary_response(
@@ -488,6 +574,19 @@ pub async fn openapi(State(gateway): State<Arc<Gateway>>) -> Response {
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// `/metrics`: the gateway's metrics (HTTP, and its balanced channels'
+/// metrics) in the Prometheus text format.
+pub async fn metrics() -> Response {
+    // Registered on first use: make the families exist before a request.
+    let _ = crate::observe::http();
+    let mut response = brewmesh::metrics::render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     response
 }

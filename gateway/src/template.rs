@@ -154,6 +154,11 @@ impl Template {
         Ok(template)
     }
 
+    /// The template as written in the proto.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// The field paths of the variables, in order.
     pub fn field_paths(&self) -> impl Iterator<Item = &str> {
         self.variables.iter().map(|v| v.field_path.as_str())

@@ -30,9 +30,15 @@ impl Process {
     /// Runs `brewmesh --log-format json <args>` and waits until it serves
     /// `expected_servers` times (2 for `up`).
     pub fn start(args: &[&str], expected_servers: usize) -> Process {
+        Process::start_with_env(args, expected_servers, &[])
+    }
+
+    /// [`Process::start`] with extra environment variables.
+    pub fn start_with_env(args: &[&str], expected_servers: usize, env: &[(&str, &str)]) -> Process {
         let mut child = Command::new(env!("CARGO_BIN_EXE_brewmesh"))
             .args(["--log-format", "json"])
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

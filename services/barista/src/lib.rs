@@ -13,6 +13,7 @@
 
 pub mod error;
 pub mod menu;
+pub mod observe;
 pub mod service;
 pub mod shop;
 pub mod stations;
@@ -171,6 +172,7 @@ pub async fn run(
             rate,
         ),
     };
+    observe::register(&stations);
     let payments = PaymentsClient::new(brewmesh::discovery::balanced(config.payment_source())?);
     let shop = Arc::new(shop::Shop::new(
         store,

@@ -134,6 +134,7 @@ impl Barista for BaristaService {
             Inserted::New(record) => {
                 let order = record.order.clone();
                 tracing::info!(order_id = %order.order_id, item_id = %order.item_id, "order accepted");
+                crate::observe::order_placed();
                 self.shop.start(record, Some(admission), false);
                 Ok(Response::new(order))
             }

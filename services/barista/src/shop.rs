@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Code, Request, Response, Status};
 use tower::retry::budget::{Budget as _, TpsBudget};
+use tracing::Instrument as _;
 
 use brewmesh::pb::barista::v1::{MenuItem, OrderEvent, OrderEventType as E, OrderState as S};
 use brewmesh::pb::payment::v1::payments_client::PaymentsClient;
@@ -149,6 +150,15 @@ impl Shop {
         if let Some(stored) = &stored {
             for event in stored {
                 tracing::info!(order_id, sequence = event.sequence, event = ?event.r#type(), state = ?event.state(), detail = %event.detail, "order event");
+                let outcome = match event.r#type() {
+                    E::Ready => Some("ready"),
+                    E::Failed => Some("failed"),
+                    E::Cancelled => Some("cancelled"),
+                    _ => None,
+                };
+                if let Some(outcome) = outcome {
+                    crate::observe::order_finished(outcome);
+                }
             }
             // No receiver is fine: nobody is watching.
             let _ = self.changes.send(order_id.into());
@@ -174,14 +184,20 @@ impl Shop {
             running.insert(record.order.order_id.clone(), cancel.clone());
         }
         let shop = Arc::clone(self);
-        self.sagas.spawn(async move {
-            let order_id = record.order.order_id.clone();
-            shop.drive(record, admission, resumed, &cancel).await;
-            shop.running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&order_id);
-        });
+        // A child of the PlaceOrder call (or of nothing, for an order taken
+        // over): the saga outlives the call, as in a trace of HotROD.
+        let span = tracing::info_span!("saga", otel.name = "order saga", order_id = %record.order.order_id, resumed);
+        self.sagas.spawn(
+            async move {
+                let order_id = record.order.order_id.clone();
+                shop.drive(record, admission, resumed, &cancel).await;
+                shop.running
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&order_id);
+            }
+            .instrument(span),
+        );
     }
 
     /// Tells this process's saga of `order_id` that the order was cancelled.
@@ -293,7 +309,15 @@ impl Shop {
                 Step::Run => self.run(&record, admission.take(), resumed, cancel).await,
                 Step::Complete => self.complete(&record).await,
                 Step::Compensate => self.compensate(&record, None).await,
-                Step::Done => return,
+                Step::Done => {
+                    if record.order.state() == S::Failed {
+                        brewmesh::telemetry::fail(
+                            &tracing::Span::current(),
+                            &record.order.failure_reason,
+                        );
+                    }
+                    return;
+                }
             };
             if let Err(error) = result {
                 tracing::warn!(%order_id, %error, "saga step failed; retrying");
@@ -536,6 +560,24 @@ impl Shop {
         done: E,
         detail: &str,
     ) -> Result<(), SagaError> {
+        let span = tracing::info_span!("station", otel.name = station.name, order_id);
+        let step = self.station_work(order_id, station, place, started, done, detail);
+        let result = step.instrument(span.clone()).await;
+        if let Err(error) = &result {
+            brewmesh::telemetry::fail(&span, &error.to_string());
+        }
+        result
+    }
+
+    async fn station_work(
+        &self,
+        order_id: &str,
+        station: &Station,
+        place: Option<OwnedSemaphorePermit>,
+        started: E,
+        done: E,
+        detail: &str,
+    ) -> Result<(), SagaError> {
         // Holding the place until the step ends keeps the queue bound honest.
         let _place = place;
         let _machine = station.machine().await;
@@ -559,6 +601,7 @@ impl Shop {
     /// Step `Complete`: capture, then READY.
     async fn complete(&self, record: &OrderRecord) -> Result<(), SagaError> {
         let order_id = record.order.order_id.as_str();
+        let span = tracing::info_span!("capture", otel.name = "capture", order_id);
         let captured = self
             .pay(order_id, "capture", |mut client, timeout| {
                 let request = CaptureRequest {
@@ -567,7 +610,11 @@ impl Shop {
                 };
                 async move { client.capture(with_timeout(request, timeout)).await }
             })
+            .instrument(span.clone())
             .await;
+        if let Err(error) = &captured {
+            brewmesh::telemetry::fail(&span, &error.to_string());
+        }
         match captured {
             Ok(payment) => {
                 self.record(
@@ -629,6 +676,7 @@ impl Shop {
             .as_ref()
             .filter(|p| p.state() == PaymentState::Authorized)
         {
+            let span = tracing::info_span!("void", otel.name = "void", order_id);
             let voided = self
                 .pay(order_id, "void", |mut client, timeout| {
                     let request = VoidRequest {
@@ -637,7 +685,11 @@ impl Shop {
                     };
                     async move { client.void(with_timeout(request, timeout)).await }
                 })
+                .instrument(span.clone())
                 .await;
+            if let Err(error) = &voided {
+                brewmesh::telemetry::fail(&span, &error.to_string());
+            }
             match voided {
                 Ok(_) => events.push((E::PaymentVoided, "")),
                 Err(SagaError::PaymentRefused(status)) => {
@@ -691,6 +743,21 @@ impl Shop {
 
     /// The order's authorization, keyed by the order so it is made once.
     async fn authorize(&self, record: &OrderRecord) -> Result<Payment, SagaError> {
+        let order_id = record.order.order_id.as_str();
+        let span = tracing::info_span!("authorize", otel.name = "authorize", order_id);
+        let authorized = self.authorize_call(record).instrument(span.clone()).await;
+        match &authorized {
+            Ok(payment) if payment.state() == PaymentState::Declined => {
+                let reason = format!("card declined: {}", payment.decline_reason);
+                brewmesh::telemetry::fail(&span, &reason);
+            }
+            Err(error) => brewmesh::telemetry::fail(&span, &error.to_string()),
+            Ok(_) => {}
+        }
+        authorized
+    }
+
+    async fn authorize_call(&self, record: &OrderRecord) -> Result<Payment, SagaError> {
         let order_id = record.order.order_id.as_str();
         self.pay(order_id, "authorize", |mut client, timeout| {
             let request = AuthorizeRequest {

@@ -20,6 +20,8 @@ pub struct Station {
     pub duration: Duration,
     machines: Arc<Semaphore>,
     admission: Arc<Semaphore>,
+    capacity: usize,
+    places: usize,
     failure_rate: f64,
 }
 
@@ -38,7 +40,20 @@ impl Station {
             duration,
             machines: Arc::new(Semaphore::new(machines)),
             admission: Arc::new(Semaphore::new(machines + queue)),
+            capacity: machines,
+            places: machines + queue,
             failure_rate,
+        }
+    }
+
+    /// A handle on the station's occupancy, for metrics.
+    pub fn load(&self) -> Load {
+        Load {
+            name: self.name,
+            machines: Arc::clone(&self.machines),
+            admission: Arc::clone(&self.admission),
+            capacity: self.capacity,
+            places: self.places,
         }
     }
 
@@ -69,6 +84,38 @@ impl Station {
     /// Whether this drink fails at this station (fault injection).
     pub fn fails(&self) -> bool {
         self.failure_rate > 0.0 && fastrand::f64() < self.failure_rate
+    }
+}
+
+/// How busy a station is, read from its semaphores.
+#[derive(Debug, Clone)]
+pub struct Load {
+    /// The station's name.
+    pub name: &'static str,
+    machines: Arc<Semaphore>,
+    admission: Arc<Semaphore>,
+    capacity: usize,
+    places: usize,
+}
+
+impl Load {
+    /// Share of the machines in use (0 to 1).
+    pub fn utilization(&self) -> f64 {
+        self.busy() as f64 / self.capacity.max(1) as f64
+    }
+
+    /// Machines in use now.
+    pub fn busy(&self) -> usize {
+        self.capacity
+            .saturating_sub(self.machines.available_permits())
+    }
+
+    /// Orders admitted here and not at a machine yet.
+    pub fn waiting(&self) -> usize {
+        let admitted = self
+            .places
+            .saturating_sub(self.admission.available_permits());
+        admitted.saturating_sub(self.busy())
     }
 }
 

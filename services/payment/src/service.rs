@@ -4,12 +4,13 @@
 use std::time::Duration;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument as _;
 
 use brewmesh::idempotency::fingerprint;
 use brewmesh::pb::payment::v1::payments_server::Payments;
 use brewmesh::pb::payment::v1::{
     AuthorizeRequest, CaptureRequest, GetPaymentRequest, ListPaymentsRequest, ListPaymentsResponse,
-    Money, Payment, RefundRequest, VoidRequest,
+    Money, Payment, PaymentState, RefundRequest, VoidRequest,
 };
 use brewmesh::validate::{MAX_KEY_LEN, Violations, next_page_token, page_size};
 
@@ -56,10 +57,14 @@ impl PaymentService {
             return Ok(Response::new(payment));
         }
         tokio::time::sleep(self.processing_delay).await;
+        let span =
+            tracing::info_span!("ledger", otel.name = %format!("ledger {method}"), payment_id);
         let payment = self
             .ledger
             .transition(key, &fingerprint, payment_id, transition)
-            .await?;
+            .instrument(span.clone())
+            .await
+            .inspect_err(|e| brewmesh::telemetry::fail(&span, &e.to_string()))?;
         tracing::info!(method, payment_id, order_id = %payment.order_id, state = ?payment.state(), "payment updated");
         Ok(Response::new(payment))
     }
@@ -103,7 +108,17 @@ impl Payments for PaymentService {
             outcome,
             card_last4,
         };
-        let payment = self.ledger.authorize(key, &fingerprint, new).await?;
+        // The ledger write, in the trace of the order that asked for it.
+        let span = tracing::info_span!("ledger", otel.name = "ledger Authorize", order_id = %request.order_id);
+        let payment = self
+            .ledger
+            .authorize(key, &fingerprint, new)
+            .instrument(span.clone())
+            .await
+            .inspect_err(|e| brewmesh::telemetry::fail(&span, &e.to_string()))?;
+        if payment.state() == PaymentState::Declined {
+            brewmesh::telemetry::fail(&span, &payment.decline_reason);
+        }
         tracing::info!(method = "Authorize", payment_id = %payment.payment_id, order_id = %payment.order_id, state = ?payment.state(), "payment updated");
         Ok(Response::new(payment))
     }

@@ -74,6 +74,32 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<Drained, ServeError> {
     let registry = Arc::new(registry::Registry::default());
+    let counted = Arc::downgrade(&registry);
+    brewmesh::metrics::register_gauges(
+        "brewmesh_registry_instances",
+        "Registered instances, by service and health",
+        move || {
+            counted
+                .upgrade()
+                .map(|registry| registry.counts())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(service, health, n)| {
+                    let health = health
+                        .as_str_name()
+                        .trim_start_matches("HEALTH_STATUS_")
+                        .to_owned();
+                    (
+                        vec![
+                            ("grpc_service".to_owned(), service),
+                            ("health".to_owned(), health),
+                        ],
+                        n as f64,
+                    )
+                })
+                .collect()
+        },
+    );
     let ttl = Ttl {
         default: config.default_ttl,
         min: Duration::from_secs(1),

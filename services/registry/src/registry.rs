@@ -66,6 +66,20 @@ impl Registry {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// How many instances each service has, by health.
+    pub fn counts(&self) -> Vec<(String, HealthStatus, usize)> {
+        let mut counts: HashMap<(String, HealthStatus), usize> = HashMap::new();
+        for entry in self.lock().leases.values() {
+            *counts
+                .entry((entry.instance.service.clone(), entry.health))
+                .or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .map(|((service, health), n)| (service, health, n))
+            .collect()
+    }
+
     /// Adds `instance` under a new lease of `ttl`, replacing an earlier
     /// lease of the same instance. Its health is unknown until its follower
     /// reports, so it is not resolvable yet.

@@ -1,0 +1,397 @@
+//! Traces, logs and metrics of the real processes: `brewmesh up` exporting
+//! to a test OTLP receiver, its merged JSON log, and `/metrics` scraped
+//! before and after a known number of orders.
+
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use brewmesh::testing::{CollectedSpan, Collector};
+use support::{PATIENCE, Process};
+
+/// `up` on port 0 with quick steps, exporting to `endpoint` if given.
+fn mesh(dir: &std::path::Path, endpoint: Option<&str>) -> Process {
+    let data = dir.to_str().unwrap();
+    let args = [
+        "up",
+        "--registry-listen",
+        "127.0.0.1:0",
+        "--payment-listen",
+        "127.0.0.1:0",
+        "--barista-listen",
+        "127.0.0.1:0",
+        "--gateway-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data,
+        "--payment-arg=--processing-delay=20ms",
+        "--barista-arg=--espresso-time=300ms",
+        "--barista-arg=--milk-time=300ms",
+    ];
+    let mut env = vec![
+        // The gateway's access log is debug: one line per request.
+        ("RUST_LOG", "info,brewmesh_gateway::access=debug"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("OTEL_SEMCONV_STABILITY_OPT_IN", "rpc/dup"),
+    ];
+    if let Some(endpoint) = endpoint {
+        env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint));
+    }
+    Process::start_with_env(&args, 4, &env)
+}
+
+fn curl(args: &[&str]) -> String {
+    let output = std::process::Command::new("curl")
+        .args(["--max-time", "30", "-s"])
+        .args(args)
+        .output()
+        .expect("curl is installed");
+    assert!(output.status.success(), "curl {args:?}: {output:?}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Places an order over REST (with `traceparent` if given) and follows it
+/// to its end; the order id.
+fn order(gateway: &str, key: &str, card: &str, traceparent: Option<&str>) -> String {
+    let body = format!(
+        r#"{{"idempotencyKey":"{key}","itemId":"latte","customerName":"Ada","cardToken":"{card}"}}"#
+    );
+    let url = format!("{gateway}/v1/orders");
+    let mut args = vec!["-XPOST", url.as_str(), "-d", body.as_str()];
+    let header;
+    if let Some(traceparent) = traceparent {
+        header = format!("traceparent: {traceparent}");
+        args.extend(["-H", header.as_str()]);
+    }
+    let placed: serde_json::Value = serde_json::from_str(&curl(&args)).unwrap();
+    let id = placed["orderId"].as_str().unwrap().to_owned();
+    let watched = curl(&["-N", &format!("{gateway}/v1/orders/{id}:watch")]);
+    assert!(
+        watched.contains("ORDER_EVENT_TYPE_READY") || watched.contains("ORDER_EVENT_TYPE_FAILED"),
+        "{watched}"
+    );
+    id
+}
+
+/// The spans of `trace_id`, once `done` holds for them (bounded).
+fn spans_of(
+    collector: &Collector,
+    trace_id: &str,
+    done: impl Fn(&[CollectedSpan]) -> bool,
+) -> Vec<CollectedSpan> {
+    let started = Instant::now();
+    loop {
+        let spans: Vec<CollectedSpan> = collector
+            .spans()
+            .into_iter()
+            .filter(|s| s.trace_id() == trace_id)
+            .collect();
+        if done(&spans) {
+            return spans;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "incomplete trace: {:#?}",
+            spans
+                .iter()
+                .map(|s| (&s.service, &s.span.name))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn named<'a>(spans: &'a [CollectedSpan], service: &str, name: &str) -> &'a CollectedSpan {
+    spans
+        .iter()
+        .find(|s| s.service == service && s.span.name == name)
+        .unwrap_or_else(|| {
+            panic!(
+                "no {service} span {name:?} in {:#?}",
+                spans
+                    .iter()
+                    .map(|s| (&s.service, &s.span.name))
+                    .collect::<Vec<_>>()
+            )
+        })
+}
+
+fn has(spans: &[CollectedSpan], service: &str, name: &str) -> bool {
+    spans
+        .iter()
+        .any(|s| s.service == service && s.span.name == name)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_rest_order_is_one_trace_through_gateway_barista_and_payment() {
+    let (collector, endpoint) = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let up = mesh(dir.path(), Some(&endpoint));
+    let gateway = format!("http://{}", up.instance("gateway"));
+
+    // The client's own trace: the gateway continues it.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let client_span = "00f067aa0ba902b7";
+    let traceparent = format!("00-{trace_id}-{client_span}-01");
+    order(&gateway, "traced-1", "tok_visa", Some(&traceparent));
+    let spans = spans_of(&collector, trace_id, |s| {
+        has(s, "barista", "capture") && has(s, "payment", "ledger Capture")
+    });
+
+    // REST call → gateway → barista, each with its parent.
+    let http = named(&spans, "gateway", "POST /v1/orders");
+    assert_eq!(
+        http.parent_id(),
+        client_span,
+        "the incoming traceparent is continued"
+    );
+    assert_eq!(http.attribute("http.route").as_deref(), Some("/v1/orders"));
+    assert_eq!(
+        http.attribute("http.response.status_code").as_deref(),
+        Some("201")
+    );
+    let place = "brewmesh.barista.v1.Barista/PlaceOrder";
+    let client = spans
+        .iter()
+        .find(|s| s.service == "gateway" && s.span.name == place)
+        .unwrap();
+    assert_eq!(client.parent_id(), http.span_id());
+    assert_eq!(client.span.kind, 3, "CLIENT");
+    let server = named(&spans, "barista", place);
+    assert_eq!(server.parent_id(), client.span_id());
+    assert_eq!(server.span.kind, 2, "SERVER");
+    // The RPC conventions, old and new names (rpc/dup).
+    assert_eq!(server.attribute("rpc.system").as_deref(), Some("grpc"));
+    assert_eq!(server.attribute("rpc.system.name").as_deref(), Some("grpc"));
+    assert_eq!(
+        server.attribute("rpc.service").as_deref(),
+        Some("brewmesh.barista.v1.Barista")
+    );
+    assert_eq!(server.attribute("rpc.method").as_deref(), Some(place));
+    assert_eq!(
+        server.attribute("rpc.grpc.status_code").as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        server.attribute("rpc.response.status_code").as_deref(),
+        Some("OK")
+    );
+
+    // The saga under the call, its steps side by side.
+    let saga = named(&spans, "barista", "order saga");
+    assert_eq!(saga.parent_id(), server.span_id());
+    let espresso = named(&spans, "barista", "espresso");
+    let milk = named(&spans, "barista", "milk");
+    assert_eq!(espresso.parent_id(), saga.span_id());
+    assert_eq!(milk.parent_id(), saga.span_id());
+    assert!(
+        espresso.span.start_time_unix_nano < milk.span.end_time_unix_nano
+            && milk.span.start_time_unix_nano < espresso.span.end_time_unix_nano,
+        "espresso and milk overlap in time"
+    );
+
+    // barista → payment, down to the ledger write.
+    for (step, method, ledger) in [
+        ("authorize", "Authorize", "ledger Authorize"),
+        ("capture", "Capture", "ledger Capture"),
+    ] {
+        let step = named(&spans, "barista", step);
+        assert_eq!(step.parent_id(), saga.span_id());
+        let rpc = format!("brewmesh.payment.v1.Payments/{method}");
+        let call = spans
+            .iter()
+            .find(|s| {
+                s.service == "barista" && s.span.name == rpc && s.parent_id() == step.span_id()
+            })
+            .unwrap_or_else(|| panic!("no client span of {rpc} under {}", step.span.name));
+        let served = named(&spans, "payment", &rpc);
+        assert_eq!(served.parent_id(), call.span_id());
+        let write = named(&spans, "payment", ledger);
+        assert_eq!(write.parent_id(), served.span_id());
+    }
+    assert!(
+        spans.iter().all(|s| !s.is_error()),
+        "a good order has no error span"
+    );
+
+    // A declined card: the authorization and the saga are errors.
+    let declined_trace = "0af7651916cd43dd8448eb211c80319c";
+    order(
+        &gateway,
+        "traced-2",
+        "tok_declined",
+        Some(&format!("00-{declined_trace}-b7ad6b7169203331-01")),
+    );
+    let spans = spans_of(&collector, declined_trace, |s| {
+        has(s, "barista", "order saga") && has(s, "payment", "ledger Authorize")
+    });
+    assert!(named(&spans, "barista", "authorize").is_error());
+    assert!(named(&spans, "barista", "order saga").is_error());
+    assert!(named(&spans, "payment", "ledger Authorize").is_error());
+    // The RPC itself succeeded: a decline is an answer, not a failure.
+    assert!(!named(&spans, "payment", "brewmesh.payment.v1.Payments/Authorize").is_error());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_process_that_handled_an_order_logs_its_trace_id() {
+    let (_collector, endpoint) = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let up = mesh(dir.path(), Some(&endpoint));
+    let gateway = format!("http://{}", up.instance("gateway"));
+    let trace_id = "5b8efff798038103d269b633813fc60c";
+    let order_id = order(
+        &gateway,
+        "logged-1",
+        "tok_visa",
+        Some(&format!("00-{trace_id}-eee19b7ec3c1b174-01")),
+    );
+    let lines = up.lines_with(trace_id);
+    let instances: Vec<String> = lines
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| v["instance"].as_str().unwrap_or("").to_owned())
+        .collect();
+    for instance in ["gateway", "barista-1", "payment-1"] {
+        assert!(
+            instances.iter().any(|i| i == instance),
+            "no {instance} line with trace {trace_id}: {lines:#?}"
+        );
+    }
+    // JSON lines with the fields a log stack indexes.
+    let line: serde_json::Value = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .find(|v: &serde_json::Value| v["order_id"] == order_id.as_str())
+        .expect("a line about the order");
+    for field in [
+        "timestamp",
+        "level",
+        "target",
+        "message",
+        "service",
+        "instance",
+        "span_id",
+    ] {
+        assert!(line.get(field).is_some(), "{field} missing from {line}");
+    }
+    assert_eq!(line["trace_id"], trace_id);
+}
+
+/// The value of the series `name` whose labels include all of `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| series == &name || series.starts_with(&format!("{name}{{")))
+        .filter(|(series, _)| {
+            labels
+                .iter()
+                .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|(_, value)| value.parse::<f64>().unwrap())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_exactly_the_orders_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = mesh(dir.path(), None);
+    let gateway = format!("http://{}", up.instance("gateway"));
+    let scrape = |instance: &str| curl(&[&format!("http://{}/metrics", up.instance(instance))]);
+    let counters = |barista: &str, payment: &str, gw: &str| {
+        let barista_calls = [
+            ("service", "brewmesh.barista.v1.Barista"),
+            ("method", "PlaceOrder"),
+            ("code", "OK"),
+        ];
+        [
+            sample(barista, "brewmesh_orders_placed_total", &[]),
+            sample(
+                barista,
+                "brewmesh_orders_finished_total",
+                &[("outcome", "ready")],
+            ),
+            sample(
+                barista,
+                "brewmesh_orders_finished_total",
+                &[("outcome", "failed")],
+            ),
+            sample(barista, "rpc_server_requests_total", &barista_calls),
+            sample(
+                barista,
+                "rpc_server_duration_seconds_count",
+                &barista_calls[..2],
+            ),
+            sample(
+                payment,
+                "rpc_server_requests_total",
+                &[("method", "Authorize"), ("code", "OK")],
+            ),
+            sample(
+                payment,
+                "rpc_server_requests_total",
+                &[("method", "Capture"), ("code", "OK")],
+            ),
+            sample(
+                gw,
+                "http_server_requests_total",
+                &[
+                    ("route", "/v1/orders"),
+                    ("method", "POST"),
+                    ("status", "201"),
+                ],
+            ),
+        ]
+    };
+    let before = counters(
+        &scrape("barista-1"),
+        &scrape("payment-1"),
+        &scrape("gateway"),
+    );
+
+    const ORDERS: usize = 3;
+    for n in 0..ORDERS {
+        order(&gateway, &format!("counted-{n}"), "tok_visa", None);
+    }
+    order(&gateway, "counted-declined", "tok_declined", None);
+
+    let barista = scrape("barista-1");
+    let after = counters(&barista, &scrape("payment-1"), &scrape("gateway"));
+    let moved: Vec<f64> = after.iter().zip(before).map(|(a, b)| a - b).collect();
+    let n = ORDERS as f64;
+    // placed, ready, failed, PlaceOrder OK, its latency count, Authorize OK
+    // (a decline is an OK answer), Capture OK, POST /v1/orders 201.
+    assert_eq!(
+        moved,
+        vec![n + 1.0, n, 1.0, n + 1.0, n + 1.0, n + 1.0, n, n + 1.0]
+    );
+
+    // Gauges: the stations (idle now) and the registry's instances.
+    assert_eq!(
+        sample(
+            &barista,
+            "brewmesh_station_utilization",
+            &[("station", "espresso")]
+        ),
+        0.0
+    );
+    assert!(
+        barista.contains("brewmesh_station_queue_depth{station=\"milk\"}"),
+        "{barista}"
+    );
+    let registry = scrape("registry-1");
+    assert_eq!(
+        sample(
+            &registry,
+            "brewmesh_registry_instances",
+            &[
+                ("grpc_service", "brewmesh.barista.v1.Barista"),
+                ("health", "SERVING")
+            ]
+        ),
+        1.0,
+        "{registry}"
+    );
+}

@@ -1,0 +1,86 @@
+//! The barista's own metrics: orders placed, sagas by outcome, and the
+//! stations' utilization and queues (read from their semaphores at scrape
+//! time).
+
+use std::sync::OnceLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::stations::{Load, Stations};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+struct Orders {
+    placed: Counter,
+    finished: Family<OutcomeLabels, Counter>,
+}
+
+fn orders() -> &'static Orders {
+    static ORDERS: OnceLock<Orders> = OnceLock::new();
+    ORDERS.get_or_init(|| {
+        let orders = Orders {
+            placed: Counter::default(),
+            finished: Family::default(),
+        };
+        brewmesh::metrics::register(
+            "brewmesh_orders_placed",
+            "Orders accepted (a repeated idempotency key is not a new order)",
+            orders.placed.clone(),
+        );
+        brewmesh::metrics::register(
+            "brewmesh_orders_finished",
+            "Order sagas finished, by outcome (ready, failed, cancelled)",
+            orders.finished.clone(),
+        );
+        orders
+    })
+}
+
+/// A new order was accepted.
+pub fn order_placed() {
+    orders().placed.inc();
+}
+
+/// An order reached a final state.
+pub fn order_finished(outcome: &'static str) {
+    orders()
+        .finished
+        .get_or_create(&OutcomeLabels { outcome })
+        .inc();
+}
+
+/// Registers the stations' gauges (and the order counters, so they read 0
+/// before the first order).
+pub fn register(stations: &Stations) {
+    let _ = orders();
+    let loads: Vec<Load> = vec![stations.espresso.load(), stations.milk.load()];
+    let read = move |what: fn(&Load) -> f64| {
+        let loads = loads.clone();
+        move || {
+            loads
+                .iter()
+                .map(|load| {
+                    (
+                        vec![("station".to_owned(), load.name.to_owned())],
+                        what(load),
+                    )
+                })
+                .collect()
+        }
+    };
+    brewmesh::metrics::register_gauges(
+        "brewmesh_station_utilization",
+        "Share of a station's machines in use (0 to 1)",
+        read(Load::utilization),
+    );
+    brewmesh::metrics::register_gauges(
+        "brewmesh_station_queue_depth",
+        "Orders admitted to a station and waiting for a machine",
+        read(|load| load.waiting() as f64),
+    );
+}
