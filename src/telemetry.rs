@@ -25,6 +25,7 @@ use std::time::SystemTime;
 use opentelemetry::KeyValue;
 use opentelemetry::propagation::{Extractor, Injector, TextMapCompositePropagator};
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use opentelemetry_otlp::WithHttpConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
@@ -228,6 +229,7 @@ pub fn init(format: LogFormat, identity: Identity) -> Result<Telemetry, Telemetr
         let exporter = if http_protocol("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") {
             opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
+                .with_http_client(OnRuntime::current()?)
                 .build()
         } else {
             opentelemetry_otlp::SpanExporter::builder()
@@ -262,6 +264,7 @@ pub fn init(format: LogFormat, identity: Identity) -> Result<Telemetry, Telemetr
         let exporter = if http_protocol("OTEL_EXPORTER_OTLP_LOGS_PROTOCOL") {
             opentelemetry_otlp::LogExporter::builder()
                 .with_http()
+                .with_http_client(OnRuntime::current()?)
                 .build()
         } else {
             opentelemetry_otlp::LogExporter::builder()
@@ -299,6 +302,47 @@ pub fn init(format: LogFormat, identity: Identity) -> Result<Telemetry, Telemetr
         .with(otel_logs)
         .try_init();
     Ok(telemetry)
+}
+
+/// The OTLP/HTTP client: hyper, with each request run on the process's
+/// Tokio runtime. The batch processors export from threads of their own,
+/// where hyper would find no reactor.
+#[derive(Debug)]
+struct OnRuntime {
+    client: opentelemetry_http::hyper::HyperClient,
+    runtime: tokio::runtime::Handle,
+}
+
+impl OnRuntime {
+    fn current() -> Result<Self, TelemetryError> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| TelemetryError("OTLP over HTTP needs a Tokio runtime".to_owned()))?;
+        let timeout = std::env::var("OTEL_EXPORTER_OTLP_TIMEOUT")
+            .ok()
+            .and_then(|ms| ms.trim().parse::<u64>().ok())
+            .map_or(
+                std::time::Duration::from_secs(10),
+                std::time::Duration::from_millis,
+            );
+        Ok(Self {
+            client: opentelemetry_http::hyper::HyperClient::with_default_connector(timeout, None),
+            runtime,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl opentelemetry_http::HttpClient for OnRuntime {
+    async fn send_bytes(
+        &self,
+        request: http::Request<bytes::Bytes>,
+    ) -> Result<http::Response<bytes::Bytes>, opentelemetry_http::HttpError> {
+        let client = self.client.clone();
+        self.runtime
+            .spawn(async move { client.send_bytes(request).await })
+            .await
+            .map_err(|e| Box::new(e) as opentelemetry_http::HttpError)?
+    }
 }
 
 /// Reads W3C trace context (and baggage) from request headers.

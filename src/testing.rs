@@ -172,18 +172,59 @@ impl CollectedSpan {
     }
 }
 
-/// An OTLP/gRPC trace receiver on 127.0.0.1:0 that keeps what it gets:
-/// the test collector (and the benchmarks' local receiver).
+/// A log record as an OTLP receiver got it.
+#[derive(Debug, Clone)]
+pub struct CollectedLog {
+    /// `service.name` of the process that sent it.
+    pub service: String,
+    /// The record.
+    pub record: opentelemetry_proto::tonic::logs::v1::LogRecord,
+}
+
+mod otlp {
+    pub use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
+        LogsService, LogsServiceServer,
+    };
+    pub use opentelemetry_proto::tonic::collector::logs::v1::{
+        ExportLogsServiceRequest, ExportLogsServiceResponse,
+    };
+    pub use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    pub use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    pub use opentelemetry_proto::tonic::resource::v1::Resource;
+}
+
+/// An OTLP receiver on 127.0.0.1:0 (gRPC, and HTTP/protobuf at
+/// `/v1/traces` and `/v1/logs` on the same port) that keeps what it gets:
+/// the test collector, and the benchmarks' local receiver.
 #[derive(Debug, Clone, Default)]
 pub struct Collector {
     spans: std::sync::Arc<std::sync::Mutex<Vec<CollectedSpan>>>,
+    logs: std::sync::Arc<std::sync::Mutex<Vec<CollectedLog>>>,
+}
+
+fn service_name(resource: Option<&otlp::Resource>) -> String {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    resource
+        .iter()
+        .flat_map(|r| r.attributes.iter())
+        .find(|a| a.key == "service.name")
+        .and_then(|a| a.value.as_ref())
+        .and_then(|v| match &v.value {
+            Some(Value::StringValue(s)) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
 }
 
 impl Collector {
     /// Starts one; it runs until the runtime ends. Returns it and its
-    /// `http://127.0.0.1:port` endpoint.
+    /// `http://127.0.0.1:port` endpoint (for either protocol).
     pub async fn start() -> (Collector, String) {
-        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+        use prost::Message as _;
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding 127.0.0.1:0");
@@ -191,56 +232,52 @@ impl Collector {
             .local_addr()
             .expect("a bound listener has an address");
         let collector = Collector::default();
-        let service =
-            TraceServiceServer::new(collector.clone()).max_decoding_message_size(64 << 20);
+        let routes = tonic::service::Routes::new(
+            otlp::TraceServiceServer::new(collector.clone()).max_decoding_message_size(64 << 20),
+        )
+        .add_service(
+            otlp::LogsServiceServer::new(collector.clone()).max_decoding_message_size(64 << 20),
+        );
+        let (traces, logs) = (collector.clone(), collector.clone());
+        let router = routes
+            .into_axum_router()
+            .route(
+                "/v1/traces",
+                axum::routing::post(move |body: axum::body::Bytes| async move {
+                    match otlp::ExportTraceServiceRequest::decode(body) {
+                        Ok(request) => {
+                            traces.keep_spans(request);
+                            http::StatusCode::OK
+                        }
+                        Err(_) => http::StatusCode::BAD_REQUEST,
+                    }
+                }),
+            )
+            .route(
+                "/v1/logs",
+                axum::routing::post(move |body: axum::body::Bytes| async move {
+                    match otlp::ExportLogsServiceRequest::decode(body) {
+                        Ok(request) => {
+                            logs.keep_logs(request);
+                            http::StatusCode::OK
+                        }
+                        Err(_) => http::StatusCode::BAD_REQUEST,
+                    }
+                }),
+            );
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(service)
+                .accept_http1(true)
+                .add_routes(tonic::service::Routes::from(router))
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
         );
         (collector, format!("http://{addr}"))
     }
 
-    /// Every span received so far.
-    pub fn spans(&self) -> Vec<CollectedSpan> {
-        self.spans.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// How many spans were received so far.
-    pub fn count(&self) -> usize {
-        self.spans.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-}
-
-#[tonic::async_trait]
-impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
-    for Collector
-{
-    async fn export(
-        &self,
-        request: tonic::Request<
-            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
-        >,
-    ) -> Result<
-        tonic::Response<
-            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
-        >,
-        tonic::Status,
-    > {
-        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    fn keep_spans(&self, request: otlp::ExportTraceServiceRequest) {
         let mut received = Vec::new();
-        for resource_spans in request.into_inner().resource_spans {
-            let service = resource_spans
-                .resource
-                .iter()
-                .flat_map(|r| r.attributes.iter())
-                .find(|a| a.key == "service.name")
-                .and_then(|a| a.value.as_ref())
-                .and_then(|v| match &v.value {
-                    Some(Value::StringValue(s)) => Some(s.clone()),
-                    _ => None,
-                })
-                .unwrap_or_default();
+        for resource_spans in request.resource_spans {
+            let service = service_name(resource_spans.resource.as_ref());
             for scope in resource_spans.scope_spans {
                 for span in scope.spans {
                     received.push(CollectedSpan {
@@ -254,10 +291,65 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .extend(received);
-        Ok(tonic::Response::new(
-            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse {
-                partial_success: None,
-            },
-        ))
+    }
+
+    fn keep_logs(&self, request: otlp::ExportLogsServiceRequest) {
+        let mut received = Vec::new();
+        for resource_logs in request.resource_logs {
+            let service = service_name(resource_logs.resource.as_ref());
+            for scope in resource_logs.scope_logs {
+                for record in scope.log_records {
+                    received.push(CollectedLog {
+                        service: service.clone(),
+                        record,
+                    });
+                }
+            }
+        }
+        self.logs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(received);
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<CollectedSpan> {
+        self.spans.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Every log record received so far.
+    pub fn logs(&self) -> Vec<CollectedLog> {
+        self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// How many spans were received so far.
+    pub fn count(&self) -> usize {
+        self.spans.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+#[tonic::async_trait]
+impl otlp::TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<otlp::ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<otlp::ExportTraceServiceResponse>, tonic::Status> {
+        self.keep_spans(request.into_inner());
+        Ok(tonic::Response::new(otlp::ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl otlp::LogsService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<otlp::ExportLogsServiceRequest>,
+    ) -> Result<tonic::Response<otlp::ExportLogsServiceResponse>, tonic::Status> {
+        self.keep_logs(request.into_inner());
+        Ok(tonic::Response::new(otlp::ExportLogsServiceResponse {
+            partial_success: None,
+        }))
     }
 }

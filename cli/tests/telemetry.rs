@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use brewmesh::testing::{CollectedSpan, Collector};
 use support::{PATIENCE, Process};
 
-/// `up` on port 0 with quick steps, exporting to `endpoint` if given.
-fn mesh(dir: &std::path::Path, endpoint: Option<&str>) -> Process {
+/// `up` on port 0 with quick steps, exporting to `endpoint` if given, with
+/// `extra` variables.
+fn mesh(dir: &std::path::Path, endpoint: Option<&str>, extra: &[(&str, &str)]) -> Process {
     let data = dir.to_str().unwrap();
     let args = [
         "up",
@@ -39,6 +40,7 @@ fn mesh(dir: &std::path::Path, endpoint: Option<&str>) -> Process {
     if let Some(endpoint) = endpoint {
         env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint));
     }
+    env.extend(extra.iter().copied());
     Process::start_with_env(&args, 4, &env)
 }
 
@@ -103,6 +105,33 @@ fn spans_of(
     }
 }
 
+/// Waits (bounded) until log records of `trace_id` came from each of
+/// `services` over OTLP.
+fn logs_of(collector: &Collector, trace_id: &str, services: &[&str]) {
+    let started = Instant::now();
+    loop {
+        let logs = collector.logs();
+        let missing: Vec<&&str> = services
+            .iter()
+            .filter(|service| {
+                !logs.iter().any(|l| {
+                    l.service == **service
+                        && brewmesh::idempotency::to_hex(&l.record.trace_id) == trace_id
+                })
+            })
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "no OTLP log records of {trace_id} from {missing:?} ({} records)",
+            logs.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn named<'a>(spans: &'a [CollectedSpan], service: &str, name: &str) -> &'a CollectedSpan {
     spans
         .iter()
@@ -128,7 +157,12 @@ fn has(spans: &[CollectedSpan], service: &str, name: &str) -> bool {
 async fn one_rest_order_is_one_trace_through_gateway_barista_and_payment() {
     let (collector, endpoint) = Collector::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let up = mesh(dir.path(), Some(&endpoint));
+    // Logs over OTLP/gRPC as well.
+    let up = mesh(
+        dir.path(),
+        Some(&endpoint),
+        &[("OTEL_LOGS_EXPORTER", "otlp")],
+    );
     let gateway = format!("http://{}", up.instance("gateway"));
 
     // The client's own trace: the gateway continues it.
@@ -238,7 +272,7 @@ async fn one_rest_order_is_one_trace_through_gateway_barista_and_payment() {
 async fn every_process_that_handled_an_order_logs_its_trace_id() {
     let (_collector, endpoint) = Collector::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let up = mesh(dir.path(), Some(&endpoint));
+    let up = mesh(dir.path(), Some(&endpoint), &[]);
     let gateway = format!("http://{}", up.instance("gateway"));
     let trace_id = "5b8efff798038103d269b633813fc60c";
     let order_id = order(
@@ -297,7 +331,7 @@ fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_exactly_the_orders_served() {
     let dir = tempfile::tempdir().unwrap();
-    let up = mesh(dir.path(), None);
+    let up = mesh(dir.path(), None, &[]);
     let gateway = format!("http://{}", up.instance("gateway"));
     let scrape = |instance: &str| curl(&[&format!("http://{}/metrics", up.instance(instance))]);
     let counters = |barista: &str, payment: &str, gw: &str| {
@@ -393,5 +427,65 @@ async fn metrics_count_exactly_the_orders_served() {
         ),
         1.0,
         "{registry}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn traces_and_logs_also_go_over_otlp_http_protobuf() {
+    let (collector, endpoint) = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let up = mesh(
+        dir.path(),
+        Some(&endpoint),
+        &[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_LOGS_EXPORTER", "otlp"),
+        ],
+    );
+    let gateway = format!("http://{}", up.instance("gateway"));
+    let trace_id = "9d2f8a6c0b1e4f37a5c6d7e8f9011223";
+    order(
+        &gateway,
+        "http-1",
+        "tok_visa",
+        Some(&format!("00-{trace_id}-1111111111111111-01")),
+    );
+    let spans = spans_of(&collector, trace_id, |s| {
+        has(s, "gateway", "POST /v1/orders") && has(s, "payment", "ledger Capture")
+    });
+    assert_eq!(
+        named(&spans, "gateway", "POST /v1/orders").parent_id(),
+        "1111111111111111"
+    );
+    logs_of(&collector, trace_id, &["gateway", "barista", "payment"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sampling_at_zero_exports_no_span_but_keeps_the_trace_ids_in_logs() {
+    let (collector, endpoint) = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let up = mesh(
+        dir.path(),
+        Some(&endpoint),
+        &[
+            ("OTEL_TRACES_SAMPLER", "traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0"),
+        ],
+    );
+    let gateway = format!("http://{}", up.instance("gateway"));
+    // An unsampled client trace (flags 00): nothing of it is exported.
+    let trace_id = "aaaaaaaaaaaaaaaabbbbbbbbbbbbbbbb";
+    order(
+        &gateway,
+        "unsampled-1",
+        "tok_visa",
+        Some(&format!("00-{trace_id}-2222222222222222-00")),
+    );
+    // Give the batch processors (100 ms) ample time to send anything.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(collector.count(), 0, "{:?}", collector.spans().first());
+    assert!(
+        !up.lines_with(trace_id).is_empty(),
+        "logs still carry the trace id"
     );
 }
