@@ -44,45 +44,54 @@ fn status_in(headers: &http::HeaderMap) -> Option<Code> {
         .map(Code::from_i32)
 }
 
-/// A span with the RPC attributes of `service`/`method`.
-fn rpc_span(kind: &'static str, service: &str, method: &str) -> tracing::Span {
-    let name = format!("{service}/{method}");
-    let span = match kind {
-        "server" => {
-            tracing::info_span!(target: "brewmesh::rpc", "grpc", otel.name = %name, otel.kind = "server")
-        }
-        _ => {
-            tracing::info_span!(target: "brewmesh::rpc", "grpc", otel.name = %name, otel.kind = "client")
-        }
+/// An RPC span of `$kind` named `$name`, with `$fields`.
+macro_rules! grpc_span {
+    ($kind:literal, $name:expr, $($fields:tt)*) => {
+        tracing::info_span!(
+            target: "brewmesh::rpc",
+            "grpc",
+            otel.name = %$name,
+            otel.kind = $kind,
+            $($fields)*
+        )
     };
+}
+
+/// A span with the RPC attributes of `service`/`method`. The attributes are
+/// the span's fields, given at creation: each later `set_attribute` would
+/// cost a trip through the subscriber.
+fn rpc_span(kind: &'static str, service: &str, method: &str) -> tracing::Span {
+    use tracing::field::Empty;
+    let name = format!("{service}/{method}");
     let conventions = semconv();
-    if conventions.old {
-        span.set_attribute("rpc.system", "grpc");
-        span.set_attribute("rpc.service", service.to_owned());
+    // `rpc.method` is the one key both sets use, with different values: the
+    // new, fully qualified one wins when both are asked for.
+    match (kind, conventions.old, conventions.new) {
+        ("server", true, false) => grpc_span!("server", name,
+            rpc.system = "grpc", rpc.service = %service, rpc.method = %method,
+            rpc.grpc.status_code = Empty),
+        ("server", false, _) => grpc_span!("server", name,
+            rpc.system.name = "grpc", rpc.method = %name, rpc.response.status_code = Empty),
+        ("server", true, true) => grpc_span!("server", name,
+            rpc.system = "grpc", rpc.system.name = "grpc", rpc.service = %service,
+            rpc.method = %name, rpc.grpc.status_code = Empty, rpc.response.status_code = Empty),
+        (_, true, false) => grpc_span!("client", name,
+            rpc.system = "grpc", rpc.service = %service, rpc.method = %method,
+            rpc.grpc.status_code = Empty),
+        (_, false, _) => grpc_span!("client", name,
+            rpc.system.name = "grpc", rpc.method = %name, rpc.response.status_code = Empty),
+        (_, true, true) => grpc_span!("client", name,
+            rpc.system = "grpc", rpc.system.name = "grpc", rpc.service = %service,
+            rpc.method = %name, rpc.grpc.status_code = Empty, rpc.response.status_code = Empty),
     }
-    if conventions.new {
-        span.set_attribute("rpc.system.name", "grpc");
-    }
-    // The one key both sets use, with different values: the new, fully
-    // qualified one wins when both are asked for.
-    if conventions.new {
-        span.set_attribute("rpc.method", name);
-    } else {
-        span.set_attribute("rpc.method", method.to_owned());
-    }
-    span
 }
 
 /// Records the outcome on the span: status attributes, and an error status
 /// for the codes the conventions count as errors.
 fn finish_span(span: &tracing::Span, kind: &'static str, code: Code, message: Option<&str>) {
-    let conventions = semconv();
-    if conventions.old {
-        span.set_attribute("rpc.grpc.status_code", code as i64);
-    }
-    if conventions.new {
-        span.set_attribute("rpc.response.status_code", code_name(code));
-    }
+    // A field the span was not made with is not recorded.
+    span.record("rpc.grpc.status_code", code as i64);
+    span.record("rpc.response.status_code", code_name(code));
     // Server spans: only codes that say the server failed are errors;
     // client spans: every non-OK code (OpenTelemetry's gRPC conventions).
     let error = match kind {

@@ -255,6 +255,15 @@ pub fn init(format: LogFormat, identity: Identity) -> Result<Telemetry, Telemetr
             tracing_opentelemetry::layer()
                 .with_tracer(tracer)
                 .with_error_events_to_status(true)
+                // Per-span work that costs on every poll of an instrumented
+                // future (busy/idle timing, making the OTel context current)
+                // or per span (thread and source attributes): off. The
+                // context is made current only for the OTLP log bridge,
+                // which reads the trace ids from it.
+                .with_tracked_inactivity(false)
+                .with_threads(false)
+                .with_location(false)
+                .with_context_activation(logs_configured())
                 .with_filter(own()),
         )
     } else {

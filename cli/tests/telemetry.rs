@@ -250,6 +250,33 @@ async fn one_rest_order_is_one_trace_through_gateway_barista_and_payment() {
         "a good order has no error span"
     );
 
+    // A cancelled order: its saga voids the authorization, in its trace.
+    let cancelled_trace = "6e0c63257de34c926f9efcd03919fb2d";
+    let placed: serde_json::Value = serde_json::from_str(&curl(&[
+        "-XPOST",
+        &format!("{gateway}/v1/orders"),
+        "-H",
+        &format!("traceparent: 00-{cancelled_trace}-3333333333333333-01"),
+        "-d",
+        r#"{"idempotencyKey":"traced-3","itemId":"latte","customerName":"Ada","cardToken":"tok_visa"}"#,
+    ]))
+    .unwrap();
+    let id = placed["orderId"].as_str().unwrap();
+    curl(&[
+        "-XPOST",
+        &format!("{gateway}/v1/orders/{id}:cancel"),
+        "-d",
+        "{}",
+    ]);
+    let spans = spans_of(&collector, cancelled_trace, |s| {
+        has(s, "barista", "void") && has(s, "payment", "ledger Void")
+    });
+    let void = named(&spans, "barista", "void");
+    assert_eq!(
+        void.parent_id(),
+        named(&spans, "barista", "order saga").span_id()
+    );
+
     // A declined card: the authorization and the saga are errors.
     let declined_trace = "0af7651916cd43dd8448eb211c80319c";
     order(

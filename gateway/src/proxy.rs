@@ -50,17 +50,19 @@ pub async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Re
     metrics.in_flight.get_or_create(&labels).inc();
     let started = Instant::now();
     let span = tracing_enabled().then(|| {
+        // Attributes as fields at creation: one trip through the subscriber.
         let span = tracing::info_span!(
             target: "brewmesh_gateway::http",
             "http",
             otel.name = %format!("{} {route_name}", parts.method),
             otel.kind = "server",
+            http.request.method = parts.method.as_str(),
+            http.route = route_name,
+            url.path = path,
+            url.scheme = "http",
+            http.response.status_code = tracing::field::Empty,
         );
         let _ = span.set_parent(brewmesh::telemetry::extract(&parts.headers));
-        span.set_attribute("http.request.method", parts.method.as_str().to_owned());
-        span.set_attribute("http.route", route_name.to_owned());
-        span.set_attribute("url.path", path.to_owned());
-        span.set_attribute("url.scheme", "http");
         span
     });
     let answer = respond(&gateway, &parts, body, found);
@@ -84,7 +86,7 @@ pub async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Re
         })
         .inc();
     if let Some(span) = &span {
-        span.set_attribute("http.response.status_code", i64::from(status.as_u16()));
+        span.record("http.response.status_code", i64::from(status.as_u16()));
         if status.is_server_error() {
             brewmesh::telemetry::fail(span, status.as_str());
         }
