@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+mod load;
 mod up;
 
 use std::future::Future;
@@ -41,6 +42,8 @@ enum Command {
     Barista(brewmesh_barista::Config),
     /// Run the REST/JSON gateway (default 127.0.0.1:8080).
     Gateway(brewmesh_gateway::Config),
+    /// Serve N customers against a running mesh and report how it went.
+    Load(load::Args),
     /// Run the whole mesh on 127.0.0.1 as child processes, with one log.
     Up(up::Args),
 }
@@ -69,6 +72,7 @@ fn main() -> anyhow::Result<()> {
                 });
                 up::run(args, format).await
             }
+            Command::Load(args) => load::run(args).await,
             Command::Registry(config) => {
                 let addr = config.serve.listen.unwrap_or(default_addr(REGISTRY_ADDR));
                 serve("registry", cli.log_format, addr, |listener, shutdown| {

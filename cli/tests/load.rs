@@ -1,0 +1,161 @@
+//! `brewmesh load` against a real mesh started by `brewmesh up`: its counts
+//! (served, failed, errors by code) agree with what the mesh did.
+
+#![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+mod support;
+
+use support::Process;
+
+fn up(dir: &std::path::Path, barista: &[&str]) -> Process {
+    let mut args = vec![
+        "up",
+        "--registry-listen",
+        "127.0.0.1:0",
+        "--payment-listen",
+        "127.0.0.1:0",
+        "--barista-listen",
+        "127.0.0.1:0",
+        "--gateway-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--payment-arg=--processing-delay=10ms",
+    ];
+    args.extend_from_slice(barista);
+    Process::start(&args, 4)
+}
+
+/// Runs `brewmesh load <args> --json <file> --no-progress`; its summary and
+/// its report.
+fn load(dir: &std::path::Path, args: &[&str]) -> (String, serde_json::Value) {
+    let report = dir.join("report.json");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_brewmesh"))
+        .arg("load")
+        .args(args)
+        .arg("--json")
+        .arg(&report)
+        .arg("--no-progress")
+        .output()
+        .unwrap();
+    let summary = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{summary}\n{output:?}");
+    let report = serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
+    (summary, report)
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit_once(' '))
+        .map(|(_, v)| v.parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn load_counts_served_and_declined_customers_as_the_mesh_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = up(
+        dir.path(),
+        &[
+            "--barista-arg=--espresso-time=50ms",
+            "--barista-arg=--milk-time=50ms",
+        ],
+    );
+    let gateway = format!("http://{}", mesh.instance("gateway"));
+    let (summary, report) = load(
+        dir.path(),
+        &[
+            "--gateway",
+            &gateway,
+            "--customers",
+            "12",
+            "--concurrency",
+            "4",
+            "--declined-every",
+            "4",
+        ],
+    );
+    assert!(
+        summary.starts_with("Took ") && summary.contains("s to serve coffee to 9 customers"),
+        "{summary}"
+    );
+    assert_eq!(report["customers"], 12);
+    assert_eq!(report["served"], 9);
+    assert_eq!(report["failed"], 3);
+    assert_eq!(report["failed_by_reason"]["payment declined"], 3);
+    assert_eq!(report["errors"], 0);
+    assert!(report["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+
+    // The mesh counted the same: 9 ready, 3 failed.
+    let metrics = std::process::Command::new("curl")
+        .args([
+            "-s",
+            &format!("http://{}/metrics", mesh.instance("barista-1")),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(metrics.stdout).unwrap();
+    assert_eq!(
+        metric(&text, "brewmesh_orders_finished_total{outcome=\"ready\"}"),
+        9.0
+    );
+    assert_eq!(
+        metric(&text, "brewmesh_orders_finished_total{outcome=\"failed\"}"),
+        3.0
+    );
+
+    // Straight to the barista over gRPC, open loop: the same counting.
+    let barista = mesh.instance("barista-1").to_string();
+    let (_, report) = load(
+        dir.path(),
+        &[
+            "--grpc",
+            &barista,
+            "--customers",
+            "6",
+            "--rate",
+            "50",
+            "--declined-every",
+            "3",
+        ],
+    );
+    assert_eq!(
+        (report["served"].as_u64(), report["failed"].as_u64()),
+        (Some(4), Some(2))
+    );
+    assert_eq!(report["loop"], "open");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn load_counts_calls_refused_by_a_full_shop_by_code() {
+    let dir = tempfile::tempdir().unwrap();
+    // One espresso machine, no queue, a long pull: one order at a time.
+    let mesh = up(
+        dir.path(),
+        &[
+            "--barista-arg=--espresso-machines=1",
+            "--barista-arg=--queue-depth=0",
+            "--barista-arg=--espresso-time=3s",
+            "--barista-arg=--milk-time=50ms",
+        ],
+    );
+    let gateway = format!("http://{}", mesh.instance("gateway"));
+    let (summary, report) = load(
+        dir.path(),
+        &[
+            "--gateway",
+            &gateway,
+            "--customers",
+            "5",
+            "--concurrency",
+            "5",
+        ],
+    );
+    assert_eq!(report["served"], 1, "{summary}");
+    assert_eq!(
+        report["errors_by_code"]["RESOURCE_EXHAUSTED"], 4,
+        "{summary}"
+    );
+    assert!(summary.contains("4 × RESOURCE_EXHAUSTED"), "{summary}");
+}
