@@ -89,6 +89,12 @@ pub struct Args {
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     timeout: Duration,
 
+    /// Customers in flight per HTTP/2 connection: more at once open more
+    /// connections (one connection with tens of thousands of streams ends
+    /// in an h2 GOAWAY).
+    #[arg(long, default_value_t = 2000)]
+    streams_per_connection: usize,
+
     /// Write a JSON report here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -128,34 +134,49 @@ enum Outcome {
     Served(Duration),
     /// The order ended FAILED or CANCELLED, for this reason.
     Failed(String),
-    /// A call failed with this gRPC code name.
-    Error(String),
+    /// A call failed with this gRPC code name, and message.
+    Error(String, String),
 }
 
-/// Places orders and follows them, over REST or gRPC.
+/// Places orders and follows them, over REST or gRPC, spread over a few
+/// connections.
 #[derive(Clone)]
 enum Driver {
     Rest {
-        client: Client<HttpConnector, Full<Bytes>>,
+        clients: Arc<Vec<Client<HttpConnector, Full<Bytes>>>>,
         base: Arc<str>,
     },
-    Grpc(BaristaClient<tonic::transport::Channel>),
+    Grpc(Arc<Vec<BaristaClient<tonic::transport::Channel>>>),
 }
 
-/// The gRPC code name in a google.rpc.Status JSON body.
-fn code_of(body: &[u8]) -> String {
-    serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| v["code"].as_i64())
-        .map(|c| brewmesh::metrics::code_name(tonic::Code::from_i32(c as i32)).to_owned())
-        .unwrap_or_else(|| "UNKNOWN".to_owned())
+/// The gRPC code and message in a google.rpc.Status JSON body.
+fn code_of(body: &[u8]) -> Outcome {
+    let status = serde_json::from_slice::<Value>(body).unwrap_or_default();
+    let code = status["code"]
+        .as_i64()
+        .map(|c| brewmesh::metrics::code_name(tonic::Code::from_i32(c as i32)))
+        .unwrap_or("UNKNOWN");
+    let message = status["message"].as_str().unwrap_or_default();
+    Outcome::Error(code.to_owned(), message.to_owned())
 }
 
 impl Driver {
-    async fn customer(&self, order: PlaceOrderRequest, until: Until) -> Result<(), Outcome> {
+    /// Customer `n`: `order`, on connection `n` modulo their number.
+    async fn customer(
+        &self,
+        n: u64,
+        order: PlaceOrderRequest,
+        until: Until,
+    ) -> Result<(), Outcome> {
         match self {
-            Driver::Rest { client, base } => rest_customer(client, base, order, until).await,
-            Driver::Grpc(client) => grpc_customer(client.clone(), order, until).await,
+            Driver::Rest { clients, base } => {
+                let client = &clients[n as usize % clients.len()];
+                rest_customer(client, base, order, until).await
+            }
+            Driver::Grpc(clients) => {
+                let client = clients[n as usize % clients.len()].clone();
+                grpc_customer(client, order, until).await
+            }
         }
     }
 }
@@ -173,40 +194,60 @@ async fn rest_customer(
         "cardToken": order.card_token,
     })
     .to_string();
-    let request = http::Request::post(format!("{base}/v1/orders"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|_| Outcome::Error("INVALID_ARGUMENT".to_owned()))?;
-    let response = client
-        .request(request)
-        .await
-        .map_err(|_| Outcome::Error("UNAVAILABLE".to_owned()))?;
-    let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|_| Outcome::Error("UNAVAILABLE".to_owned()))?
-        .to_bytes();
-    if !status.is_success() {
-        return Err(Outcome::Error(code_of(&body)));
-    }
+    let body = Bytes::from(body);
+    let body = with_retries(|| async {
+        let request = http::Request::post(format!("{base}/v1/orders"))
+            .header("content-type", "application/json")
+            .body(Full::new(body.clone()))
+            .map_err(|_| {
+                Outcome::Error(
+                    "INVALID_ARGUMENT".to_owned(),
+                    "building the request".to_owned(),
+                )
+            })?;
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| Outcome::Error("UNAVAILABLE".to_owned(), e.to_string()))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| Outcome::Error("UNAVAILABLE".to_owned(), e.to_string()))?
+            .to_bytes();
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(code_of(&body))
+        }
+    })
+    .await?;
     if until == Until::Accepted {
         return Ok(());
     }
-    let placed: Value =
-        serde_json::from_slice(&body).map_err(|_| Outcome::Error("INTERNAL".to_owned()))?;
+    let placed: Value = serde_json::from_slice(&body)
+        .map_err(|e| Outcome::Error("INTERNAL".to_owned(), e.to_string()))?;
     let order_id = placed["orderId"].as_str().unwrap_or_default().to_owned();
     // A watch that ends early (a barista draining) is resumed after the last
     // event seen.
     let mut after = 0i64;
-    for _ in 0..5 {
+    let mut backoff = Duration::from_millis(100);
+    // Until the drink is done or the customer's --timeout passes: a watch
+    // that ends early is resumed after a growing wait.
+    loop {
         let request = http::Request::get(format!(
             "{base}/v1/orders/{order_id}:watch?afterSequence={after}"
         ))
         .body(Full::new(Bytes::new()))
-        .map_err(|_| Outcome::Error("INVALID_ARGUMENT".to_owned()))?;
+        .map_err(|_| {
+            Outcome::Error(
+                "INVALID_ARGUMENT".to_owned(),
+                "building the request".to_owned(),
+            )
+        })?;
         let Ok(response) = client.request(request).await else {
+            rewatch_wait(&mut backoff).await;
             continue;
         };
         if !response.status().is_success() {
@@ -216,7 +257,13 @@ async fn rest_customer(
                 .await
                 .map(|c| c.to_bytes())
                 .unwrap_or_default();
-            return Err(Outcome::Error(code_of(&body)));
+            match code_of(&body) {
+                Outcome::Error(code, _) if code == "UNAVAILABLE" => {
+                    rewatch_wait(&mut backoff).await;
+                    continue;
+                }
+                other => return Err(other),
+            }
         }
         let mut body = response.into_body();
         let mut pending = Vec::new();
@@ -234,7 +281,8 @@ async fn rest_customer(
                     let code = error["code"].as_i64().unwrap_or(2);
                     let name = brewmesh::metrics::code_name(tonic::Code::from_i32(code as i32));
                     if name != "UNAVAILABLE" {
-                        return Err(Outcome::Error(name.to_owned()));
+                        let message = error["message"].as_str().unwrap_or_default();
+                        return Err(Outcome::Error(name.to_owned(), message.to_owned()));
                     }
                     continue;
                 }
@@ -253,8 +301,8 @@ async fn rest_customer(
                 }
             }
         }
+        rewatch_wait(&mut backoff).await;
     }
-    Err(Outcome::Error("UNAVAILABLE".to_owned()))
 }
 
 async fn grpc_customer(
@@ -263,21 +311,35 @@ async fn grpc_customer(
     until: Until,
 ) -> Result<(), Outcome> {
     let error = |status: tonic::Status| {
-        Outcome::Error(brewmesh::metrics::code_name(status.code()).to_owned())
+        Outcome::Error(
+            brewmesh::metrics::code_name(status.code()).to_owned(),
+            status.message().to_owned(),
+        )
     };
-    let placed = client.place_order(order).await.map_err(error)?.into_inner();
+    let placed = with_retries(|| {
+        let (mut client, order) = (client.clone(), order.clone());
+        async move { client.place_order(order).await.map_err(error) }
+    })
+    .await?
+    .into_inner();
     if until == Until::Accepted {
         return Ok(());
     }
     let mut after = 0i64;
-    for _ in 0..5 {
+    let mut backoff = Duration::from_millis(100);
+    // Until the drink is done or the customer's --timeout passes: a watch
+    // that ends early is resumed after a growing wait.
+    loop {
         let watch = WatchOrderRequest {
             order_id: placed.order_id.clone(),
             after_sequence: after,
         };
         let mut events = match client.watch_order(watch).await {
             Ok(events) => events.into_inner(),
-            Err(status) if status.code() == tonic::Code::Unavailable => continue,
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                rewatch_wait(&mut backoff).await;
+                continue;
+            }
             Err(status) => return Err(error(status)),
         };
         while let Some(event) = events.next().await {
@@ -295,8 +357,43 @@ async fn grpc_customer(
                 _ => {}
             }
         }
+        rewatch_wait(&mut backoff).await;
     }
-    Err(Outcome::Error("UNAVAILABLE".to_owned()))
+}
+
+/// Waits before watching an order again: 100 ms, doubling to 2 s, jittered.
+async fn rewatch_wait(backoff: &mut Duration) {
+    let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
+    tokio::time::sleep(*backoff + jitter).await;
+    *backoff = (*backoff * 2).min(Duration::from_secs(2));
+}
+
+/// PlaceOrders repeated after UNAVAILABLE, in this run.
+static RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Repeats `attempt` while it fails UNAVAILABLE (a database that could not
+/// keep up, a replica going away), up to 6 times with growing, jittered
+/// waits, as the service's message asks: PlaceOrder carries an idempotency
+/// key, so a repeat can never make a second order.
+async fn with_retries<T, F, Fut>(mut attempt: F) -> Result<T, Outcome>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Outcome>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    let mut left = 6;
+    loop {
+        match attempt().await {
+            Err(Outcome::Error(code, _)) if code == "UNAVAILABLE" && left > 0 => {
+                left -= 1;
+                RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64));
+                tokio::time::sleep(backoff + jitter).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Latencies in microseconds, up to an hour, 3 significant digits.
@@ -315,6 +412,8 @@ struct Tally {
     served: u64,
     failed: BTreeMap<String, u64>,
     errors: BTreeMap<String, u64>,
+    /// The first message seen for each error code.
+    examples: BTreeMap<String, String>,
     latency: Histogram<u64>,
     timeline: Vec<Second>,
 }
@@ -325,6 +424,7 @@ impl Tally {
             served: 0,
             failed: BTreeMap::new(),
             errors: BTreeMap::new(),
+            examples: BTreeMap::new(),
             latency: histogram(),
             timeline: Vec::new(),
         }
@@ -354,7 +454,10 @@ impl Tally {
                 let kind = reason.split(':').next().unwrap_or("").trim().to_owned();
                 *self.failed.entry(kind).or_default() += 1;
             }
-            Outcome::Error(code) => *self.errors.entry(code).or_default() += 1,
+            Outcome::Error(code, message) => {
+                self.examples.entry(code.clone()).or_insert(message);
+                *self.errors.entry(code).or_default() += 1;
+            }
         }
     }
 }
@@ -373,14 +476,34 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let weights: u32 = args.mix.iter().map(|(_, w)| w).sum();
     anyhow::ensure!(weights > 0, "--mix needs a drink with a weight above 0");
 
+    let in_flight = match args.rate {
+        Some(_) => args.max_in_flight,
+        None => args.concurrency,
+    };
+    let connections = in_flight
+        .div_ceil(args.streams_per_connection.max(1))
+        .clamp(1, 256);
     let driver = match &args.grpc {
-        Some(address) => Driver::Grpc(BaristaClient::new(
-            brewmesh::client::channel(address).context("the --grpc address")?,
-        )),
+        Some(address) => {
+            let mut clients = Vec::with_capacity(connections);
+            for _ in 0..connections {
+                // Each channel is a connection of its own.
+                clients.push(BaristaClient::new(
+                    brewmesh::client::channel(address).context("the --grpc address")?,
+                ));
+            }
+            Driver::Grpc(Arc::new(clients))
+        }
         None => Driver::Rest {
-            client: Client::builder(TokioExecutor::new())
-                .http2_only(true)
-                .build_http(),
+            clients: Arc::new(
+                (0..connections)
+                    .map(|_| {
+                        Client::builder(TokioExecutor::new())
+                            .http2_only(true)
+                            .build_http()
+                    })
+                    .collect(),
+            ),
             base: args.gateway.trim_end_matches('/').into(),
         },
     };
@@ -475,10 +598,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 let results = results_tx.clone();
                 tokio::spawn(async move {
                     let outcome =
-                        match tokio::time::timeout(timeout, driver.customer(order, until)).await {
+                        match tokio::time::timeout(timeout, driver.customer(n, order, until)).await
+                        {
                             Ok(Ok(())) => Outcome::Served(due.elapsed()),
                             Ok(Err(outcome)) => outcome,
-                            Err(_) => Outcome::Error("DEADLINE_EXCEEDED".to_owned()),
+                            Err(_) => Outcome::Error(
+                                "DEADLINE_EXCEEDED".to_owned(),
+                                "the customer's --timeout passed".to_owned(),
+                            ),
                         };
                     let _ = results.send((outcome, Instant::now()));
                     drop(slot);
@@ -545,7 +672,12 @@ fn print_summary(tally: &Tally, took: Duration, target: &str, customers: u64) {
         println!("    failed    {n} × {reason}");
     }
     for (code, n) in &tally.errors {
-        println!("    error     {n} × {code}");
+        let example = tally.examples.get(code).map_or("", String::as_str);
+        println!("    error     {n} × {code} (e.g. {example:?})");
+    }
+    let retries = RETRIES.load(std::sync::atomic::Ordering::Relaxed);
+    if retries > 0 {
+        println!("    retried   {retries} × PlaceOrder after UNAVAILABLE (same idempotency key)");
     }
     println!(
         "  throughput  {:.1} served/s",
@@ -578,6 +710,8 @@ fn report(tally: &Tally, took: Duration, target: &str, customers: u64, args: &Ar
         "failed_by_reason": tally.failed,
         "errors": tally.errors.values().sum::<u64>(),
         "errors_by_code": tally.errors,
+        "error_examples": tally.examples,
+        "place_order_retries": RETRIES.load(std::sync::atomic::Ordering::Relaxed),
         "seconds": took.as_secs_f64(),
         "served_per_second": tally.served as f64 / took.as_secs_f64(),
         "latency_ms": {

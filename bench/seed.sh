@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The seed talk's demo, brewmesh's way: serve N customers with 2-second
+# steps (payment 2 s, espresso 2 s, milk 2 s) through the whole mesh, and
+# report the time and the peak memory of all brewmesh processes together.
+#
+# The mesh is `brewmesh up` (release build, SQLite, one replica each) with
+# stations wide enough for every customer at once, as the seed's goroutines
+# are; `brewmesh load` drives it straight over gRPC (HTTP/2, one connection)
+# or, with VIA=gateway, through the gateway. Customers are served when their
+# drink is READY: authorize and brew side by side (2 s), then capture (2 s).
+#
+# Usage: bench/seed.sh [N ...]          (default: 30000)
+#   env: CONCURRENCY (default: N, all customers at once), VIA (grpc|gateway)
+# The seed's own figures: ../shared/peers/build.sh seed N (GWPEER_DIR=…).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VIA=${VIA:-grpc}
+[ $# -eq 0 ] && set -- 30000
+cargo build --release --locked -p brewmesh-cli
+BIN=$ROOT/target/release/brewmesh
+OUT=$ROOT/target/bench/seed-$(date +%Y%m%dT%H%M%S)
+mkdir -p "$OUT"
+
+for N in "$@"; do
+  C=${CONCURRENCY:-$N}
+  DATA=$(mktemp -d)
+  # Ports of their own, so a mesh already running on the defaults is left alone.
+  "$BIN" up --data-dir "$DATA" \
+    --registry-listen 127.0.0.1:18051 --payment-listen 127.0.0.1:18052 \
+    --barista-listen 127.0.0.1:18053 --gateway-listen 127.0.0.1:18080 \
+    --barista-arg=--espresso-machines=65535 --barista-arg=--steam-wands=65535 \
+    --barista-arg=--queue-depth=65535 --barista-arg=--order-lease=60s \
+    --gateway-arg=--timeout=600s \
+    > "$OUT/up-$N.log" 2>&1 < /dev/null &
+  UP=$!
+  for _ in $(seq 300); do
+    grep -q '"message":"serving".*127.0.0.1:18080' "$OUT/up-$N.log" 2>/dev/null && break
+    (exec 3<>/dev/tcp/127.0.0.1/18080) 2>/dev/null && break
+    sleep 0.1
+  done
+
+  # Peak RSS of `up` and every role, summed, sampled every 200 ms.
+  ( peak=0
+    while kill -0 "$UP" 2>/dev/null; do
+      pids="$UP $(pgrep -P "$UP" | tr '\n' ' ')"
+      total=0
+      for p in $pids; do
+        rss=$(awk '/VmRSS/{print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+        total=$((total + ${rss:-0}))
+      done
+      [ "$total" -gt "$peak" ] && peak=$total && echo "$peak" > "$OUT/peak-$N.kb"
+      sleep 0.2
+    done ) &
+  WATCH=$!
+
+  if [ "$VIA" = gateway ]; then
+    target=(--gateway http://127.0.0.1:18080)
+  else
+    target=(--grpc 127.0.0.1:18053)
+  fi
+  /usr/bin/time -v -o "$OUT/load-$N.time" "$BIN" load "${target[@]}" \
+    --customers "$N" --concurrency "$C" --mix latte --timeout 3600s --no-progress \
+    --json "$OUT/load-$N.json" --chart "$OUT/load-$N.svg" | tee "$OUT/load-$N.txt"
+
+  kill -INT "$UP"; wait "$UP" || true
+  kill "$WATCH" 2>/dev/null || true; wait "$WATCH" 2>/dev/null || true
+  rm -rf "$DATA"
+  echo "---- N=$N via $VIA, concurrency $C"
+  echo "peak RSS of the mesh (up + registry + payment + barista + gateway): $(( $(cat "$OUT/peak-$N.kb") / 1024 )) MiB"
+  grep -E 'Maximum resident' "$OUT/load-$N.time" | sed 's/^\s*/load generator: /'
+done
+echo "raw output: $OUT"
