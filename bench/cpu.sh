@@ -34,7 +34,10 @@ cpu() { # pids → CPU seconds (user + system)
   echo "$total"
 }
 ROLES=$(pgrep -P "$UP" | tr '\n' ' ')
-BARISTA=$(for p in $ROLES; do tr '\0' ' ' < "/proc/$p/cmdline" | grep -q ' barista ' && echo "$p"; done)
+BARISTA=""
+for p in $ROLES; do
+  if tr '\0' ' ' < "/proc/$p/cmdline" | grep -q ' barista '; then BARISTA=$p; fi
+done
 
 # Warm-up, then the orders.
 "$BIN" load --gateway http://127.0.0.1:18380 --customers 300 --concurrency 32 --no-progress > /dev/null
