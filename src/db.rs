@@ -63,31 +63,6 @@ impl DatabaseArgs {
         Ok(open(&self.url(file)?, self.sqlite_synchronous, migrations).await?)
     }
 
-    /// A pool for reads only, beside the one [`Self::open`] gave: on SQLite,
-    /// where the writer pool has a single connection, readers of their own
-    /// (WAL lets them read while the writer writes) so that polling readers
-    /// do not queue behind writes; elsewhere `writer` itself. Open it after
-    /// [`Self::open`]: it runs no migrations.
-    pub async fn open_reads(&self, file: &str, writer: &AnyPool) -> Result<AnyPool, OpenError> {
-        let url = self.url(file)?;
-        if !url.starts_with("sqlite:") {
-            return Ok(writer.clone());
-        }
-        let pool = AnyPoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(Duration::from_secs(10))
-            .after_connect(|conn, _meta| {
-                Box::pin(async move {
-                    conn.execute("PRAGMA busy_timeout = 10000; PRAGMA query_only = ON;")
-                        .await?;
-                    Ok(())
-                })
-            })
-            .connect(&url)
-            .await?;
-        Ok(pool)
-    }
-
     /// The URL to open: `--database-url`, or `<data-dir>/<file>` as SQLite.
     pub fn url(&self, file: &str) -> Result<String, std::io::Error> {
         match &self.database_url {

@@ -149,10 +149,6 @@ pub struct Change<'a> {
 #[derive(Debug, Clone)]
 pub struct OrderStore {
     pool: AnyPool,
-    /// For reads that need not see this process's uncommitted work: order
-    /// lookups, lists and the events WatchOrder polls (thousands of
-    /// watchers must not queue behind the writes).
-    reads: AnyPool,
 }
 
 impl OrderStore {
@@ -160,9 +156,9 @@ impl OrderStore {
     pub async fn open(
         database: &brewmesh::db::DatabaseArgs,
     ) -> Result<Self, brewmesh::db::OpenError> {
-        let pool = database.open("barista.db", MIGRATIONS).await?;
-        let reads = database.open_reads("barista.db", &pool).await?;
-        Ok(Self { pool, reads })
+        Ok(Self {
+            pool: database.open("barista.db", MIGRATIONS).await?,
+        })
     }
 
     /// The order placed earlier with `key`, if any; [`Inserted::KeyReused`]
@@ -297,7 +293,7 @@ impl OrderStore {
     pub async fn get(&self, order_id: &str) -> Result<Option<OrderRecord>, sqlx::Error> {
         let row = sqlx::query(&format!("SELECT {COLUMNS} FROM orders WHERE order_id = $1"))
             .bind(order_id)
-            .fetch_optional(&self.reads)
+            .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(record_from_row).transpose()
     }
@@ -317,7 +313,7 @@ impl OrderStore {
         .bind(state as i64)
         .bind(before.unwrap_or(""))
         .bind(i64::from(limit) + 1)
-        .fetch_all(&self.reads)
+        .fetch_all(&self.pool)
         .await?;
         let more = rows.len() > limit as usize;
         let orders = rows
@@ -340,7 +336,7 @@ impl OrderStore {
         )
         .bind(order_id)
         .bind(after)
-        .fetch_all(&self.reads)
+        .fetch_all(&self.pool)
         .await?;
         rows.iter().map(event_from_row).collect()
     }
