@@ -8,21 +8,10 @@ mod support;
 use support::Process;
 
 fn up(dir: &std::path::Path, barista: &[&str]) -> Process {
-    let mut args = vec![
-        "up",
-        "--registry-listen",
-        "127.0.0.1:0",
-        "--payment-listen",
-        "127.0.0.1:0",
-        "--barista-listen",
-        "127.0.0.1:0",
-        "--gateway-listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        dir.to_str().unwrap(),
-        "--payment-arg=--processing-delay=10ms",
-    ];
-    args.extend_from_slice(barista);
+    let mut extra = vec!["--payment-arg=--processing-delay=10ms"];
+    extra.extend_from_slice(barista);
+    let args = Process::up_args(dir, &extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Process::start(&args, 4)
 }
 

@@ -249,26 +249,15 @@ fn json(text: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().to_str().unwrap();
-    let mut up = Process::start(
+    let args = Process::up_args(
+        dir.path(),
         &[
-            "up",
-            "--registry-listen",
-            "127.0.0.1:0",
-            "--payment-listen",
-            "127.0.0.1:0",
-            "--barista-listen",
-            "127.0.0.1:0",
-            "--gateway-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data,
             "--payment-arg=--processing-delay=50ms",
             "--barista-arg=--espresso-time=100ms",
             "--barista-arg=--milk-time=100ms",
         ],
-        4,
     );
+    let mut up = Process::start(&args.iter().map(String::as_str).collect::<Vec<_>>(), 4);
     let payment = up.instance("payment-1").to_string();
     let barista = up.instance("barista-1").to_string();
 
@@ -396,23 +385,8 @@ async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
 #[tokio::test(flavor = "multi_thread")]
 async fn up_killed_with_sigkill_leaves_no_role_running() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().to_str().unwrap();
-    let mut up = Process::start(
-        &[
-            "up",
-            "--registry-listen",
-            "127.0.0.1:0",
-            "--payment-listen",
-            "127.0.0.1:0",
-            "--barista-listen",
-            "127.0.0.1:0",
-            "--gateway-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data,
-        ],
-        4,
-    );
+    let args = Process::up_args(dir.path(), &[]);
+    let mut up = Process::start(&args.iter().map(String::as_str).collect::<Vec<_>>(), 4);
     let addrs: Vec<_> = ["registry-1", "payment-1", "barista-1"]
         .iter()
         .map(|l| up.instance(l))

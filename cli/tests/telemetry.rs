@@ -14,23 +14,15 @@ use support::{PATIENCE, Process};
 /// `up` on port 0 with quick steps, exporting to `endpoint` if given, with
 /// `extra` variables.
 fn mesh(dir: &std::path::Path, endpoint: Option<&str>, extra: &[(&str, &str)]) -> Process {
-    let data = dir.to_str().unwrap();
-    let args = [
-        "up",
-        "--registry-listen",
-        "127.0.0.1:0",
-        "--payment-listen",
-        "127.0.0.1:0",
-        "--barista-listen",
-        "127.0.0.1:0",
-        "--gateway-listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        data,
-        "--payment-arg=--processing-delay=20ms",
-        "--barista-arg=--espresso-time=300ms",
-        "--barista-arg=--milk-time=300ms",
-    ];
+    let args = Process::up_args(
+        dir,
+        &[
+            "--payment-arg=--processing-delay=20ms",
+            "--barista-arg=--espresso-time=300ms",
+            "--barista-arg=--milk-time=300ms",
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut env = vec![
         // The gateway's access log is debug: one line per request.
         ("RUST_LOG", "info,brewmesh_gateway::access=debug"),

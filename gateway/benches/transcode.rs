@@ -47,7 +47,9 @@ fn benches(c: &mut Criterion) {
     });
     group.finish();
 
-    let order_descriptor = pool.get_message_by_name("brewmesh.barista.v1.Order").unwrap();
+    let order_descriptor = pool
+        .get_message_by_name("brewmesh.barista.v1.Order")
+        .unwrap();
     let order = transcode::from_json(order_descriptor.clone(), ORDER.as_bytes()).unwrap();
     let bytes = order.encode_to_vec();
     let value: serde_json::Value = serde_json::from_str(ORDER).unwrap();
@@ -71,8 +73,9 @@ fn benches(c: &mut Criterion) {
                 .iter()
                 .filter(|r| r.method == http::Method::POST)
                 .find_map(|r| {
-                    r.template
-                        .matches(black_box("/v1/orders/ord_01a22bb674aa701eb3ce08f13d68088a:cancel"))
+                    r.template.matches(black_box(
+                        "/v1/orders/ord_01a22bb674aa701eb3ce08f13d68088a:cancel",
+                    ))
                 })
                 .unwrap()
         })

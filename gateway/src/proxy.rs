@@ -85,22 +85,7 @@ pub async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Re
             status: status.as_u16(),
         })
         .inc();
-    if let Some(span) = &span {
-        span.record("http.response.status_code", i64::from(status.as_u16()));
-        if status.is_server_error() {
-            brewmesh::telemetry::fail(span, status.as_str());
-        }
-        span.in_scope(|| {
-            tracing::debug!(
-                target: "brewmesh_gateway::access",
-                method = %parts.method,
-                path,
-                status = status.as_u16(),
-                elapsed_ms = elapsed.as_secs_f64() * 1000.0,
-                "request"
-            );
-        });
-    } else {
+    let access = || {
         tracing::debug!(
             target: "brewmesh_gateway::access",
             method = %parts.method,
@@ -109,6 +94,17 @@ pub async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Re
             elapsed_ms = elapsed.as_secs_f64() * 1000.0,
             "request"
         );
+    };
+    match &span {
+        Some(span) => {
+            span.record("http.response.status_code", i64::from(status.as_u16()));
+            if status.is_server_error() {
+                brewmesh::telemetry::fail(span, status.as_str());
+            }
+            // In the span: the line carries the trace id.
+            span.in_scope(access);
+        }
+        None => access(),
     }
     response
 }

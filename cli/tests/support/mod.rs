@@ -101,6 +101,29 @@ impl Process {
         Process::start(&all, 1)
     }
 
+    /// The arguments of `brewmesh up` with every role on a free port of
+    /// 127.0.0.1 and its data in `dir`, then `extra`.
+    pub fn up_args(dir: &std::path::Path, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "up",
+            "--registry-listen",
+            "127.0.0.1:0",
+            "--payment-listen",
+            "127.0.0.1:0",
+            "--barista-listen",
+            "127.0.0.1:0",
+            "--gateway-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+        args.push(dir.display().to_string());
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        args
+    }
+
     /// `http://addr`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

@@ -561,12 +561,11 @@ impl Shop {
         detail: &str,
     ) -> Result<(), SagaError> {
         let span = tracing::info_span!("station", otel.name = station.name, order_id);
-        let step = self.station_work(order_id, station, place, started, done, detail);
-        let result = step.instrument(span.clone()).await;
-        if let Err(error) = &result {
-            brewmesh::telemetry::fail(&span, &error.to_string());
-        }
-        result
+        traced(
+            span,
+            self.station_work(order_id, station, place, started, done, detail),
+        )
+        .await
     }
 
     async fn station_work(
@@ -602,19 +601,17 @@ impl Shop {
     async fn complete(&self, record: &OrderRecord) -> Result<(), SagaError> {
         let order_id = record.order.order_id.as_str();
         let span = tracing::info_span!("capture", otel.name = "capture", order_id);
-        let captured = self
-            .pay(order_id, "capture", |mut client, timeout| {
+        let captured = traced(
+            span,
+            self.pay(order_id, "capture", |mut client, timeout| {
                 let request = CaptureRequest {
                     payment_id: record.order.payment_id.clone(),
                     idempotency_key: format!("{order_id}:capture"),
                 };
                 async move { client.capture(with_timeout(request, timeout)).await }
-            })
-            .instrument(span.clone())
-            .await;
-        if let Err(error) = &captured {
-            brewmesh::telemetry::fail(&span, &error.to_string());
-        }
+            }),
+        )
+        .await;
         match captured {
             Ok(payment) => {
                 self.record(
@@ -677,19 +674,17 @@ impl Shop {
             .filter(|p| p.state() == PaymentState::Authorized)
         {
             let span = tracing::info_span!("void", otel.name = "void", order_id);
-            let voided = self
-                .pay(order_id, "void", |mut client, timeout| {
+            let voided = traced(
+                span,
+                self.pay(order_id, "void", |mut client, timeout| {
                     let request = VoidRequest {
                         payment_id: payment.payment_id.clone(),
                         idempotency_key: format!("{order_id}:void"),
                     };
                     async move { client.void(with_timeout(request, timeout)).await }
-                })
-                .instrument(span.clone())
-                .await;
-            if let Err(error) = &voided {
-                brewmesh::telemetry::fail(&span, &error.to_string());
-            }
+                }),
+            )
+            .await;
             match voided {
                 Ok(_) => events.push((E::PaymentVoided, "")),
                 Err(SagaError::PaymentRefused(status)) => {
@@ -745,14 +740,12 @@ impl Shop {
     async fn authorize(&self, record: &OrderRecord) -> Result<Payment, SagaError> {
         let order_id = record.order.order_id.as_str();
         let span = tracing::info_span!("authorize", otel.name = "authorize", order_id);
-        let authorized = self.authorize_call(record).instrument(span.clone()).await;
-        match &authorized {
-            Ok(payment) if payment.state() == PaymentState::Declined => {
-                let reason = format!("card declined: {}", payment.decline_reason);
-                brewmesh::telemetry::fail(&span, &reason);
-            }
-            Err(error) => brewmesh::telemetry::fail(&span, &error.to_string()),
-            Ok(_) => {}
+        let authorized = traced(span.clone(), self.authorize_call(record)).await;
+        if let Ok(payment) = &authorized
+            && payment.state() == PaymentState::Declined
+        {
+            let reason = format!("card declined: {}", payment.decline_reason);
+            brewmesh::telemetry::fail(&span, &reason);
         }
         authorized
     }
@@ -815,6 +808,18 @@ impl Shop {
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
+}
+
+/// Runs a saga step in `span`; an error marks the span failed.
+async fn traced<T>(
+    span: tracing::Span,
+    step: impl Future<Output = Result<T, SagaError>>,
+) -> Result<T, SagaError> {
+    let result = step.instrument(span.clone()).await;
+    if let Err(error) = &result {
+        brewmesh::telemetry::fail(&span, &error.to_string());
+    }
+    result
 }
 
 /// Whether a payment call may be repeated in the hope of another answer.
