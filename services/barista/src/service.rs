@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +22,7 @@ use brewmesh::validate::{Violations, invalid_argument, next_page_token, page_siz
 
 use crate::error::BaristaError;
 use crate::menu;
-use crate::shop::Shop;
+use crate::shop::{OrderWatch, Shop};
 use crate::store::{Change, Inserted, NewOrder, Step};
 
 const MAX_NAME_LEN: usize = 100;
@@ -249,7 +249,7 @@ impl Barista for BaristaService {
             return Err(invalid_argument("after_sequence", "must not be negative"));
         }
         // Subscribe before the first read, so no event falls between the two.
-        let changes = self.shop.subscribe();
+        let changes = self.shop.watch(&request.order_id);
         self.order(&request.order_id).await?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(follow(
@@ -270,7 +270,7 @@ async fn follow(
     shop: Arc<Shop>,
     order_id: String,
     mut after: i64,
-    mut changes: broadcast::Receiver<Arc<str>>,
+    mut changes: OrderWatch,
     tx: mpsc::Sender<Result<OrderEvent, Status>>,
     shutdown: CancellationToken,
     poll: Duration,
@@ -310,7 +310,7 @@ async fn follow(
         // Woken by this process's own writes; the poll catches other
         // processes' writes (replicas sharing the database).
         tokio::select! {
-            () = next_change(&mut changes, &order_id) => {}
+            () = changes.changed() => {}
             () = tokio::time::sleep(poll) => {}
             () = tx.closed() => return,
             () = shutdown.cancelled() => {
@@ -329,18 +329,6 @@ async fn ended(shop: &Shop, order_id: &str) -> bool {
         shop.store.get(order_id).await,
         Ok(Some(record)) if matches!(record.order.state(), S::Ready | S::Failed | S::Cancelled)
     )
-}
-
-async fn next_change(changes: &mut broadcast::Receiver<Arc<str>>, order_id: &str) {
-    loop {
-        match changes.recv().await {
-            Ok(id) if &*id == order_id => return,
-            Ok(_) => {}
-            // Missed some: look again, to be safe.
-            Err(broadcast::error::RecvError::Lagged(_)) => return,
-            Err(broadcast::error::RecvError::Closed) => return std::future::pending().await,
-        }
-    }
 }
 
 fn order_id(value: &str) -> Result<(), Status> {

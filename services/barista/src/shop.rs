@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use brewmesh::discovery::Balanced;
-use tokio::sync::{OwnedSemaphorePermit, broadcast};
+use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Code, Request, Response, Status};
@@ -85,8 +85,11 @@ pub struct Shop {
     /// Cancel tokens of the sagas running in this process, by order id. An
     /// entry is also the claim that this process drives the order.
     running: Mutex<HashMap<String, CancellationToken>>,
-    /// Order ids with new events, for watchers in this process.
-    changes: broadcast::Sender<Arc<str>>,
+    /// A change counter per order that someone in this process watches:
+    /// a write wakes that order's watchers only. (One broadcast of every
+    /// order id to every watcher woke 30,000 watchers for each of thousands
+    /// of events a second, and lagging ones re-read the database.)
+    watched: Arc<Mutex<HashMap<Arc<str>, watch::Sender<u64>>>>,
     /// This barista, as the `owner` of the orders it drives.
     owner: String,
     /// How long an order stays this barista's without a renewal.
@@ -112,7 +115,7 @@ impl Shop {
             retries: TpsBudget::new(Duration::from_secs(10), 10, 0.2),
             sagas: TaskTracker::new(),
             running: Mutex::new(HashMap::new()),
-            changes: broadcast::channel(1024).0,
+            watched: Arc::default(),
             owner: brewmesh::ids::new("barista"),
             lease,
         }
@@ -134,9 +137,20 @@ impl Shop {
         &self.sagas
     }
 
-    /// A receiver of the ids of orders that have new events.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
-        self.changes.subscribe()
+    /// Follows `order_id`'s writes in this process: [`OrderWatch::changed`]
+    /// returns once there are new events since the last call (or since
+    /// this one).
+    pub fn watch(&self, order_id: &str) -> OrderWatch {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        let receiver = watched
+            .entry(order_id.into())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe();
+        OrderWatch {
+            order_id: order_id.into(),
+            receiver,
+            watched: Arc::clone(&self.watched),
+        }
     }
 
     /// Applies `change` with `events`, and tells watchers.
@@ -160,8 +174,10 @@ impl Shop {
                     crate::observe::order_finished(outcome);
                 }
             }
-            // No receiver is fine: nobody is watching.
-            let _ = self.changes.send(order_id.into());
+            let watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(sender) = watched.get(order_id) {
+                sender.send_modify(|n| *n = n.wrapping_add(1));
+            }
         }
         Ok(stored)
     }
@@ -842,4 +858,36 @@ fn with_timeout<T>(message: T, timeout: Duration) -> Request<T> {
     let mut request = Request::new(message);
     request.set_timeout(timeout);
     request
+}
+
+/// One watcher's view of an order's writes in this process; see
+/// [`Shop::watch`].
+#[derive(Debug)]
+pub struct OrderWatch {
+    order_id: Arc<str>,
+    receiver: watch::Receiver<u64>,
+    watched: Arc<Mutex<HashMap<Arc<str>, watch::Sender<u64>>>>,
+}
+
+impl OrderWatch {
+    /// Returns when the order has new events since the last call.
+    pub async fn changed(&mut self) {
+        // The sender lives in the map while this receiver does.
+        if self.receiver.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Drop for OrderWatch {
+    fn drop(&mut self) {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        // The last watcher of the order takes its entry away.
+        if watched
+            .get(&self.order_id)
+            .is_some_and(|sender| sender.receiver_count() <= 1)
+        {
+            watched.remove(&self.order_id);
+        }
+    }
 }
