@@ -29,7 +29,10 @@ done
 # redis-server for the gateway's shared-cache test, from Debian.
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "installing redis-server from Debian" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends redis-server >/dev/null
 fi
 
 if cargo nextest --version >/dev/null 2>&1; then
