@@ -536,10 +536,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let (results_tx, mut results) = mpsc::unbounded_channel::<(Outcome, Instant)>();
     let started = Instant::now();
     let deadline = args.duration.map(|d| started + d);
-    let limit = match args.rate {
-        Some(_) => args.max_in_flight,
-        None => args.concurrency,
-    };
+    let limit = in_flight;
     let slots = Arc::new(Semaphore::new(limit));
     let mix: Arc<Vec<(String, u32)>> = Arc::new(args.mix.clone());
     let (until, timeout, declined_every, rate) =
