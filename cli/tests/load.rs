@@ -5,7 +5,7 @@
 
 mod support;
 
-use support::Process;
+use support::{Process, curl, sample};
 
 fn up(dir: &std::path::Path, barista: &[&str]) -> Process {
     let mut extra = vec!["--payment-arg=--processing-delay=10ms"];
@@ -31,14 +31,6 @@ fn load(dir: &std::path::Path, args: &[&str]) -> (String, serde_json::Value) {
     assert!(output.status.success(), "{summary}\n{output:?}");
     let report = serde_json::from_slice(&std::fs::read(report).unwrap()).unwrap();
     (summary, report)
-}
-
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit_once(' '))
-        .map(|(_, v)| v.parse().unwrap())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -77,22 +69,16 @@ async fn load_counts_served_and_declined_customers_as_the_mesh_does() {
     assert!(report["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
 
     // The mesh counted the same: 9 ready, 3 failed.
-    let metrics = std::process::Command::new("curl")
-        .args([
-            "-s",
-            &format!("http://{}/metrics", mesh.instance("barista-1")),
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8(metrics.stdout).unwrap();
-    assert_eq!(
-        metric(&text, "brewmesh_orders_finished_total{outcome=\"ready\"}"),
-        9.0
-    );
-    assert_eq!(
-        metric(&text, "brewmesh_orders_finished_total{outcome=\"failed\"}"),
-        3.0
-    );
+    let text = curl(&[&format!("http://{}/metrics", mesh.instance("barista-1"))]);
+    let finished = |outcome| {
+        sample(
+            &text,
+            "brewmesh_orders_finished_total",
+            &[("outcome", outcome)],
+        )
+    };
+    assert_eq!(finished("ready"), 9.0);
+    assert_eq!(finished("failed"), 3.0);
 
     // Straight to the barista over gRPC, open loop: the same counting.
     let barista = mesh.instance("barista-1").to_string();

@@ -18,7 +18,7 @@ use brewmesh::pb::payment::v1::payments_client::PaymentsClient;
 use brewmesh::pb::payment::v1::{
     AuthorizeRequest, GetPaymentRequest, ListPaymentsRequest, Money, PaymentState,
 };
-use support::{PATIENCE, Process};
+use support::{PATIENCE, Process, curl};
 
 fn client<T>(url: String, new: fn(Channel) -> T) -> T {
     new(brewmesh::client::channel(&url).expect("valid url"))
@@ -229,16 +229,6 @@ fn grpcurl(args: &[&str]) -> String {
         "grpcurl {args:?}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    String::from_utf8(output.stdout).expect("utf-8")
-}
-
-fn curl(args: &[&str]) -> String {
-    let output = std::process::Command::new("curl")
-        .args(["--max-time", "30"])
-        .args(args)
-        .output()
-        .expect("curl is installed");
-    assert!(output.status.success(), "curl {args:?}: {output:?}");
     String::from_utf8(output.stdout).expect("utf-8")
 }
 

@@ -9,7 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use brewmesh::testing::{CollectedSpan, Collector};
-use support::{PATIENCE, Process};
+use support::{PATIENCE, Process, curl, sample};
 
 /// `up` on port 0 with quick steps, exporting to `endpoint` if given, with
 /// `extra` variables.
@@ -34,16 +34,6 @@ fn mesh(dir: &std::path::Path, endpoint: Option<&str>, extra: &[(&str, &str)]) -
     }
     env.extend(extra.iter().copied());
     Process::start_with_env(&args, 4, &env)
-}
-
-fn curl(args: &[&str]) -> String {
-    let output = std::process::Command::new("curl")
-        .args(["--max-time", "30", "-s"])
-        .args(args)
-        .output()
-        .expect("curl is installed");
-    assert!(output.status.success(), "curl {args:?}: {output:?}");
-    String::from_utf8(output.stdout).unwrap()
 }
 
 /// Places an order over REST (with `traceparent` if given) and follows it
@@ -330,21 +320,6 @@ async fn every_process_that_handled_an_order_logs_its_trace_id() {
         assert!(line.get(field).is_some(), "{field} missing from {line}");
     }
     assert_eq!(line["trace_id"], trace_id);
-}
-
-/// The value of the series `name` whose labels include all of `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter(|(series, _)| series == &name || series.starts_with(&format!("{name}{{")))
-        .filter(|(series, _)| {
-            labels
-                .iter()
-                .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
-        })
-        .map(|(_, value)| value.parse::<f64>().unwrap())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,7 +8,7 @@ use prost_reflect::{DescriptorPool, DynamicMessage};
 use serde_json::json;
 use tonic::Code;
 
-use crate::transcode::{Violation, serialize_options};
+use crate::transcode::{ProtoJson, Violation};
 
 /// The HTTP status for a gRPC code, as grpc-gateway's `HTTPStatusFromCode`.
 pub fn http_status(code: Code) -> StatusCode {
@@ -50,7 +50,7 @@ pub fn status_json(pool: &DescriptorPool, status: &tonic::Status) -> serde_json:
         return plain();
     };
     // Fails when a detail's type is not in the pool: keep code and message.
-    match serde_json::to_value(Serialized(&decoded)) {
+    match serde_json::to_value(ProtoJson(&decoded)) {
         Ok(mut value) => {
             value["code"] = json!(status.code() as i32);
             value["message"] = json!(status.message());
@@ -60,15 +60,6 @@ pub fn status_json(pool: &DescriptorPool, status: &tonic::Status) -> serde_json:
             value
         }
         Err(_) => plain(),
-    }
-}
-
-struct Serialized<'a>(&'a DynamicMessage);
-
-impl serde::Serialize for Serialized<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0
-            .serialize_with_options(serializer, serialize_options())
     }
 }
 

@@ -506,10 +506,12 @@ fn stream_response(
 pub async fn healthz(State(gateway): State<Arc<Gateway>>) -> Response {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
-    let checks = gateway.upstreams.iter().map(|(service, channel)| {
+    // All at once: one slow backend must not add to another's wait.
+    let mut checks = tokio::task::JoinSet::new();
+    for (service, channel) in &gateway.upstreams {
         let mut client = HealthClient::new(channel.clone());
         let service = service.clone();
-        async move {
+        checks.spawn(async move {
             let mut request = tonic::Request::new(HealthCheckRequest {
                 service: service.clone(),
             });
@@ -526,9 +528,9 @@ pub async fn healthz(State(gateway): State<Arc<Gateway>>) -> Response {
                     Err(_) => "DeadlineExceeded".to_owned(),
                 };
             (service, status)
-        }
-    });
-    let results: Vec<(String, String)> = futures_join(checks).await;
+        });
+    }
+    let results: Vec<(String, String)> = checks.join_all().await;
     let serving = results.iter().all(|(_, s)| s == "SERVING");
     let body = json!({
         "status": if serving { "SERVING" } else { "NOT_SERVING" },
@@ -548,22 +550,6 @@ pub async fn healthz(State(gateway): State<Arc<Gateway>>) -> Response {
         HeaderValue::from_static("application/json"),
     );
     response
-}
-
-/// Runs the futures at once; their results in order.
-async fn futures_join<F, T>(futures: impl Iterator<Item = F>) -> Vec<T>
-where
-    F: Future<Output = T> + Send + 'static,
-    T: Send + 'static,
-{
-    let handles: Vec<_> = futures.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for handle in handles {
-        if let Ok(result) = handle.await {
-            out.push(result);
-        }
-    }
-    out
 }
 
 /// `/openapi.json`.

@@ -57,12 +57,22 @@ fn json_error(error: &serde_json::Error) -> String {
     }
 }
 
+/// A message that serializes by the gateway's [`serialize_options`], for
+/// serde's writers (`serde_json::to_vec`, `to_value`).
+pub struct ProtoJson<'a>(pub &'a DynamicMessage);
+
+impl serde::Serialize for ProtoJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0
+            .serialize_with_options(serializer, serialize_options())
+    }
+}
+
 /// Writes `message` as JSON.
 pub fn to_json(message: &DynamicMessage) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
-    let mut serializer = serde_json::Serializer::new(&mut out);
     // Serializing a well-formed message into a Vec cannot fail.
-    let _ = message.serialize_with_options(&mut serializer, serialize_options());
+    let _ = serde_json::to_writer(&mut out, &ProtoJson(message));
     out
 }
 
@@ -242,26 +252,13 @@ fn typed(field: &FieldDescriptor, value: &str) -> Result<Json, String> {
 pub fn response_json(route: &Route, message: &DynamicMessage) -> Vec<u8> {
     match &route.response_body {
         Some(field) => {
-            let value = message.get_field(field);
-            let mut out = Vec::with_capacity(256);
-            let mut serializer = serde_json::Serializer::new(&mut out);
             // A field's value serializes through a one-field message.
             let mut holder = DynamicMessage::new(message.descriptor());
-            holder.set_field(field, value.into_owned());
-            let json = serde_json::to_value(SerializeHolder(&holder)).unwrap_or(Json::Null);
-            let inner = json.get(field.json_name()).cloned().unwrap_or(Json::Null);
-            let _ = serde::Serialize::serialize(&inner, &mut serializer);
-            out
+            holder.set_field(field, message.get_field(field).into_owned());
+            let json = serde_json::to_value(ProtoJson(&holder)).unwrap_or(Json::Null);
+            serde_json::to_vec(json.get(field.json_name()).unwrap_or(&Json::Null))
+                .unwrap_or_default()
         }
         None => to_json(message),
-    }
-}
-
-struct SerializeHolder<'a>(&'a DynamicMessage);
-
-impl serde::Serialize for SerializeHolder<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0
-            .serialize_with_options(serializer, serialize_options())
     }
 }

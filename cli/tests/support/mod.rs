@@ -184,3 +184,30 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// Runs `curl --max-time 30 -s <args>`; its output (a failure fails the test).
+pub fn curl(args: &[&str]) -> String {
+    let output = Command::new("curl")
+        .args(["--max-time", "30", "-s"])
+        .args(args)
+        .output()
+        .expect("curl is installed");
+    assert!(output.status.success(), "curl {args:?}: {output:?}");
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+/// In Prometheus text, the sum of the series `name` whose labels include
+/// all of `labels` (0 when there is none).
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| series == &name || series.starts_with(&format!("{name}{{")))
+        .filter(|(series, _)| {
+            labels
+                .iter()
+                .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|(_, value)| value.parse::<f64>().unwrap())
+        .sum()
+}
