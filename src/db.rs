@@ -115,6 +115,9 @@ pub async fn open(
     let pool = AnyPoolOptions::new()
         .max_connections(if sqlite { 1 } else { 8 })
         .acquire_timeout(Duration::from_secs(10))
+        // A ping before every acquire is one more round trip to the
+        // connection per transaction; a broken connection fails its query.
+        .test_before_acquire(false)
         .after_connect(move |conn, _meta| {
             Box::pin(async move {
                 if sqlite {

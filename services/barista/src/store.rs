@@ -1,14 +1,19 @@
 //! Orders and their event history in SQL (SQLite by default, PostgreSQL by
 //! URL).
 //!
-//! Every change of an order is one transaction that updates the order row
-//! (guarded by the states it may change from) and appends the event that
-//! explains it, so the history and the row never disagree, and a change that
-//! lost a race (a cancel against the drink being finished) leaves no trace.
-//! The UPDATE comes first so SQLite takes its write lock before any read.
+//! Every change of an order updates the order row (guarded by the states it
+//! may change from) and appends the events that explain it, in one
+//! transaction, so the history and the row never disagree, and a change
+//! that lost a race (a cancel against the drink being finished) leaves no
+//! trace. The UPDATE comes first so SQLite takes its write lock before any
+//! read. On SQLite, changes queued at the same time share a transaction
+//! (see [`write_in_batches`]).
+
+use std::sync::Arc;
 
 use sqlx::any::AnyRow;
 use sqlx::{Any, AnyPool, Row, Transaction};
+use tokio::sync::{mpsc, oneshot};
 
 use brewmesh::pb::barista::v1::{Order, OrderEvent, OrderEventType, OrderState};
 use brewmesh::pb::payment::v1::Money;
@@ -149,16 +154,44 @@ pub struct Change<'a> {
 #[derive(Debug, Clone)]
 pub struct OrderStore {
     pool: AnyPool,
+    /// On SQLite, the queue of the one task that writes orders; see
+    /// [`write_in_batches`]. On PostgreSQL each write has a transaction of
+    /// its own, on one of the pool's connections.
+    writer: Option<mpsc::Sender<Queued>>,
 }
+
+/// At most this many writes share a transaction.
+const MAX_BATCH: usize = 128;
 
 impl OrderStore {
     /// Opens (and if need be creates) the store `database` names.
     pub async fn open(
         database: &brewmesh::db::DatabaseArgs,
     ) -> Result<Self, brewmesh::db::OpenError> {
-        Ok(Self {
-            pool: database.open("barista.db", MIGRATIONS).await?,
-        })
+        let pool = database.open("barista.db", MIGRATIONS).await?;
+        let sqlite = database
+            .database_url
+            .as_deref()
+            .is_none_or(|url| url.starts_with("sqlite:"));
+        let writer = sqlite.then(|| {
+            let (writer, queue) = mpsc::channel(4 * MAX_BATCH);
+            tokio::spawn(write_in_batches(pool.clone(), queue));
+            writer
+        });
+        Ok(Self { pool, writer })
+    }
+
+    /// Runs `write` in the writer's next batch, or alone.
+    async fn write(&self, write: Write) -> Result<Outcome, sqlx::Error> {
+        let Some(writer) = &self.writer else {
+            return write_alone(&self.pool, &write).await;
+        };
+        let (reply, outcome) = oneshot::channel();
+        writer
+            .send((write, reply))
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        outcome.await.map_err(|_| sqlx::Error::PoolClosed)?
     }
 
     /// The order placed earlier with `key`, if any; [`Inserted::KeyReused`]
@@ -186,53 +219,15 @@ impl OrderStore {
         owner: &str,
         lease_until: i64,
     ) -> Result<Inserted, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let now = now_micros();
-        let order_id = brewmesh::ids::new("ord");
-        let inserted = sqlx::query(&format!(
-            "INSERT INTO orders (idempotency_key, fingerprint, {COLUMNS}) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, '', '', $11, $11, $12, $13) \
-             ON CONFLICT (idempotency_key) DO NOTHING"
-        ))
-        .bind(&new.idempotency_key)
-        .bind(&new.fingerprint)
-        .bind(&order_id)
-        .bind(&new.item_id)
-        .bind(&new.customer_name)
-        .bind(&new.card_token)
-        .bind(&new.price.currency_code)
-        .bind(new.price.amount_minor)
-        .bind(OrderState::Accepted as i64)
-        .bind(Step::Run.as_str())
-        .bind(now)
-        .bind(owner)
-        .bind(lease_until)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            let row = sqlx::query(&format!(
-                "SELECT fingerprint, {COLUMNS} FROM orders WHERE idempotency_key = $1"
-            ))
-            .bind(&new.idempotency_key)
-            .fetch_one(&mut *tx)
-            .await?;
-            return existing(&row, &new.fingerprint);
+        let write = Write::Insert {
+            new,
+            owner: owner.to_owned(),
+            lease_until,
+        };
+        match self.write(write).await? {
+            Outcome::Inserted(inserted) => Ok(*inserted),
+            Outcome::Recorded(_) => Err(mismatch()),
         }
-        append_event(
-            &mut tx,
-            &order_id,
-            OrderEventType::Accepted,
-            OrderState::Accepted,
-            "",
-            now,
-        )
-        .await?;
-        let record = fetch(&mut tx, &order_id)
-            .await?
-            .ok_or(sqlx::Error::RowNotFound)?;
-        tx.commit().await?;
-        Ok(Inserted::New(record))
     }
 
     /// Applies `change` and appends `events` (each with its detail), if the
@@ -244,8 +239,6 @@ impl OrderStore {
         events: &[(OrderEventType, &str)],
         change: Change<'_>,
     ) -> Result<Option<Vec<OrderEvent>>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let now = now_micros();
         // $1..$6 are the new values (NULL keeps the old one), then the guard.
         let mut sql = String::from(
             "UPDATE orders SET state = COALESCE($1, state), saga_step = COALESCE($2, saga_step), \
@@ -260,33 +253,25 @@ impl OrderStore {
         if change.from_step.is_some() {
             sql.push_str(&format!(" AND saga_step = ${}", change.from.len() + 7));
         }
-        let mut query = sqlx::query(&sql)
-            .bind(change.state.map(|s| s as i64))
-            .bind(change.step.map(Step::as_str))
-            .bind(change.payment_id)
-            .bind(change.failure_reason)
-            .bind(now)
-            .bind(order_id);
-        for state in change.from {
-            query = query.bind(*state as i64);
+        sql.push_str(" RETURNING state");
+        let write = Write::Record {
+            sql,
+            order_id: order_id.to_owned(),
+            state: change.state.map(|s| s as i64),
+            step: change.step.map(Step::as_str),
+            payment_id: change.payment_id.map(str::to_owned),
+            failure_reason: change.failure_reason.map(str::to_owned),
+            from: change.from.iter().map(|s| *s as i64).collect(),
+            from_step: change.from_step.map(Step::as_str),
+            events: events
+                .iter()
+                .map(|(event_type, detail)| (*event_type, (*detail).to_owned()))
+                .collect(),
+        };
+        match self.write(write).await? {
+            Outcome::Recorded(stored) => Ok(stored),
+            Outcome::Inserted(_) => Err(mismatch()),
         }
-        if let Some(step) = change.from_step {
-            query = query.bind(step.as_str());
-        }
-        if query.execute(&mut *tx).await?.rows_affected() == 0 {
-            return Ok(None);
-        }
-        let state: i64 = sqlx::query_scalar("SELECT state FROM orders WHERE order_id = $1")
-            .bind(order_id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let state = order_state(state)?;
-        let mut stored = Vec::with_capacity(events.len());
-        for (event_type, detail) in events {
-            stored.push(append_event(&mut tx, order_id, *event_type, state, detail, now).await?);
-        }
-        tx.commit().await?;
-        Ok(Some(stored))
     }
 
     /// One order, with what the saga needs.
@@ -339,6 +324,30 @@ impl OrderStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(event_from_row).collect()
+    }
+
+    /// The highest event sequence of each of `order_ids` that has events.
+    pub async fn latest_sequences(
+        &self,
+        order_ids: &[Arc<str>],
+    ) -> Result<Vec<(String, i64)>, sqlx::Error> {
+        if order_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let placeholders: Vec<String> = (1..=order_ids.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT order_id, MAX(sequence) AS latest FROM order_events \
+             WHERE order_id IN ({}) GROUP BY order_id",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for order_id in order_ids {
+            query = query.bind(order_id.as_ref());
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("order_id")?, row.try_get("latest")?)))
+            .collect()
     }
 
     /// Extends the leases `owner` holds on unfinished orders to `until`.
@@ -395,6 +404,201 @@ impl OrderStore {
     }
 }
 
+/// A write of the order path, owned so that it can go to the writer.
+#[derive(Debug)]
+enum Write {
+    /// See [`OrderStore::insert`].
+    Insert {
+        new: NewOrder,
+        owner: String,
+        lease_until: i64,
+    },
+    /// See [`OrderStore::record`]: the guarded UPDATE (`sql`) with its
+    /// values, and the events it explains.
+    Record {
+        sql: String,
+        order_id: String,
+        state: Option<i64>,
+        step: Option<&'static str>,
+        payment_id: Option<String>,
+        failure_reason: Option<String>,
+        from: Vec<i64>,
+        from_step: Option<&'static str>,
+        events: Vec<(OrderEventType, String)>,
+    },
+}
+
+/// What a [`Write`] did.
+#[derive(Debug)]
+enum Outcome {
+    Inserted(Box<Inserted>),
+    Recorded(Option<Vec<OrderEvent>>),
+}
+
+fn mismatch() -> sqlx::Error {
+    sqlx::Error::Protocol("the writer answered a different kind of write".into())
+}
+
+/// A write and where its outcome goes.
+type Queued = (Write, oneshot::Sender<Result<Outcome, sqlx::Error>>);
+
+/// The SQLite writer: takes the writes queued meanwhile (up to
+/// [`MAX_BATCH`]) and applies them in one transaction.
+///
+/// SQLite has one writer, and here one connection (see `brewmesh::db`).
+/// A transaction per write paid, for every write, BEGIN and COMMIT and
+/// the connection's hand-over between tasks: round trips through the
+/// connection's thread while every other write waited. Under load the
+/// queue for the connection, not SQLite, set the orders/s. Batched, those
+/// costs are shared. Each write still sees the ones before it (two steps of
+/// one order in one batch apply in turn), its guard still decides alone,
+/// and if any write fails, the batch is rolled back and each write is
+/// applied again alone, so one bad write fails only itself.
+async fn write_in_batches(pool: AnyPool, mut queue: mpsc::Receiver<Queued>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let outcomes = if batch.len() == 1 {
+            Err(None)
+        } else {
+            write_together(&pool, &batch).await.map_err(Some)
+        };
+        match outcomes {
+            Ok(outcomes) => {
+                for ((_, reply), outcome) in batch.drain(..).zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(error) => {
+                if let Some(error) = error {
+                    tracing::warn!(%error, writes = batch.len(), "a batch of writes failed; writing each alone");
+                }
+                for (write, reply) in batch.drain(..) {
+                    let _ = reply.send(write_alone(&pool, &write).await);
+                }
+            }
+        }
+    }
+}
+
+/// Applies `batch` in one transaction.
+async fn write_together(pool: &AnyPool, batch: &[Queued]) -> Result<Vec<Outcome>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for (write, _) in batch {
+        outcomes.push(apply(&mut tx, write).await?);
+    }
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+/// Applies `write` in a transaction of its own.
+async fn write_alone(pool: &AnyPool, write: &Write) -> Result<Outcome, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let outcome = apply(&mut tx, write).await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+async fn apply(tx: &mut Transaction<'static, Any>, write: &Write) -> Result<Outcome, sqlx::Error> {
+    let now = now_micros();
+    match write {
+        Write::Insert {
+            new,
+            owner,
+            lease_until,
+        } => insert(tx, new, owner, *lease_until, now)
+            .await
+            .map(|inserted| Outcome::Inserted(Box::new(inserted))),
+        Write::Record {
+            sql,
+            order_id,
+            state,
+            step,
+            payment_id,
+            failure_reason,
+            from,
+            from_step,
+            events,
+        } => {
+            let mut query = sqlx::query(sql)
+                .bind(*state)
+                .bind(*step)
+                .bind(payment_id.as_deref())
+                .bind(failure_reason.as_deref())
+                .bind(now)
+                .bind(order_id.as_str());
+            for state in from {
+                query = query.bind(*state);
+            }
+            if let Some(step) = from_step {
+                query = query.bind(*step);
+            }
+            let Some(state) = query.fetch_optional(&mut **tx).await? else {
+                return Ok(Outcome::Recorded(None));
+            };
+            let state = order_state(state.try_get("state")?)?;
+            let mut stored = Vec::with_capacity(events.len());
+            for (event_type, detail) in events {
+                stored.push(append_event(tx, order_id, *event_type, state, detail, now).await?);
+            }
+            Ok(Outcome::Recorded(Some(stored)))
+        }
+    }
+}
+
+/// Stores `new`, or finds what its key was used for before.
+async fn insert(
+    tx: &mut Transaction<'static, Any>,
+    new: &NewOrder,
+    owner: &str,
+    lease_until: i64,
+    now: i64,
+) -> Result<Inserted, sqlx::Error> {
+    let order_id = brewmesh::ids::new("ord");
+    // RETURNING gives the new row back in the same round trip; on a
+    // conflict it returns nothing and the key's earlier order is read.
+    let inserted = sqlx::query(&format!(
+        "INSERT INTO orders (idempotency_key, fingerprint, {COLUMNS}) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, '', '', $11, $11, $12, $13) \
+         ON CONFLICT (idempotency_key) DO NOTHING RETURNING {COLUMNS}"
+    ))
+    .bind(&new.idempotency_key)
+    .bind(&new.fingerprint)
+    .bind(&order_id)
+    .bind(&new.item_id)
+    .bind(&new.customer_name)
+    .bind(&new.card_token)
+    .bind(&new.price.currency_code)
+    .bind(new.price.amount_minor)
+    .bind(OrderState::Accepted as i64)
+    .bind(Step::Run.as_str())
+    .bind(now)
+    .bind(owner)
+    .bind(lease_until)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(row) = inserted else {
+        let row = sqlx::query(&format!(
+            "SELECT fingerprint, {COLUMNS} FROM orders WHERE idempotency_key = $1"
+        ))
+        .bind(&new.idempotency_key)
+        .fetch_one(&mut **tx)
+        .await?;
+        return existing(&row, &new.fingerprint);
+    };
+    let record = record_from_row(&row)?;
+    append_event(
+        tx,
+        &order_id,
+        OrderEventType::Accepted,
+        OrderState::Accepted,
+        "",
+        now,
+    )
+    .await?;
+    Ok(Inserted::New(record))
+}
+
 async fn append_event(
     tx: &mut Transaction<'static, Any>,
     order_id: &str,
@@ -403,23 +607,20 @@ async fn append_event(
     detail: &str,
     now: i64,
 ) -> Result<OrderEvent, sqlx::Error> {
+    // The next sequence is computed in the INSERT itself: one round trip.
+    // Concurrent appends to one order cannot race: the caller's UPDATE of the
+    // order row (or its INSERT) came first in the same transaction.
     let sequence: i64 = sqlx::query_scalar(
-        "SELECT COALESCE(MAX(sequence), 0) + 1 FROM order_events WHERE order_id = $1",
-    )
-    .bind(order_id)
-    .fetch_one(&mut **tx)
-    .await?;
-    sqlx::query(
         "INSERT INTO order_events (order_id, sequence, event_type, state, detail, event_time) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+         SELECT $1, COALESCE(MAX(sequence), 0) + 1, $2, $3, $4, $5 FROM order_events \
+         WHERE order_id = $1 RETURNING sequence",
     )
     .bind(order_id)
-    .bind(sequence)
     .bind(event_type as i64)
     .bind(state as i64)
     .bind(detail)
     .bind(now)
-    .execute(&mut **tx)
+    .fetch_one(&mut **tx)
     .await?;
     Ok(OrderEvent {
         order_id: order_id.to_owned(),
@@ -429,17 +630,6 @@ async fn append_event(
         time: Some(timestamp(now)),
         detail: detail.to_owned(),
     })
-}
-
-async fn fetch(
-    tx: &mut Transaction<'static, Any>,
-    order_id: &str,
-) -> Result<Option<OrderRecord>, sqlx::Error> {
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM orders WHERE order_id = $1"))
-        .bind(order_id)
-        .fetch_optional(&mut **tx)
-        .await?;
-    row.as_ref().map(record_from_row).transpose()
 }
 
 fn existing(row: &AnyRow, fingerprint: &str) -> Result<Inserted, sqlx::Error> {
@@ -500,4 +690,85 @@ fn event_from_row(row: &AnyRow) -> Result<OrderEvent, sqlx::Error> {
         time: Some(timestamp(row.try_get("event_time")?)),
         detail: row.try_get("detail")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+    use super::*;
+
+    async fn store(dir: &std::path::Path) -> OrderStore {
+        let database = brewmesh::db::DatabaseArgs {
+            data_dir: dir.to_owned(),
+            database_url: None,
+            sqlite_synchronous: brewmesh::db::Synchronous::Normal,
+        };
+        OrderStore::open(&database).await.unwrap()
+    }
+
+    async fn placed(store: &OrderStore, key: &str) -> String {
+        let new = NewOrder {
+            idempotency_key: key.into(),
+            fingerprint: key.into(),
+            item_id: "latte".into(),
+            customer_name: "Ada".into(),
+            card_token: "tok_visa".into(),
+            price: Money {
+                currency_code: "EUR".into(),
+                amount_minor: 350,
+            },
+        };
+        match store.insert(new, "barista-test", i64::MAX).await.unwrap() {
+            Inserted::New(record) => record.order.order_id,
+            other => panic!("not inserted: {other:?}"),
+        }
+    }
+
+    fn brewing<'a>() -> Change<'a> {
+        Change {
+            from: &[OrderState::Accepted],
+            state: Some(OrderState::Brewing),
+            ..Change::default()
+        }
+    }
+
+    /// Writes queued together share a transaction; one that fails fails
+    /// alone, and the others are stored, each with its events in order.
+    #[tokio::test]
+    async fn one_failing_write_in_a_batch_fails_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path()).await;
+        let (a, b) = (placed(&store, "a").await, placed(&store, "b").await);
+        let broken = Write::Record {
+            sql: "UPDATE no_such_table SET state = $1 RETURNING state".into(),
+            order_id: a.clone(),
+            state: None,
+            step: None,
+            payment_id: None,
+            failure_reason: None,
+            from: Vec::new(),
+            from_step: None,
+            events: Vec::new(),
+        };
+        let started = [(OrderEventType::BrewingStarted, "")];
+        // Sent before the writer runs again (one thread): one batch.
+        let (first, failed, second, again) = tokio::join!(
+            store.record(&a, &started, brewing()),
+            store.write(broken),
+            store.record(&b, &started, brewing()),
+            // The guard sees the write before it in the batch: no change.
+            store.record(&a, &started, brewing()),
+        );
+        assert!(failed.is_err());
+        for (order_id, stored) in [(&a, first), (&b, second)] {
+            let stored = stored.unwrap().expect("the guard passed");
+            assert_eq!(stored.len(), 1);
+            assert_eq!(stored[0].sequence, 2);
+            assert_eq!(stored, store.events_after(order_id, 1).await.unwrap());
+            let record = store.get(order_id).await.unwrap().unwrap();
+            assert_eq!(record.order.state(), OrderState::Brewing);
+        }
+        assert_eq!(again.unwrap(), None);
+    }
 }
