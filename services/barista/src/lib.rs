@@ -191,7 +191,8 @@ pub async fn run(
     let leases =
         tokio::spawn(Arc::clone(&shop).keep_leases(shutdown.clone(), sagas_drained.clone()));
 
-    let service = BaristaService::new(Arc::clone(&shop), shutdown.clone(), config.watch_poll);
+    tokio::spawn(Arc::clone(&shop).follow_others(config.watch_poll, shutdown.clone()));
+    let service = BaristaService::new(Arc::clone(&shop), shutdown.clone());
     let routes = Routes::new(BaristaServer::new(service));
     let drain_timeout = config.serve.drain_timeout;
     let sagas = async {

@@ -3,7 +3,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -22,7 +21,7 @@ use brewmesh::validate::{Violations, invalid_argument, next_page_token, page_siz
 
 use crate::error::BaristaError;
 use crate::menu;
-use crate::shop::{OrderWatch, Shop};
+use crate::shop::{OrderWatch, Shop, Written};
 use crate::store::{Change, Inserted, NewOrder, Step};
 
 const MAX_NAME_LEN: usize = 100;
@@ -34,18 +33,13 @@ const MAX_REASON_LEN: usize = 512;
 pub struct BaristaService {
     shop: Arc<Shop>,
     shutdown: CancellationToken,
-    watch_poll: Duration,
 }
 
 impl BaristaService {
-    /// Serves `shop`. Watch streams end when `shutdown` is cancelled, and
-    /// look for events written by other processes every `watch_poll`.
-    pub fn new(shop: Arc<Shop>, shutdown: CancellationToken, watch_poll: Duration) -> Self {
-        Self {
-            shop,
-            shutdown,
-            watch_poll,
-        }
+    /// Serves `shop`. Watch streams end when `shutdown` is cancelled; they
+    /// learn of other processes' writes through [`Shop::follow_others`].
+    pub fn new(shop: Arc<Shop>, shutdown: CancellationToken) -> Self {
+        Self { shop, shutdown }
     }
 
     async fn order(&self, order_id: &str) -> Result<Order, BaristaError> {
@@ -259,7 +253,6 @@ impl Barista for BaristaService {
             changes,
             tx,
             self.shutdown.clone(),
-            self.watch_poll,
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -273,16 +266,26 @@ async fn follow(
     mut changes: OrderWatch,
     tx: mpsc::Sender<Result<OrderEvent, Status>>,
     shutdown: CancellationToken,
-    poll: Duration,
 ) {
     let mut first_round = true;
+    // What the last wake-up told; `None` at first: read.
+    let mut written: Option<Written> = None;
     loop {
-        let mut events = match shop.store.events_after(&order_id, after).await {
-            Ok(events) => events,
-            Err(error) => {
-                let _ = tx.send(Err(BaristaError::from(error).into())).await;
-                return;
+        let mut events = match written.take() {
+            // Handed over by this process's write, following on from `after`.
+            Some(w) if w.events.first().is_some_and(|e| e.sequence == after + 1) => {
+                w.events.to_vec()
             }
+            // Nothing past `after` (a write already read, or polled).
+            Some(w) if w.latest <= after => Vec::new(),
+            // Events written elsewhere, or a write missed: read them.
+            _ => match shop.store.events_after(&order_id, after).await {
+                Ok(events) => events,
+                Err(error) => {
+                    let _ = tx.send(Err(BaristaError::from(error).into())).await;
+                    return;
+                }
+            },
         };
         // Only a watch that starts past the end of a finished order can find
         // nothing and wait forever; later rounds end on the final event. The
@@ -307,11 +310,10 @@ async fn follow(
                 return; // the client left, or the order ended
             }
         }
-        // Woken by this process's own writes; the poll catches other
-        // processes' writes (replicas sharing the database).
+        // Woken by this process's own writes, and by the shop's poll for
+        // other processes' writes (replicas sharing the database).
         tokio::select! {
-            () = changes.changed() => {}
-            () = tokio::time::sleep(poll) => {}
+            news = changes.changed() => written = Some(news),
             () = tx.closed() => return,
             () = shutdown.cancelled() => {
                 let status = Status::unavailable(format!("the server is shutting down; watch again with after_sequence={after}"));

@@ -85,11 +85,13 @@ pub struct Shop {
     /// Cancel tokens of the sagas running in this process, by order id. An
     /// entry is also the claim that this process drives the order.
     running: Mutex<HashMap<String, CancellationToken>>,
-    /// A change counter per order that someone in this process watches:
-    /// a write wakes that order's watchers only. (One broadcast of every
-    /// order id to every watcher woke 30,000 watchers for each of thousands
-    /// of events a second, and lagging ones re-read the database.)
-    watched: Arc<Mutex<HashMap<Arc<str>, watch::Sender<u64>>>>,
+    /// Per order that someone in this process watches, what its watchers
+    /// are told: a write here wakes that order's watchers only and hands
+    /// them its events; one poll for all watched orders finds other
+    /// processes' writes. (One broadcast of every order id to every watcher
+    /// woke 30,000 watchers for each of thousands of events a second; a
+    /// poll per watcher was most of the reads of a busy shop.)
+    watched: Watched,
     /// This barista, as the `owner` of the orders it drives.
     owner: String,
     /// How long an order stays this barista's without a renewal.
@@ -144,7 +146,7 @@ impl Shop {
         let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
         let receiver = watched
             .entry(order_id.into())
-            .or_insert_with(|| watch::channel(0).0)
+            .or_insert_with(|| watch::channel(Written::default()).0)
             .subscribe();
         OrderWatch {
             order_id: order_id.into(),
@@ -175,8 +177,11 @@ impl Shop {
                 }
             }
             let watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(sender) = watched.get(order_id) {
-                sender.send_modify(|n| *n = n.wrapping_add(1));
+            if let (Some(sender), Some(last)) = (watched.get(order_id), stored.last()) {
+                sender.send_modify(|written| {
+                    written.latest = written.latest.max(last.sequence);
+                    written.events = Arc::from(stored.as_slice());
+                });
             }
         }
         Ok(stored)
@@ -290,6 +295,49 @@ impl Shop {
                 && let Err(error) = self.adopt().await
             {
                 tracing::warn!(%error, "adopting orphaned orders failed");
+            }
+        }
+    }
+
+    /// Every `poll` until `stop`: finds the watched orders that other
+    /// processes (replicas on the same database) wrote to, with one query
+    /// per 500 orders, and wakes their watchers to read.
+    pub async fn follow_others(self: Arc<Self>, poll: Duration, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            let ids: Vec<Arc<str>> = self
+                .watched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .keys()
+                .cloned()
+                .collect();
+            for chunk in ids.chunks(500) {
+                let latest = match self.store.latest_sequences(chunk).await {
+                    Ok(latest) => latest,
+                    Err(error) => {
+                        tracing::warn!(%error, "polling watched orders failed");
+                        break;
+                    }
+                };
+                let watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+                for (order_id, sequence) in latest {
+                    if let Some(sender) = watched.get(order_id.as_str()) {
+                        sender.send_if_modified(|written| {
+                            let newer = sequence > written.latest;
+                            if newer {
+                                written.latest = sequence;
+                                written.events = Arc::from([]);
+                            }
+                            newer
+                        });
+                    }
+                }
             }
         }
     }
@@ -860,22 +908,48 @@ fn with_timeout<T>(message: T, timeout: Duration) -> Request<T> {
     request
 }
 
+/// What the watchers of an order are told; see [`Shop::watch`].
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// The events of this process's latest write of the order (empty after
+    /// a poll found newer ones).
+    pub events: Arc<[OrderEvent]>,
+    /// The highest sequence known to be stored, by any process.
+    pub latest: i64,
+}
+
+impl Default for Written {
+    fn default() -> Self {
+        Self {
+            events: Arc::from([]),
+            latest: 0,
+        }
+    }
+}
+
+/// Per watched order, what its watchers are told.
+type Watched = Arc<Mutex<HashMap<Arc<str>, watch::Sender<Written>>>>;
+
 /// One watcher's view of an order's writes in this process; see
 /// [`Shop::watch`].
 #[derive(Debug)]
 pub struct OrderWatch {
     order_id: Arc<str>,
-    receiver: watch::Receiver<u64>,
-    watched: Arc<Mutex<HashMap<Arc<str>, watch::Sender<u64>>>>,
+    receiver: watch::Receiver<Written>,
+    watched: Watched,
 }
 
 impl OrderWatch {
-    /// Returns when the order has new events since the last call.
-    pub async fn changed(&mut self) {
+    /// Returns when the order has news since the last call: the events of
+    /// this process's latest write, and the highest sequence stored. Writes
+    /// in between are not among the events: a watcher tells by their
+    /// sequence numbers, and reads.
+    pub async fn changed(&mut self) -> Written {
         // The sender lives in the map while this receiver does.
         if self.receiver.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
+        self.receiver.borrow_and_update().clone()
     }
 }
 

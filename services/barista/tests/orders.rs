@@ -569,3 +569,87 @@ async fn a_watch_resumes_after_a_sequence_and_lists_show_orders_newest_first() {
     );
     assert!(next.next_page_token.is_empty());
 }
+
+/// Two baristas on one database: a watch on the replica that does not drive
+/// the order gets every event the other one writes (found by the shop's
+/// poll of the watched orders), and a watch on the driving replica gets the
+/// cancel the other one records.
+#[tokio::test]
+async fn a_watch_on_either_replica_sees_what_the_other_one_writes() {
+    let _ = brewmesh::telemetry::init(
+        brewmesh::telemetry::LogFormat::Text,
+        brewmesh::telemetry::Identity::of("test"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let payment_config = brewmesh_payment::Config {
+        serve: serve_args(),
+        database: brewmesh::testing::database(dir.path(), "payment").await,
+        processing_delay: Duration::ZERO,
+        registry: Default::default(),
+    };
+    let payment = spawn(|l, s| brewmesh_payment::run(l, payment_config, s)).await;
+    let database = brewmesh::testing::database(dir.path(), "barista").await;
+    // Steps long enough for the cancel to come while the drink is brewing.
+    let config = |database| brewmesh_barista::Config {
+        espresso_time: Duration::from_secs(1),
+        milk_time: Duration::from_secs(1),
+        ..barista_config(database, payment.addr.to_string())
+    };
+    let driving_config = config(database.clone());
+    let driving = spawn(|l, s| brewmesh_barista::run(l, driving_config, s)).await;
+    let other_config = config(database);
+    let other = spawn(|l, s| brewmesh_barista::run(l, other_config, s)).await;
+    let channel = |url: String| brewmesh::client::channel(&url).unwrap();
+    let mut driving_client = BaristaClient::new(channel(driving.url()));
+    let mut other_client = BaristaClient::new(channel(other.url()));
+    let collect = |mut client: BaristaClient<Channel>, order_id: String| async move {
+        let stream = client
+            .watch_order(WatchOrderRequest {
+                order_id,
+                after_sequence: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            stream.collect::<Result<Vec<OrderEvent>, _>>(),
+        )
+        .await
+        .expect("the order ends within 30s")
+        .unwrap()
+    };
+
+    let made = driving_client
+        .place_order(order("made", "latte", "tok_visa"))
+        .await
+        .unwrap()
+        .into_inner();
+    let seen_elsewhere = collect(other_client.clone(), made.order_id.clone()).await;
+    let seen_here = collect(driving_client.clone(), made.order_id.clone()).await;
+    assert_eq!(seen_elsewhere, seen_here);
+    assert_eq!(seen_elsewhere.last().unwrap().r#type(), E::Ready);
+    let sequences: Vec<i64> = seen_elsewhere.iter().map(|e| e.sequence).collect();
+    assert_eq!(
+        sequences,
+        (1..=seen_elsewhere.len() as i64).collect::<Vec<_>>()
+    );
+
+    let cancelled = driving_client
+        .place_order(order("cancelled", "latte", "tok_visa"))
+        .await
+        .unwrap()
+        .into_inner();
+    let watch_here = tokio::spawn(collect(driving_client.clone(), cancelled.order_id.clone()));
+    other_client
+        .cancel_order(CancelOrderRequest {
+            order_id: cancelled.order_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    let seen_here = watch_here.await.unwrap();
+    let types: Vec<E> = seen_here.iter().map(|e| e.r#type()).collect();
+    assert!(types.contains(&E::CancelRequested), "{types:?}");
+    assert_eq!(types.last(), Some(&E::Cancelled), "{types:?}");
+}
