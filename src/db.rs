@@ -8,7 +8,8 @@
 //! `synchronous=NORMAL` a committed write is in the WAL before the call
 //! returns and survives `kill -9` of the process; only an OS crash or power
 //! loss can take the last commits. `--sqlite-synchronous full` adds an fsync
-//! per commit for that too (about 7 fsyncs per order: measure first).
+//! per commit for that too (payment commits twice per order; the barista
+//! commits its writes in batches: measure first).
 
 use std::path::Path;
 use std::time::Duration;
