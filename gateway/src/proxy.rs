@@ -157,7 +157,9 @@ async fn respond(
     let mut grpc = tonic::client::Grpc::new(upstream.clone());
     let streaming = route.rpc.method.is_server_streaming();
     let mut call = tonic::Request::new(message);
-    forward_headers(&parts.headers, call.metadata_mut());
+    if let Err(message) = forward_headers(&parts.headers, call.metadata_mut()) {
+        return gateway_error(Code::InvalidArgument, message);
+    }
     let timeout = match deadline(&parts.headers) {
         Ok(Some(timeout)) => Some(timeout),
         // Streams (WatchOrder) last as long as the client wants.
@@ -335,8 +337,16 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     }
 }
 
-/// Authorization, trace context and `Grpc-Metadata-*` go upstream.
-fn forward_headers(headers: &HeaderMap, metadata: &mut MetadataMap) {
+/// Authorization, trace context and `Grpc-Metadata-*` go upstream; binary
+/// keys (`Grpc-Metadata-Trace-Bin`) carry base64, padded or not, as in
+/// grpc-gateway, and a value that is not base64 is the client's error.
+fn forward_headers(headers: &HeaderMap, metadata: &mut MetadataMap) -> Result<(), String> {
+    use base64::Engine as _;
+    const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
     for (name, value) in headers {
         let name = name.as_str();
         let key = if PASSED_THROUGH.contains(&name) {
@@ -346,17 +356,21 @@ fn forward_headers(headers: &HeaderMap, metadata: &mut MetadataMap) {
         } else {
             continue;
         };
-        // Binary (-bin) metadata would need base64 decoding; not passed.
         if key.ends_with("-bin") {
-            continue;
-        }
-        if let (Ok(key), Ok(value)) = (
+            let bytes = BASE64
+                .decode(value.as_bytes())
+                .map_err(|error| format!("header {name}: not base64 ({error})"))?;
+            if let Ok(key) = MetadataKey::from_bytes(key.as_bytes()) {
+                metadata.append_bin(key, MetadataValue::from_bytes(&bytes));
+            }
+        } else if let (Ok(key), Ok(value)) = (
             MetadataKey::from_bytes(key.as_bytes()),
             MetadataValue::try_from(value.as_bytes()),
         ) {
             metadata.append(key, value);
         }
     }
+    Ok(())
 }
 
 /// The client's `Grpc-Timeout` (`100m`, `5S`, …), if any.
@@ -384,7 +398,7 @@ fn deadline(headers: &HeaderMap) -> Result<Option<Duration>, String> {
 }
 
 /// The backend's metadata as `Grpc-Metadata-*` headers, as grpc-gateway
-/// returns them.
+/// returns them (binary values in base64).
 fn add_metadata(headers: &mut HeaderMap, metadata: &MetadataMap) {
     for (name, value) in metadata.clone().into_headers().iter() {
         let name = name.as_str();

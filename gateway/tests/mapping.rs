@@ -243,6 +243,9 @@ async fn headers_go_upstream_as_metadata_and_metadata_comes_back_as_headers() {
                 ("baggage", "user=ada"),
                 ("x-not-forwarded", "1"),
                 ("grpc-timeout", "1500m"),
+                // Binary metadata in base64, padded or not, as grpc-gateway.
+                ("grpc-metadata-trace-bin", "3q2+7wD/"),
+                ("grpc-metadata-short-bin", "AQI"),
             ],
             Bytes::new(),
         )
@@ -255,6 +258,16 @@ async fn headers_go_upstream_as_metadata_and_metadata_comes_back_as_headers() {
     assert_eq!(seen("tracestate"), Some("vendor=1"));
     assert_eq!(seen("baggage"), Some("user=ada"));
     assert_eq!(seen("x-not-forwarded"), None);
+    let binary = |key: &str| {
+        use base64::Engine as _;
+        let config = base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent);
+        base64::engine::GeneralPurpose::new(&base64::alphabet::STANDARD, config)
+            .decode(seen(key).expect("binary metadata back"))
+            .unwrap()
+    };
+    assert_eq!(binary("trace-bin"), [0xde, 0xad, 0xbe, 0xef, 0x00, 0xff]);
+    assert_eq!(binary("short-bin"), [1, 2]);
     // The client's deadline went upstream (tonic may round it).
     let timeout = seen("grpc-timeout").expect("a deadline upstream");
     assert!(
@@ -265,6 +278,20 @@ async fn headers_go_upstream_as_metadata_and_metadata_comes_back_as_headers() {
     // With no Grpc-Timeout, the gateway's default deadline bounds the call.
     let answer = http.get("/v1/echo/h2").await;
     assert!(answer.header("grpc-metadata-seen-grpc-timeout").is_some());
+
+    // Binary metadata that is not base64 is the client's error.
+    let answer = http
+        .send(
+            Method::GET,
+            "/v1/echo/h3",
+            &[("grpc-metadata-trace-bin", "not base64!")],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(answer.status, 400, "{}", answer.text());
+    assert_eq!(answer.json()["code"], 3);
+    let message = answer.json()["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("grpc-metadata-trace-bin"), "{message}");
 }
 
 #[tokio::test]

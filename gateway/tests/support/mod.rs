@@ -18,7 +18,7 @@ use prost_reflect::{DescriptorPool, DynamicMessage, Value};
 use tokio::net::TcpListener;
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
-use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tonic::metadata::{KeyAndValueRef, MetadataKey, MetadataMap};
 use tonic::{Code, Status};
 
 use brewmesh::testing::{Running, spawn};
@@ -289,10 +289,16 @@ impl tower::Service<http::Request<axum::body::Body>> for Echo {
 /// Incoming metadata, each key as `seen-<key>` on the way back.
 fn seen(metadata: &MetadataMap) -> MetadataMap {
     let mut out = MetadataMap::new();
-    for (name, value) in metadata.clone().into_headers().iter() {
-        let key = MetadataKey::from_bytes(format!("seen-{name}").as_bytes()).unwrap();
-        if let Ok(value) = MetadataValue::try_from(value.as_bytes()) {
-            out.insert(key, value);
+    for entry in metadata.iter() {
+        match entry {
+            KeyAndValueRef::Ascii(name, value) => {
+                let key = MetadataKey::from_bytes(format!("seen-{name}").as_bytes()).unwrap();
+                out.insert(key, value.clone());
+            }
+            KeyAndValueRef::Binary(name, value) => {
+                let key = MetadataKey::from_bytes(format!("seen-{name}").as_bytes()).unwrap();
+                out.insert_bin(key, value.clone());
+            }
         }
     }
     out
