@@ -516,7 +516,9 @@ fn stream_response(
     response
 }
 
-/// `/healthz`: every backend's `grpc.health.v1`, 200 when all serve.
+/// `/healthz`: every backend's `grpc.health.v1`, 200 when all serve; a
+/// backend that cannot answer shows the gRPC code of the failed check
+/// (`UNAVAILABLE`).
 pub async fn healthz(State(gateway): State<Arc<Gateway>>) -> Response {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
@@ -538,8 +540,8 @@ pub async fn healthz(State(gateway): State<Arc<Gateway>>) -> Response {
                         .as_str_name()
                         .trim_start_matches("SERVING_STATUS_")
                         .to_owned(),
-                    Ok(Err(status)) => format!("{:?}", status.code()),
-                    Err(_) => "DeadlineExceeded".to_owned(),
+                    Ok(Err(status)) => brewmesh::metrics::code_name(status.code()).to_owned(),
+                    Err(_) => brewmesh::metrics::code_name(Code::DeadlineExceeded).to_owned(),
                 };
             (service, status)
         });

@@ -611,4 +611,5 @@ async fn a_backend_that_is_down_is_503() {
     let health = http.get("/healthz").await;
     assert_eq!(health.status, 503, "{}", health.text());
     assert_eq!(health.json()["status"], "NOT_SERVING");
+    assert_eq!(health.json()["services"]["echo.v1.Echo"], "UNAVAILABLE");
 }
