@@ -401,11 +401,19 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
 }
 
-/// What one second of the run looked like.
+/// What one second of the run looked like, for the chart and the report.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Second {
     served: u64,
-    latencies: Histogram<u64>,
+    p50_ms: f64,
+    p99_ms: f64,
 }
+
+/// Seconds still taking outcomes: a customer's finishing time is taken
+/// before its outcome is queued, so one may arrive a little after a later
+/// one. Older seconds are summed up into a [`Second`] and their histogram
+/// reused, so a long run keeps a few bytes per second, not a histogram.
+const OPEN_SECONDS: usize = 3;
 
 /// Everything counted so far.
 struct Tally {
@@ -415,7 +423,12 @@ struct Tally {
     /// The first message seen for each error code.
     examples: BTreeMap<String, String>,
     latency: Histogram<u64>,
+    /// The seconds summed up, from the start.
     timeline: Vec<Second>,
+    /// The seconds after those, still open: served count and latencies.
+    open: std::collections::VecDeque<(u64, Histogram<u64>)>,
+    /// A closed second's histogram, for the next one.
+    spare: Option<Histogram<u64>>,
 }
 
 impl Tally {
@@ -427,6 +440,8 @@ impl Tally {
             examples: BTreeMap::new(),
             latency: histogram(),
             timeline: Vec::new(),
+            open: std::collections::VecDeque::new(),
+            spare: None,
         }
     }
 
@@ -437,17 +452,24 @@ impl Tally {
                 let micros = (latency.as_micros() as u64).clamp(1, 3_600_000_000);
                 let _ = self.latency.record(micros);
                 let second = at.as_secs() as usize;
-                while self.timeline.len() <= second {
-                    self.timeline.push(Second {
-                        served: 0,
-                        // Two digits suffice for a chart; keeps an hour-long
-                        // run's timeline small.
-                        latencies: Histogram::new_with_bounds(1, 3_600_000_000, 2)
+                while self.timeline.len() + self.open.len() <= second {
+                    if self.open.len() == OPEN_SECONDS {
+                        self.close_oldest();
+                    }
+                    let histogram = match self.spare.take() {
+                        Some(h) => h,
+                        // Two digits suffice for a chart.
+                        None => Histogram::new_with_bounds(1, 3_600_000_000, 2)
                             .expect("valid histogram bounds"),
-                    });
+                    };
+                    self.open.push_back((0, histogram));
                 }
-                self.timeline[second].served += 1;
-                let _ = self.timeline[second].latencies.record(micros);
+                // Later than the open seconds can be late: it counts in the
+                // oldest open one.
+                let index = second.saturating_sub(self.timeline.len());
+                let (served, latencies) = &mut self.open[index];
+                *served += 1;
+                let _ = latencies.record(micros);
             }
             Outcome::Failed(reason) => {
                 // "payment declined: …" → "payment declined".
@@ -458,6 +480,26 @@ impl Tally {
                 self.examples.entry(code.clone()).or_insert(message);
                 *self.errors.entry(code).or_default() += 1;
             }
+        }
+    }
+
+    /// Sums up the oldest open second.
+    fn close_oldest(&mut self) {
+        if let Some((served, mut latencies)) = self.open.pop_front() {
+            self.timeline.push(Second {
+                served,
+                p50_ms: ms(latencies.value_at_quantile(0.50)),
+                p99_ms: ms(latencies.value_at_quantile(0.99)),
+            });
+            latencies.reset();
+            self.spare = Some(latencies);
+        }
+    }
+
+    /// Sums up every second, at the end of the run.
+    fn close(&mut self) {
+        while !self.open.is_empty() {
+            self.close_oldest();
         }
     }
 }
@@ -633,6 +675,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let spawned = spawner.await.unwrap_or_default();
     let took = started.elapsed();
     progress.finish_and_clear();
+    tally.close();
 
     print_summary(&tally, took, &target, spawned);
     if let Some(path) = &args.json {
@@ -722,8 +765,8 @@ fn report(tally: &Tally, took: Duration, target: &str, customers: u64, args: &Ar
         "timeline": tally.timeline.iter().enumerate().map(|(second, s)| json!({
             "second": second,
             "served": s.served,
-            "p50_ms": ms(s.latencies.value_at_quantile(0.50)),
-            "p99_ms": ms(s.latencies.value_at_quantile(0.99)),
+            "p50_ms": s.p50_ms,
+            "p99_ms": s.p99_ms,
         })).collect::<Vec<_>>(),
     })
 }
@@ -737,14 +780,7 @@ fn chart(tally: &Tally) -> String {
         .iter()
         .enumerate()
         .filter(|(_, s)| s.served > 0)
-        .map(|(t, s)| {
-            (
-                t,
-                ms(s.latencies.value_at_quantile(0.5)),
-                ms(s.latencies.value_at_quantile(0.99)),
-                s.served,
-            )
-        })
+        .map(|(t, s)| (t, s.p50_ms, s.p99_ms, s.served))
         .collect();
     let seconds = tally.timeline.len().max(1) as f64;
     let top = points.iter().map(|p| p.2).fold(1.0, f64::max) * 1.1;
@@ -776,4 +812,56 @@ fn chart(tally: &Tally) -> String {
         p50 = line(|p| p.1),
         p99 = line(|p| p.2),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn served(tally: &mut Tally, second: u64, latency_ms: u64) {
+        tally.add(
+            Outcome::Served(Duration::from_millis(latency_ms)),
+            Duration::from_millis(second * 1000 + 500),
+        );
+    }
+
+    /// Seconds are summed up as the run moves on; an outcome that arrives
+    /// late counts in an open second, and nothing is lost.
+    #[test]
+    fn the_timeline_sums_up_each_second_and_takes_late_outcomes() {
+        let mut tally = Tally::new();
+        served(&mut tally, 0, 10);
+        served(&mut tally, 0, 20);
+        served(&mut tally, 1, 30);
+        served(&mut tally, 5, 40);
+        served(&mut tally, 4, 50); // still open
+        served(&mut tally, 2, 60); // closed already: counts in second 3
+        tally.add(
+            Outcome::Failed("payment declined: no".into()),
+            Duration::ZERO,
+        );
+        tally.close();
+        let served: Vec<u64> = tally.timeline.iter().map(|s| s.served).collect();
+        assert_eq!(served, [2, 1, 0, 1, 1, 1]);
+        assert_eq!(tally.served, 6);
+        assert_eq!(tally.failed["payment declined"], 1);
+        let close = |a: f64, b: f64| (a - b).abs() <= b * 0.01;
+        assert!(
+            close(tally.timeline[0].p99_ms, 20.0),
+            "{:?}",
+            tally.timeline[0]
+        );
+        assert!(
+            close(tally.timeline[3].p50_ms, 60.0),
+            "{:?}",
+            tally.timeline[3]
+        );
+        assert!(
+            close(tally.timeline[5].p50_ms, 40.0),
+            "{:?}",
+            tally.timeline[5]
+        );
+        assert_eq!(tally.timeline[2], Second::default());
+        assert!(tally.open.is_empty());
+    }
 }
