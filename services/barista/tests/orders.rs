@@ -59,19 +59,25 @@ fn barista_config(database: DatabaseArgs, payment_addr: String) -> brewmesh_bari
     }
 }
 
-async fn mesh(payment_delay: Duration, tweak: impl FnOnce(&mut brewmesh_barista::Config)) -> Mesh {
+/// Logs, a data directory and a payment service answering after `delay`.
+async fn payment(delay: Duration) -> (tempfile::TempDir, Running<PaymentRun>) {
     let _ = brewmesh::telemetry::init(
         brewmesh::telemetry::LogFormat::Text,
         brewmesh::telemetry::Identity::of("test"),
     );
     let dir = tempfile::tempdir().unwrap();
-    let payment_config = brewmesh_payment::Config {
+    let config = brewmesh_payment::Config {
         serve: serve_args(),
         database: brewmesh::testing::database(dir.path(), "payment").await,
-        processing_delay: payment_delay,
+        processing_delay: delay,
         registry: Default::default(),
     };
-    let payment = spawn(|l, s| brewmesh_payment::run(l, payment_config, s)).await;
+    let payment = spawn(|l, s| brewmesh_payment::run(l, config, s)).await;
+    (dir, payment)
+}
+
+async fn mesh(payment_delay: Duration, tweak: impl FnOnce(&mut brewmesh_barista::Config)) -> Mesh {
+    let (dir, payment) = payment(payment_delay).await;
     let barista_db = brewmesh::testing::database(dir.path(), "barista").await;
     let mut config = barista_config(barista_db, payment.addr.to_string());
     tweak(&mut config);
@@ -576,18 +582,7 @@ async fn a_watch_resumes_after_a_sequence_and_lists_show_orders_newest_first() {
 /// cancel the other one records.
 #[tokio::test]
 async fn a_watch_on_either_replica_sees_what_the_other_one_writes() {
-    let _ = brewmesh::telemetry::init(
-        brewmesh::telemetry::LogFormat::Text,
-        brewmesh::telemetry::Identity::of("test"),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let payment_config = brewmesh_payment::Config {
-        serve: serve_args(),
-        database: brewmesh::testing::database(dir.path(), "payment").await,
-        processing_delay: Duration::ZERO,
-        registry: Default::default(),
-    };
-    let payment = spawn(|l, s| brewmesh_payment::run(l, payment_config, s)).await;
+    let (dir, payment) = payment(Duration::ZERO).await;
     let database = brewmesh::testing::database(dir.path(), "barista").await;
     // Steps long enough for the cancel to come while the drink is brewing.
     let config = |database| brewmesh_barista::Config {
