@@ -239,23 +239,7 @@ impl OrderStore {
         events: &[(OrderEventType, &str)],
         change: Change<'_>,
     ) -> Result<Option<Vec<OrderEvent>>, sqlx::Error> {
-        // $1..$6 are the new values (NULL keeps the old one), then the guard.
-        let mut sql = String::from(
-            "UPDATE orders SET state = COALESCE($1, state), saga_step = COALESCE($2, saga_step), \
-             payment_id = COALESCE($3, payment_id), failure_reason = COALESCE($4, failure_reason), \
-             update_time = $5 WHERE order_id = $6 AND state IN (",
-        );
-        let placeholders: Vec<String> = (0..change.from.len())
-            .map(|i| format!("${}", i + 7))
-            .collect();
-        sql.push_str(&placeholders.join(", "));
-        sql.push(')');
-        if change.from_step.is_some() {
-            sql.push_str(&format!(" AND saga_step = ${}", change.from.len() + 7));
-        }
-        sql.push_str(" RETURNING state");
         let write = Write::Record {
-            sql,
             order_id: order_id.to_owned(),
             state: change.state.map(|s| s as i64),
             step: change.step.map(Step::as_str),
@@ -413,10 +397,9 @@ enum Write {
         owner: String,
         lease_until: i64,
     },
-    /// See [`OrderStore::record`]: the guarded UPDATE (`sql`) with its
-    /// values, and the events it explains.
+    /// See [`OrderStore::record`]: the UPDATE's new values and guard, and
+    /// the events it explains.
     Record {
-        sql: String,
         order_id: String,
         state: Option<i64>,
         step: Option<&'static str>,
@@ -510,7 +493,6 @@ async fn apply(tx: &mut Transaction<'static, Any>, write: &Write) -> Result<Outc
             .await
             .map(|inserted| Outcome::Inserted(Box::new(inserted))),
         Write::Record {
-            sql,
             order_id,
             state,
             step,
@@ -520,7 +502,21 @@ async fn apply(tx: &mut Transaction<'static, Any>, write: &Write) -> Result<Outc
             from_step,
             events,
         } => {
-            let mut query = sqlx::query(sql)
+            // $1..$6 are the new values (NULL keeps the old one), then the guard.
+            let mut sql = String::from(
+                "UPDATE orders SET state = COALESCE($1, state), saga_step = COALESCE($2, saga_step), \
+                 payment_id = COALESCE($3, payment_id), failure_reason = COALESCE($4, failure_reason), \
+                 update_time = $5 WHERE order_id = $6 AND state IN (",
+            );
+            let placeholders: Vec<String> =
+                (0..from.len()).map(|i| format!("${}", i + 7)).collect();
+            sql.push_str(&placeholders.join(", "));
+            sql.push(')');
+            if from_step.is_some() {
+                sql.push_str(&format!(" AND saga_step = ${}", from.len() + 7));
+            }
+            sql.push_str(" RETURNING state");
+            let mut query = sqlx::query(&sql)
                 .bind(*state)
                 .bind(*step)
                 .bind(payment_id.as_deref())
@@ -740,22 +736,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = store(dir.path()).await;
         let (a, b) = (placed(&store, "a").await, placed(&store, "b").await);
-        let broken = Write::Record {
-            sql: "UPDATE no_such_table SET state = $1 RETURNING state".into(),
-            order_id: a.clone(),
-            state: None,
-            step: None,
-            payment_id: None,
-            failure_reason: None,
-            from: Vec::new(),
-            from_step: None,
-            events: Vec::new(),
+        // A write that fails in SQLite itself: a trigger refuses it.
+        sqlx::query(
+            "CREATE TRIGGER refuse_boom BEFORE UPDATE ON orders WHEN NEW.failure_reason = 'boom' \
+             BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        let broken = Change {
+            from: &[OrderState::Accepted, OrderState::Brewing],
+            failure_reason: Some("boom"),
+            ..Change::default()
         };
         let started = [(OrderEventType::BrewingStarted, "")];
         // Sent before the writer runs again (one thread): one batch.
         let (first, failed, second, again) = tokio::join!(
             store.record(&a, &started, brewing()),
-            store.write(broken),
+            store.record(&a, &[], broken),
             store.record(&b, &started, brewing()),
             // The guard sees the write before it in the batch: no change.
             store.record(&a, &started, brewing()),
