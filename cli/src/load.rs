@@ -396,9 +396,10 @@ where
     }
 }
 
-/// Latencies in microseconds, up to an hour, 3 significant digits.
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+/// Latencies in microseconds, up to an hour, with `digits` significant
+/// digits.
+fn histogram(digits: u8) -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, digits).expect("valid histogram bounds")
 }
 
 /// What one second of the run looked like, for the chart and the report.
@@ -438,7 +439,7 @@ impl Tally {
             failed: BTreeMap::new(),
             errors: BTreeMap::new(),
             examples: BTreeMap::new(),
-            latency: histogram(),
+            latency: histogram(3),
             timeline: Vec::new(),
             open: std::collections::VecDeque::new(),
             spare: None,
@@ -456,13 +457,9 @@ impl Tally {
                     if self.open.len() == OPEN_SECONDS {
                         self.close_oldest();
                     }
-                    let histogram = match self.spare.take() {
-                        Some(h) => h,
-                        // Two digits suffice for a chart.
-                        None => Histogram::new_with_bounds(1, 3_600_000_000, 2)
-                            .expect("valid histogram bounds"),
-                    };
-                    self.open.push_back((0, histogram));
+                    // Two digits suffice for a chart.
+                    let latencies = self.spare.take().unwrap_or_else(|| histogram(2));
+                    self.open.push_back((0, latencies));
                 }
                 // Later than the open seconds can be late: it counts in the
                 // oldest open one.
