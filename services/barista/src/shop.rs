@@ -625,40 +625,27 @@ impl Shop {
         detail: &str,
     ) -> Result<(), SagaError> {
         let span = tracing::info_span!("station", otel.name = station.name, order_id);
-        traced(
-            span,
-            self.station_work(order_id, station, place, started, done, detail),
-        )
-        .await
-    }
-
-    async fn station_work(
-        &self,
-        order_id: &str,
-        station: &Station,
-        place: Option<OwnedSemaphorePermit>,
-        started: E,
-        done: E,
-        detail: &str,
-    ) -> Result<(), SagaError> {
-        // Holding the place until the step ends keeps the queue bound honest.
-        let _place = place;
-        let _machine = station.machine().await;
-        let brewing = Change {
-            from: &[S::Brewing],
-            ..Change::default()
+        let work = async {
+            // Holding the place until the step ends keeps the queue bound honest.
+            let _place = place;
+            let _machine = station.machine().await;
+            let brewing = Change {
+                from: &[S::Brewing],
+                ..Change::default()
+            };
+            self.record(order_id, &[(started, detail)], brewing.clone())
+                .await?;
+            tokio::time::sleep(station.duration).await;
+            if station.fails() {
+                return Err(SagaError::BrewFailed(format!(
+                    "the {} station failed",
+                    station.name
+                )));
+            }
+            self.record(order_id, &[(done, "")], brewing).await?;
+            Ok(())
         };
-        self.record(order_id, &[(started, detail)], brewing.clone())
-            .await?;
-        tokio::time::sleep(station.duration).await;
-        if station.fails() {
-            return Err(SagaError::BrewFailed(format!(
-                "the {} station failed",
-                station.name
-            )));
-        }
-        self.record(order_id, &[(done, "")], brewing).await?;
-        Ok(())
+        traced(span, work).await
     }
 
     /// Step `Complete`: capture, then READY.
