@@ -64,6 +64,12 @@ impl DatabaseArgs {
         Ok(open(&self.url(file)?, self.sqlite_synchronous, migrations).await?)
     }
 
+    /// Whether these flags name SQLite (the data directory, or a `sqlite:`
+    /// URL).
+    pub fn is_sqlite(&self) -> bool {
+        self.database_url.as_deref().is_none_or(is_sqlite_url)
+    }
+
     /// The URL to open: `--database-url`, or `<data-dir>/<file>` as SQLite.
     pub fn url(&self, file: &str) -> Result<String, std::io::Error> {
         match &self.database_url {
@@ -79,6 +85,11 @@ impl DatabaseArgs {
 /// The sqlx URL of a SQLite file, created on first open.
 pub fn sqlite_url(path: &Path) -> String {
     format!("sqlite://{}?mode=rwc", path.display())
+}
+
+/// Whether `url` names a SQLite database.
+pub fn is_sqlite_url(url: &str) -> bool {
+    url.starts_with("sqlite:")
 }
 
 /// One schema migration: statements applied together, once. A service's
@@ -105,7 +116,7 @@ pub async fn open(
         }
     };
     sqlx::any::install_default_drivers();
-    let sqlite = url.starts_with("sqlite:");
+    let sqlite = is_sqlite_url(url);
     let postgres = url.starts_with("postgres:") || url.starts_with("postgresql:");
     // SQLite has one writer: with several connections, writers wait on
     // each other in SQLite's busy handler (sleeps), and under a burst of

@@ -4,18 +4,25 @@
 //! # Layout
 //!
 //! - [`run`] serves the service on a listener until shutdown; start here.
-//! - [`service`]: the gRPC handlers (validation, admission, WatchOrder).
-//! - [`shop`]: the saga — authorize while brewing, capture or void — and its
-//!   recovery after a crash.
+//! - [`service`]: the gRPC handlers: validation, then the shop.
+//! - [`shop`]: placing orders, and the sagas this barista drives — leases,
+//!   taking over the orders of baristas that are gone.
+//! - [`saga`]: one order's saga — authorize while brewing, capture or void
+//!   — fenced by its owner, and its recovery after a crash.
+//! - [`payments`]: the saga's payment calls, retried under a budget.
+//! - [`journal`]: the orders' history as this process writes and watches it.
 //! - [`stations`]: espresso machines and steam wands with bounded queues.
 //! - [`store`]: orders and their event history in SQL.
-//! - [`menu`], [`error`].
+//! - [`menu`], [`error`], [`observe`].
 
 pub mod error;
+mod journal;
 pub mod menu;
 pub mod observe;
+mod payments;
+mod saga;
 pub mod service;
-pub mod shop;
+mod shop;
 pub mod stations;
 pub mod store;
 
@@ -173,12 +180,14 @@ pub async fn run(
         ),
     };
     observe::register(&stations);
-    let payments = PaymentsClient::new(brewmesh::discovery::balanced(config.payment_source())?);
+    let payments = payments::PaymentService::new(
+        PaymentsClient::new(brewmesh::discovery::balanced(config.payment_source())?),
+        config.payment_timeout,
+    );
     let shop = Arc::new(shop::Shop::new(
         store,
         stations,
-        payments,
-        config.payment_timeout,
+        Box::new(payments),
         config.order_lease,
     ));
     let adopted = shop.adopt().await?;
@@ -191,7 +200,7 @@ pub async fn run(
     let leases =
         tokio::spawn(Arc::clone(&shop).keep_leases(shutdown.clone(), sagas_drained.clone()));
 
-    tokio::spawn(Arc::clone(&shop).follow_others(config.watch_poll, shutdown.clone()));
+    tokio::spawn(Arc::clone(shop.journal()).follow_others(config.watch_poll, shutdown.clone()));
     let service = BaristaService::new(Arc::clone(&shop), shutdown.clone());
     let routes = Routes::new(BaristaServer::new(service));
     let drain_timeout = config.serve.drain_timeout;

@@ -1,5 +1,6 @@
-//! The `brewmesh.barista.v1.Barista` gRPC service: validation, admission to
-//! the stations, and the order store; the saga runs in [`Shop`].
+//! The `brewmesh.barista.v1.Barista` gRPC service: validation, then the
+//! [`Shop`] places orders and the sagas make them; WatchOrder follows an
+//! order's [`Journal`](crate::journal::Journal).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,9 +21,10 @@ use brewmesh::pb::barista::v1::{
 use brewmesh::validate::{Violations, invalid_argument, next_page_token, page_size};
 
 use crate::error::BaristaError;
+use crate::journal::{OrderWatch, Written};
 use crate::menu;
-use crate::shop::{OrderWatch, Shop, Written};
-use crate::store::{Change, Inserted, NewOrder, Step};
+use crate::shop::Shop;
+use crate::store::{Change, NewOrder, Step};
 
 const MAX_NAME_LEN: usize = 100;
 const MAX_CARD_TOKEN_LEN: usize = 64;
@@ -37,15 +39,15 @@ pub struct BaristaService {
 
 impl BaristaService {
     /// Serves `shop`. Watch streams end when `shutdown` is cancelled; they
-    /// learn of other processes' writes through [`Shop::follow_others`].
-    pub fn new(shop: Arc<Shop>, shutdown: CancellationToken) -> Self {
+    /// learn of other processes' writes through the journal's poll.
+    pub(crate) fn new(shop: Arc<Shop>, shutdown: CancellationToken) -> Self {
         Self { shop, shutdown }
     }
 
     async fn order(&self, order_id: &str) -> Result<Order, BaristaError> {
         Ok(self
             .shop
-            .store
+            .store()
             .get(order_id)
             .await?
             .ok_or_else(|| BaristaError::NotFound(order_id.to_owned()))?
@@ -81,60 +83,15 @@ impl Barista for BaristaService {
         };
 
         let fingerprint = fingerprint("PlaceOrder", &request);
-        // A retry is answered before it could be turned away by a full shop.
-        match self
-            .shop
-            .store
-            .by_key(&request.idempotency_key, &fingerprint)
-            .await
-            .map_err(BaristaError::from)?
-        {
-            Some(Inserted::Existing(order)) => return Ok(Response::new(order)),
-            Some(Inserted::KeyReused) => return Err(BaristaError::KeyReused.into()),
-            Some(Inserted::New(_)) | None => {}
-        }
-        let admission = self
-            .shop
-            .stations
-            .try_admit(item.steamed_milk)
-            .map_err(|station| {
-                let retry_after = match station {
-                    "milk" => self.shop.stations.milk.duration,
-                    _ => self.shop.stations.espresso.duration,
-                };
-                BaristaError::ShopFull {
-                    station,
-                    retry_after,
-                }
-            })?;
-        let inserted = self
-            .shop
-            .store
-            .insert(
-                NewOrder {
-                    idempotency_key: request.idempotency_key,
-                    fingerprint,
-                    item_id: item.item_id,
-                    customer_name: request.customer_name,
-                    card_token: request.card_token,
-                    price: item.price.unwrap_or_default(),
-                },
-                self.shop.owner(),
-                self.shop.lease_until(),
-            )
-            .await
-            .map_err(BaristaError::from)?;
-        match inserted {
-            Inserted::New(record) => {
-                let order = record.order.clone();
-                tracing::info!(order_id = %order.order_id, item_id = %order.item_id, "order accepted");
-                crate::observe::order_placed();
-                self.shop.start(record, Some(admission), false);
-                Ok(Response::new(order))
-            }
-            Inserted::Existing(order) => Ok(Response::new(order)),
-            Inserted::KeyReused => Err(BaristaError::KeyReused.into()),
-        }
+        let new = NewOrder {
+            idempotency_key: request.idempotency_key,
+            fingerprint,
+            item_id: item.item_id.clone(),
+            customer_name: request.customer_name,
+            card_token: request.card_token,
+            price: item.price.clone().unwrap_or_default(),
+        };
+        Ok(Response::new(self.shop.place(new, &item).await?))
     }
 
     async fn get_order(
@@ -163,7 +120,7 @@ impl Barista for BaristaService {
         let before = Some(request.page_token.as_str()).filter(|t| !t.is_empty());
         let (orders, more) = self
             .shop
-            .store
+            .store()
             .list(state, before, limit)
             .await
             .map_err(BaristaError::from)?;
@@ -191,6 +148,7 @@ impl Barista for BaristaService {
         };
         let cancelled = self
             .shop
+            .journal()
             .record(
                 order_id,
                 &[(E::CancelRequested, &request.reason)],
@@ -207,7 +165,7 @@ impl Barista for BaristaService {
             .map_err(BaristaError::from)?;
         let record = self
             .shop
-            .store
+            .store()
             .get(order_id)
             .await
             .map_err(BaristaError::from)?
@@ -243,7 +201,7 @@ impl Barista for BaristaService {
             return Err(invalid_argument("after_sequence", "must not be negative"));
         }
         // Subscribe before the first read, so no event falls between the two.
-        let changes = self.shop.watch(&request.order_id);
+        let changes = self.shop.journal().watch(&request.order_id);
         self.order(&request.order_id).await?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(follow(
@@ -279,7 +237,7 @@ async fn follow(
             // Nothing past `after` (a write already read, or polled).
             Some(w) if w.latest <= after => Vec::new(),
             // Events written elsewhere, or a write missed: read them.
-            _ => match shop.store.events_after(&order_id, after).await {
+            _ => match shop.store().events_after(&order_id, after).await {
                 Ok(events) => events,
                 Err(error) => {
                     let _ = tx.send(Err(BaristaError::from(error).into())).await;
@@ -293,7 +251,7 @@ async fn follow(
         // its final events are written with its final state, so one more
         // read finds them.
         if first_round && events.is_empty() && ended(&shop, &order_id).await {
-            match shop.store.events_after(&order_id, after).await {
+            match shop.store().events_after(&order_id, after).await {
                 Ok(late) if !late.is_empty() => events = late,
                 Ok(_) => return, // nothing after `after`, and nothing will come
                 Err(error) => {
@@ -328,7 +286,7 @@ async fn follow(
 /// next round reads again).
 async fn ended(shop: &Shop, order_id: &str) -> bool {
     matches!(
-        shop.store.get(order_id).await,
+        shop.store().get(order_id).await,
         Ok(Some(record)) if matches!(record.order.state(), S::Ready | S::Failed | S::Cancelled)
     )
 }

@@ -58,13 +58,13 @@ impl Station {
     }
 
     /// A place at this station, or `None` if machines and queue are full.
-    pub fn try_admit(&self) -> Option<OwnedSemaphorePermit> {
+    pub fn try_admit(&self) -> Option<Place> {
         self.admission.clone().try_acquire_owned().ok()
     }
 
     /// A place at this station, waiting for one: for orders already accepted
     /// (picked up again after a restart), which must not be turned away.
-    pub async fn admit(&self) -> OwnedSemaphorePermit {
+    pub async fn admit(&self) -> Place {
         self.admission
             .clone()
             .acquire_owned()
@@ -128,29 +128,29 @@ pub struct Stations {
     pub milk: Station,
 }
 
+/// A place at one station (machine or queue), held until its step is done.
+pub type Place = OwnedSemaphorePermit;
+
 /// The admission permits of one order: released as each station is done.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Admission {
-    /// The place at the espresso station.
-    pub espresso: Option<OwnedSemaphorePermit>,
+    /// The place at the espresso station: every drink needs one.
+    pub espresso: Place,
     /// The place at the milk station, for drinks with milk.
-    pub milk: Option<OwnedSemaphorePermit>,
+    pub milk: Option<Place>,
 }
 
 impl Stations {
-    /// Places at every station the drink needs, or the name of the first
-    /// full station (taking nothing).
-    pub fn try_admit(&self, steamed_milk: bool) -> Result<Admission, &'static str> {
-        let espresso = self.espresso.try_admit().ok_or(self.espresso.name)?;
+    /// Places at every station the drink needs, or the first full station
+    /// (taking nothing).
+    pub fn try_admit(&self, steamed_milk: bool) -> Result<Admission, &Station> {
+        let espresso = self.espresso.try_admit().ok_or(&self.espresso)?;
         let milk = if steamed_milk {
-            Some(self.milk.try_admit().ok_or(self.milk.name)?)
+            Some(self.milk.try_admit().ok_or(&self.milk)?)
         } else {
             None
         };
-        Ok(Admission {
-            espresso: Some(espresso),
-            milk,
-        })
+        Ok(Admission { espresso, milk })
     }
 
     /// Places at every station the drink needs, waiting for them.
@@ -161,9 +161,6 @@ impl Stations {
         } else {
             None
         };
-        Admission {
-            espresso: Some(espresso),
-            milk,
-        }
+        Admission { espresso, milk }
     }
 }

@@ -7,54 +7,22 @@
 //! that lost a race (a cancel against the drink being finished) leaves no
 //! trace. The UPDATE comes first so SQLite takes its write lock before any
 //! read. On SQLite, changes queued at the same time share a transaction
-//! (see [`write_in_batches`]).
+//! (see [`writer`]).
+
+mod rows;
+mod schema;
+mod writer;
 
 use std::sync::Arc;
 
-use sqlx::any::AnyRow;
-use sqlx::{Any, AnyPool, Row, Transaction};
-use tokio::sync::{mpsc, oneshot};
+use sqlx::{AnyPool, Row};
+use tokio::sync::mpsc;
 
 use brewmesh::pb::barista::v1::{Order, OrderEvent, OrderEventType, OrderState};
 use brewmesh::pb::payment::v1::Money;
-use brewmesh::time::{now_micros, timestamp};
 
-/// The schema's migrations, oldest first (see `brewmesh::db::Migration`):
-/// append, never edit.
-const MIGRATIONS: &[brewmesh::db::Migration] = &[&[
-    "CREATE TABLE IF NOT EXISTS orders (
-        order_id        TEXT PRIMARY KEY,
-        idempotency_key TEXT NOT NULL UNIQUE,
-        fingerprint     TEXT NOT NULL,
-        item_id         TEXT NOT NULL,
-        customer_name   TEXT NOT NULL,
-        card_token      TEXT NOT NULL,
-        currency_code   TEXT NOT NULL,
-        amount_minor    BIGINT NOT NULL,
-        state           BIGINT NOT NULL,
-        saga_step       TEXT NOT NULL,
-        payment_id      TEXT NOT NULL,
-        failure_reason  TEXT NOT NULL,
-        create_time     BIGINT NOT NULL,
-        update_time     BIGINT NOT NULL,
-        owner           TEXT NOT NULL,
-        lease_until     BIGINT NOT NULL
-    )",
-    "CREATE INDEX IF NOT EXISTS orders_unfinished ON orders (saga_step, lease_until)",
-    "CREATE TABLE IF NOT EXISTS order_events (
-        order_id    TEXT NOT NULL,
-        sequence    BIGINT NOT NULL,
-        event_type  BIGINT NOT NULL,
-        state       BIGINT NOT NULL,
-        detail      TEXT NOT NULL,
-        event_time  BIGINT NOT NULL,
-        PRIMARY KEY (order_id, sequence)
-    )",
-]];
-
-const COLUMNS: &str = "order_id, item_id, customer_name, card_token, currency_code, amount_minor, \
-                       state, saga_step, payment_id, failure_reason, create_time, update_time, \
-                       owner, lease_until";
+use schema::{COLUMNS, MIGRATIONS};
+use writer::{InsertOrder, Job, MAX_BATCH, Queued, Update};
 
 /// Where an order's saga is: what is left to do, also after a crash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,8 +69,6 @@ pub struct OrderRecord {
     pub step: Step,
     /// The barista instance driving the saga.
     pub owner: String,
-    /// Until when (micros) the owner's lease holds.
-    pub lease_until: i64,
 }
 
 /// A new order for [`OrderStore::insert`].
@@ -144,6 +110,9 @@ pub struct Change<'a> {
     pub state: Option<OrderState>,
     /// The new saga step, if it changes.
     pub step: Option<Step>,
+    /// If set, the barista that must hold the order: a saga's writes carry
+    /// its owner, so a saga whose order was taken over writes nothing.
+    pub owner: Option<&'a str>,
     /// The payment id, once known.
     pub payment_id: Option<&'a str>,
     /// Why the order failed or was cancelled.
@@ -155,13 +124,10 @@ pub struct Change<'a> {
 pub struct OrderStore {
     pool: AnyPool,
     /// On SQLite, the queue of the one task that writes orders; see
-    /// [`write_in_batches`]. On PostgreSQL each write has a transaction of
-    /// its own, on one of the pool's connections.
+    /// [`writer`]. On PostgreSQL each write has a transaction of its own,
+    /// on one of the pool's connections.
     writer: Option<mpsc::Sender<Queued>>,
 }
-
-/// At most this many writes share a transaction.
-const MAX_BATCH: usize = 128;
 
 impl OrderStore {
     /// Opens (and if need be creates) the store `database` names.
@@ -169,26 +135,26 @@ impl OrderStore {
         database: &brewmesh::db::DatabaseArgs,
     ) -> Result<Self, brewmesh::db::OpenError> {
         let pool = database.open("barista.db", MIGRATIONS).await?;
-        let sqlite = database
-            .database_url
-            .as_deref()
-            .is_none_or(|url| url.starts_with("sqlite:"));
-        let writer = sqlite.then(|| {
+        let writer = database.is_sqlite().then(|| {
             let (writer, queue) = mpsc::channel(4 * MAX_BATCH);
-            tokio::spawn(write_in_batches(pool.clone(), queue));
+            tokio::spawn(writer::write_in_batches(pool.clone(), queue));
             writer
         });
         Ok(Self { pool, writer })
     }
 
     /// Runs `write` in the writer's next batch, or alone.
-    async fn write(&self, write: Write) -> Result<Outcome, sqlx::Error> {
+    async fn write<W: writer::Apply>(
+        &self,
+        write: W,
+        queued: fn(Job<W>) -> Queued,
+    ) -> Result<W::Output, sqlx::Error> {
         let Some(writer) = &self.writer else {
-            return write_alone(&self.pool, &write).await;
+            return writer::write_alone(&self.pool, &write).await;
         };
-        let (reply, outcome) = oneshot::channel();
+        let (job, outcome) = Job::new(write);
         writer
-            .send((write, reply))
+            .send(queued(job))
             .await
             .map_err(|_| sqlx::Error::PoolClosed)?;
         outcome.await.map_err(|_| sqlx::Error::PoolClosed)?
@@ -207,7 +173,7 @@ impl OrderStore {
         .bind(key)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|row| existing(&row, fingerprint)).transpose()
+        row.map(|row| rows::existing(&row, fingerprint)).transpose()
     }
 
     /// Stores a new order (ACCEPTED, with its first event), or tells what
@@ -219,15 +185,12 @@ impl OrderStore {
         owner: &str,
         lease_until: i64,
     ) -> Result<Inserted, sqlx::Error> {
-        let write = Write::Insert {
+        let write = InsertOrder {
             new,
             owner: owner.to_owned(),
             lease_until,
         };
-        match self.write(write).await? {
-            Outcome::Inserted(inserted) => Ok(*inserted),
-            Outcome::Recorded(_) => Err(mismatch()),
-        }
+        self.write(write, Queued::Insert).await
     }
 
     /// Applies `change` and appends `events` (each with its detail), if the
@@ -239,7 +202,7 @@ impl OrderStore {
         events: &[(OrderEventType, &str)],
         change: Change<'_>,
     ) -> Result<Option<Vec<OrderEvent>>, sqlx::Error> {
-        let write = Write::Record {
+        let write = Update {
             order_id: order_id.to_owned(),
             state: change.state.map(|s| s as i64),
             step: change.step.map(Step::as_str),
@@ -247,15 +210,13 @@ impl OrderStore {
             failure_reason: change.failure_reason.map(str::to_owned),
             from: change.from.iter().map(|s| *s as i64).collect(),
             from_step: change.from_step.map(Step::as_str),
+            owner: change.owner.map(str::to_owned),
             events: events
                 .iter()
                 .map(|(event_type, detail)| (*event_type, (*detail).to_owned()))
                 .collect(),
         };
-        match self.write(write).await? {
-            Outcome::Recorded(stored) => Ok(stored),
-            Outcome::Inserted(_) => Err(mismatch()),
-        }
+        self.write(write, Queued::Update).await
     }
 
     /// One order, with what the saga needs.
@@ -264,7 +225,7 @@ impl OrderStore {
             .bind(order_id)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(record_from_row).transpose()
+        row.as_ref().map(rows::record).transpose()
     }
 
     /// Up to `limit` orders older than `before`, newest first, only those in
@@ -288,7 +249,7 @@ impl OrderStore {
         let orders = rows
             .iter()
             .take(limit as usize)
-            .map(|row| record_from_row(row).map(|r| r.order))
+            .map(|row| rows::record(row).map(|r| r.order))
             .collect::<Result<_, _>>()?;
         Ok((orders, more))
     }
@@ -307,7 +268,7 @@ impl OrderStore {
         .bind(after)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(event_from_row).collect()
+        rows.iter().map(rows::event).collect()
     }
 
     /// The highest event sequence of each of `order_ids` that has events.
@@ -372,7 +333,7 @@ impl OrderStore {
         .bind(owner)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(record_from_row).collect()
+        rows.iter().map(rows::record).collect()
     }
 
     /// Gives up `owner`'s leases at once, so another barista takes its
@@ -386,306 +347,6 @@ impl OrderStore {
         .await?
         .rows_affected())
     }
-}
-
-/// A write of the order path, owned so that it can go to the writer.
-#[derive(Debug)]
-enum Write {
-    /// See [`OrderStore::insert`].
-    Insert {
-        new: NewOrder,
-        owner: String,
-        lease_until: i64,
-    },
-    /// See [`OrderStore::record`]: the UPDATE's new values and guard, and
-    /// the events it explains.
-    Record {
-        order_id: String,
-        state: Option<i64>,
-        step: Option<&'static str>,
-        payment_id: Option<String>,
-        failure_reason: Option<String>,
-        from: Vec<i64>,
-        from_step: Option<&'static str>,
-        events: Vec<(OrderEventType, String)>,
-    },
-}
-
-/// What a [`Write`] did.
-#[derive(Debug)]
-enum Outcome {
-    Inserted(Box<Inserted>),
-    Recorded(Option<Vec<OrderEvent>>),
-}
-
-fn mismatch() -> sqlx::Error {
-    sqlx::Error::Protocol("the writer answered a different kind of write".into())
-}
-
-/// A write and where its outcome goes.
-type Queued = (Write, oneshot::Sender<Result<Outcome, sqlx::Error>>);
-
-/// The SQLite writer: takes the writes queued meanwhile (up to
-/// [`MAX_BATCH`]) and applies them in one transaction.
-///
-/// SQLite has one writer, and here one connection (see `brewmesh::db`).
-/// A transaction per write paid, for every write, BEGIN and COMMIT and
-/// the connection's hand-over between tasks: round trips through the
-/// connection's thread while every other write waited. Under load the
-/// queue for the connection, not SQLite, set the orders/s. Batched, those
-/// costs are shared. Each write still sees the ones before it (two steps of
-/// one order in one batch apply in turn), its guard still decides alone,
-/// and if any write fails, the batch is rolled back and each write is
-/// applied again alone, so one bad write fails only itself.
-async fn write_in_batches(pool: AnyPool, mut queue: mpsc::Receiver<Queued>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let outcomes = if batch.len() == 1 {
-            Err(None)
-        } else {
-            write_together(&pool, &batch).await.map_err(Some)
-        };
-        match outcomes {
-            Ok(outcomes) => {
-                for ((_, reply), outcome) in batch.drain(..).zip(outcomes) {
-                    let _ = reply.send(Ok(outcome));
-                }
-            }
-            Err(error) => {
-                if let Some(error) = error {
-                    tracing::warn!(%error, writes = batch.len(), "a batch of writes failed; writing each alone");
-                }
-                for (write, reply) in batch.drain(..) {
-                    let _ = reply.send(write_alone(&pool, &write).await);
-                }
-            }
-        }
-    }
-}
-
-/// Applies `batch` in one transaction.
-async fn write_together(pool: &AnyPool, batch: &[Queued]) -> Result<Vec<Outcome>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for (write, _) in batch {
-        outcomes.push(apply(&mut tx, write).await?);
-    }
-    tx.commit().await?;
-    Ok(outcomes)
-}
-
-/// Applies `write` in a transaction of its own.
-async fn write_alone(pool: &AnyPool, write: &Write) -> Result<Outcome, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let outcome = apply(&mut tx, write).await?;
-    tx.commit().await?;
-    Ok(outcome)
-}
-
-async fn apply(tx: &mut Transaction<'static, Any>, write: &Write) -> Result<Outcome, sqlx::Error> {
-    let now = now_micros();
-    match write {
-        Write::Insert {
-            new,
-            owner,
-            lease_until,
-        } => insert(tx, new, owner, *lease_until, now)
-            .await
-            .map(|inserted| Outcome::Inserted(Box::new(inserted))),
-        Write::Record {
-            order_id,
-            state,
-            step,
-            payment_id,
-            failure_reason,
-            from,
-            from_step,
-            events,
-        } => {
-            // $1..$6 are the new values (NULL keeps the old one), then the guard.
-            let mut sql = String::from(
-                "UPDATE orders SET state = COALESCE($1, state), saga_step = COALESCE($2, saga_step), \
-                 payment_id = COALESCE($3, payment_id), failure_reason = COALESCE($4, failure_reason), \
-                 update_time = $5 WHERE order_id = $6 AND state IN (",
-            );
-            let placeholders: Vec<String> =
-                (0..from.len()).map(|i| format!("${}", i + 7)).collect();
-            sql.push_str(&placeholders.join(", "));
-            sql.push(')');
-            if from_step.is_some() {
-                sql.push_str(&format!(" AND saga_step = ${}", from.len() + 7));
-            }
-            sql.push_str(" RETURNING state");
-            let mut query = sqlx::query(&sql)
-                .bind(*state)
-                .bind(*step)
-                .bind(payment_id.as_deref())
-                .bind(failure_reason.as_deref())
-                .bind(now)
-                .bind(order_id.as_str());
-            for state in from {
-                query = query.bind(*state);
-            }
-            if let Some(step) = from_step {
-                query = query.bind(*step);
-            }
-            let Some(state) = query.fetch_optional(&mut **tx).await? else {
-                return Ok(Outcome::Recorded(None));
-            };
-            let state = order_state(state.try_get("state")?)?;
-            let mut stored = Vec::with_capacity(events.len());
-            for (event_type, detail) in events {
-                stored.push(append_event(tx, order_id, *event_type, state, detail, now).await?);
-            }
-            Ok(Outcome::Recorded(Some(stored)))
-        }
-    }
-}
-
-/// Stores `new`, or finds what its key was used for before.
-async fn insert(
-    tx: &mut Transaction<'static, Any>,
-    new: &NewOrder,
-    owner: &str,
-    lease_until: i64,
-    now: i64,
-) -> Result<Inserted, sqlx::Error> {
-    let order_id = brewmesh::ids::new("ord");
-    // RETURNING gives the new row back in the same round trip; on a
-    // conflict it returns nothing and the key's earlier order is read.
-    let inserted = sqlx::query(&format!(
-        "INSERT INTO orders (idempotency_key, fingerprint, {COLUMNS}) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, '', '', $11, $11, $12, $13) \
-         ON CONFLICT (idempotency_key) DO NOTHING RETURNING {COLUMNS}"
-    ))
-    .bind(&new.idempotency_key)
-    .bind(&new.fingerprint)
-    .bind(&order_id)
-    .bind(&new.item_id)
-    .bind(&new.customer_name)
-    .bind(&new.card_token)
-    .bind(&new.price.currency_code)
-    .bind(new.price.amount_minor)
-    .bind(OrderState::Accepted as i64)
-    .bind(Step::Run.as_str())
-    .bind(now)
-    .bind(owner)
-    .bind(lease_until)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some(row) = inserted else {
-        let row = sqlx::query(&format!(
-            "SELECT fingerprint, {COLUMNS} FROM orders WHERE idempotency_key = $1"
-        ))
-        .bind(&new.idempotency_key)
-        .fetch_one(&mut **tx)
-        .await?;
-        return existing(&row, &new.fingerprint);
-    };
-    let record = record_from_row(&row)?;
-    append_event(
-        tx,
-        &order_id,
-        OrderEventType::Accepted,
-        OrderState::Accepted,
-        "",
-        now,
-    )
-    .await?;
-    Ok(Inserted::New(record))
-}
-
-async fn append_event(
-    tx: &mut Transaction<'static, Any>,
-    order_id: &str,
-    event_type: OrderEventType,
-    state: OrderState,
-    detail: &str,
-    now: i64,
-) -> Result<OrderEvent, sqlx::Error> {
-    // The next sequence is computed in the INSERT itself: one round trip.
-    // Concurrent appends to one order cannot race: the caller's UPDATE of the
-    // order row (or its INSERT) came first in the same transaction.
-    let sequence: i64 = sqlx::query_scalar(
-        "INSERT INTO order_events (order_id, sequence, event_type, state, detail, event_time) \
-         SELECT $1, COALESCE(MAX(sequence), 0) + 1, $2, $3, $4, $5 FROM order_events \
-         WHERE order_id = $1 RETURNING sequence",
-    )
-    .bind(order_id)
-    .bind(event_type as i64)
-    .bind(state as i64)
-    .bind(detail)
-    .bind(now)
-    .fetch_one(&mut **tx)
-    .await?;
-    Ok(OrderEvent {
-        order_id: order_id.to_owned(),
-        sequence,
-        r#type: event_type as i32,
-        state: state as i32,
-        time: Some(timestamp(now)),
-        detail: detail.to_owned(),
-    })
-}
-
-fn existing(row: &AnyRow, fingerprint: &str) -> Result<Inserted, sqlx::Error> {
-    let stored: String = row.try_get("fingerprint")?;
-    if stored != fingerprint {
-        return Ok(Inserted::KeyReused);
-    }
-    Ok(Inserted::Existing(record_from_row(row)?.order))
-}
-
-fn corrupt(what: String) -> sqlx::Error {
-    sqlx::Error::Decode(what.into())
-}
-
-fn order_state(value: i64) -> Result<OrderState, sqlx::Error> {
-    i32::try_from(value)
-        .ok()
-        .and_then(|v| OrderState::try_from(v).ok())
-        .ok_or_else(|| corrupt(format!("unknown order state {value}")))
-}
-
-fn record_from_row(row: &AnyRow) -> Result<OrderRecord, sqlx::Error> {
-    let step: String = row.try_get("saga_step")?;
-    let step = Step::parse(&step).ok_or_else(|| corrupt(format!("unknown saga step {step:?}")))?;
-    Ok(OrderRecord {
-        order: Order {
-            order_id: row.try_get("order_id")?,
-            item_id: row.try_get("item_id")?,
-            customer_name: row.try_get("customer_name")?,
-            price: Some(Money {
-                currency_code: row.try_get("currency_code")?,
-                amount_minor: row.try_get("amount_minor")?,
-            }),
-            state: order_state(row.try_get("state")?)? as i32,
-            payment_id: row.try_get("payment_id")?,
-            failure_reason: row.try_get("failure_reason")?,
-            create_time: Some(timestamp(row.try_get("create_time")?)),
-            update_time: Some(timestamp(row.try_get("update_time")?)),
-        },
-        card_token: row.try_get("card_token")?,
-        step,
-        owner: row.try_get("owner")?,
-        lease_until: row.try_get("lease_until")?,
-    })
-}
-
-fn event_from_row(row: &AnyRow) -> Result<OrderEvent, sqlx::Error> {
-    let event_type: i64 = row.try_get("event_type")?;
-    let event_type = i32::try_from(event_type)
-        .ok()
-        .and_then(|v| OrderEventType::try_from(v).ok())
-        .ok_or_else(|| corrupt(format!("unknown event type {event_type}")))?;
-    Ok(OrderEvent {
-        order_id: row.try_get("order_id")?,
-        sequence: row.try_get("sequence")?,
-        r#type: event_type as i32,
-        state: order_state(row.try_get("state")?)? as i32,
-        time: Some(timestamp(row.try_get("event_time")?)),
-        detail: row.try_get("detail")?,
-    })
 }
 
 #[cfg(test)]
