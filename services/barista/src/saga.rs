@@ -590,3 +590,494 @@ async fn traced<T>(
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    //! The saga against an in-memory order store and ledger, in paused time:
+    //! each test runs an order to its end in an instant, with the stations'
+    //! 2 s steps and the payment delays played out on the virtual clock.
+    #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+    use std::collections::{HashMap, VecDeque};
+    use std::sync::Mutex;
+
+    use brewmesh::pb::barista::v1::Order;
+    use brewmesh::pb::payment::v1::Money;
+
+    use super::*;
+
+    const A: &str = "barista-a";
+    const B: &str = "barista-b";
+
+    /// Orders in memory, with the guards the SQL store applies.
+    #[derive(Default)]
+    struct MemoryOrders {
+        orders: Mutex<HashMap<String, (OrderRecord, Vec<OrderEvent>)>>,
+    }
+
+    impl MemoryOrders {
+        fn put(&self, record: OrderRecord) {
+            let id = record.order.order_id.clone();
+            self.orders.lock().unwrap().insert(id, (record, Vec::new()));
+        }
+
+        fn order(&self, order_id: &str) -> OrderRecord {
+            self.orders.lock().unwrap()[order_id].0.clone()
+        }
+
+        fn events(&self, order_id: &str) -> Vec<E> {
+            let orders = self.orders.lock().unwrap();
+            orders[order_id].1.iter().map(|e| e.r#type()).collect()
+        }
+
+        /// What `claim_orphans` does for a lease that ran out.
+        fn take_over(&self, order_id: &str, owner: &str) {
+            let mut orders = self.orders.lock().unwrap();
+            orders.get_mut(order_id).unwrap().0.owner = owner.to_owned();
+        }
+    }
+
+    #[tonic::async_trait]
+    impl Orders for MemoryOrders {
+        async fn record(
+            &self,
+            order_id: &str,
+            events: &[(E, &str)],
+            change: Change<'_>,
+        ) -> Result<Option<Vec<OrderEvent>>, sqlx::Error> {
+            let mut orders = self.orders.lock().unwrap();
+            let Some((record, history)) = orders.get_mut(order_id) else {
+                return Ok(None);
+            };
+            let guard = change.from.contains(&record.order.state())
+                && change.from_step.is_none_or(|step| step == record.step)
+                && change.owner.is_none_or(|owner| owner == record.owner);
+            if !guard {
+                return Ok(None);
+            }
+            if let Some(state) = change.state {
+                record.order.state = state as i32;
+            }
+            if let Some(step) = change.step {
+                record.step = step;
+            }
+            if let Some(payment_id) = change.payment_id {
+                record.order.payment_id = payment_id.to_owned();
+            }
+            if let Some(reason) = change.failure_reason {
+                record.order.failure_reason = reason.to_owned();
+            }
+            let mut stored = Vec::new();
+            for (event_type, detail) in events {
+                let event = OrderEvent {
+                    order_id: order_id.to_owned(),
+                    sequence: history.len() as i64 + 1,
+                    r#type: *event_type as i32,
+                    state: record.order.state,
+                    time: None,
+                    detail: (*detail).to_owned(),
+                };
+                history.push(event.clone());
+                stored.push(event);
+            }
+            Ok(Some(stored))
+        }
+
+        async fn get(&self, order_id: &str) -> Result<Option<OrderRecord>, sqlx::Error> {
+            let orders = self.orders.lock().unwrap();
+            Ok(orders.get(order_id).map(|(record, _)| record.clone()))
+        }
+    }
+
+    /// A ledger in memory: one payment per order, idempotent as the real one.
+    #[derive(Debug, Default)]
+    struct MemoryLedger {
+        payments: Mutex<HashMap<String, Payment>>,
+        /// How long each authorization takes to answer (after the ledger
+        /// wrote it), in the order they are made; then none.
+        authorize_delays: Mutex<VecDeque<Duration>>,
+        /// How long a capture takes before the ledger applies it.
+        capture_delay: Duration,
+        voids: Mutex<usize>,
+    }
+
+    impl MemoryLedger {
+        fn state(&self, order_id: &str) -> PaymentState {
+            self.payments.lock().unwrap()[&payment_id(order_id)].state()
+        }
+
+        fn voids(&self) -> usize {
+            *self.voids.lock().unwrap()
+        }
+
+        fn authorized(&self, order_id: &str) {
+            let payment = Payment {
+                payment_id: payment_id(order_id),
+                order_id: order_id.to_owned(),
+                state: PaymentState::Authorized as i32,
+                ..Payment::default()
+            };
+            self.payments
+                .lock()
+                .unwrap()
+                .insert(payment.payment_id.clone(), payment);
+        }
+
+        /// Moves the payment to `to` if it is in `from` (or already in `to`).
+        fn settle(
+            &self,
+            payment_id: &str,
+            from: PaymentState,
+            to: PaymentState,
+        ) -> Result<Payment, Refused> {
+            let mut payments = self.payments.lock().unwrap();
+            let Some(payment) = payments.get_mut(payment_id) else {
+                return Err(Refused(Status::not_found(payment_id.to_owned())));
+            };
+            if payment.state() == from {
+                payment.state = to as i32;
+            }
+            if payment.state() != to {
+                let message = format!("payment {payment_id} is {:?}", payment.state());
+                return Err(Refused(Status::failed_precondition(message)));
+            }
+            Ok(payment.clone())
+        }
+    }
+
+    fn payment_id(order_id: &str) -> String {
+        format!("pay_{order_id}")
+    }
+
+    #[tonic::async_trait]
+    impl Payments for MemoryLedger {
+        async fn authorize(&self, request: AuthorizeRequest) -> Result<Payment, Refused> {
+            let payment = self
+                .payments
+                .lock()
+                .unwrap()
+                .entry(payment_id(&request.order_id))
+                .or_insert_with(|| {
+                    let declined = request.card_token == "tok_declined";
+                    Payment {
+                        payment_id: payment_id(&request.order_id),
+                        order_id: request.order_id.clone(),
+                        state: if declined {
+                            PaymentState::Declined
+                        } else {
+                            PaymentState::Authorized
+                        } as i32,
+                        decline_reason: if declined { "test card" } else { "" }.to_owned(),
+                        ..Payment::default()
+                    }
+                })
+                .clone();
+            let delay = self.authorize_delays.lock().unwrap().pop_front();
+            tokio::time::sleep(delay.unwrap_or_default()).await;
+            Ok(payment)
+        }
+
+        async fn capture(&self, request: CaptureRequest) -> Result<Payment, Refused> {
+            tokio::time::sleep(self.capture_delay).await;
+            self.settle(
+                &request.payment_id,
+                PaymentState::Authorized,
+                PaymentState::Captured,
+            )
+        }
+
+        async fn void(&self, request: VoidRequest) -> Result<Payment, Refused> {
+            let voided = self.settle(
+                &request.payment_id,
+                PaymentState::Authorized,
+                PaymentState::Voided,
+            );
+            if voided.is_ok() {
+                *self.voids.lock().unwrap() += 1;
+            }
+            voided
+        }
+    }
+
+    fn stations(failure_rate: f64) -> Stations {
+        let station = |name| Station::new(name, 2, 4, Duration::from_secs(2), failure_rate);
+        Stations {
+            espresso: station("espresso"),
+            milk: station("milk"),
+        }
+    }
+
+    /// An order of a latte, held by barista A, at `step` in `state`.
+    fn latte(card: &str, state: S, step: Step) -> OrderRecord {
+        OrderRecord {
+            order: Order {
+                order_id: "ord_1".into(),
+                item_id: "latte".into(),
+                customer_name: "Ada".into(),
+                price: Some(Money {
+                    currency_code: "USD".into(),
+                    amount_minor: 400,
+                }),
+                state: state as i32,
+                ..Order::default()
+            },
+            card_token: card.into(),
+            step,
+            owner: A.into(),
+        }
+    }
+
+    /// One barista's view of the shared orders and ledger.
+    struct Barista<'a> {
+        orders: &'a MemoryOrders,
+        ledger: &'a MemoryLedger,
+        stations: Stations,
+        owner: &'static str,
+        cancel: CancellationToken,
+    }
+
+    impl<'a> Barista<'a> {
+        fn new(orders: &'a MemoryOrders, ledger: &'a MemoryLedger, owner: &'static str) -> Self {
+            Self::failing(orders, ledger, owner, 0.0)
+        }
+
+        fn failing(
+            orders: &'a MemoryOrders,
+            ledger: &'a MemoryLedger,
+            owner: &'static str,
+            failure_rate: f64,
+        ) -> Self {
+            Self {
+                orders,
+                ledger,
+                stations: stations(failure_rate),
+                owner,
+                cancel: CancellationToken::new(),
+            }
+        }
+
+        fn saga(&self) -> Saga<'_> {
+            Saga {
+                orders: self.orders,
+                payments: self.ledger,
+                stations: &self.stations,
+                owner: self.owner,
+                cancel: &self.cancel,
+            }
+        }
+
+        /// Drives `order_id` as stored, from `begin`.
+        async fn drive(&self, order_id: &str, begin: Begin) {
+            let record = self.orders.order(order_id);
+            self.saga().drive(record, begin).await;
+        }
+
+        /// Places a new latte and drives it to its end.
+        async fn place(&self, card: &str) -> String {
+            self.orders.put(latte(card, S::Accepted, Step::Run));
+            let admission = self.stations.try_admit(true).unwrap();
+            self.drive("ord_1", Begin::Placed(admission)).await;
+            "ord_1".into()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_made_drink_is_captured_once_and_ready() {
+        let (orders, ledger) = (MemoryOrders::default(), MemoryLedger::default());
+        let id = Barista::new(&orders, &ledger, A).place("tok_visa").await;
+        let order = orders.order(&id);
+        assert_eq!((order.order.state(), order.step), (S::Ready, Step::Done));
+        assert_eq!(order.order.payment_id, payment_id(&id));
+        assert_eq!(ledger.state(&id), PaymentState::Captured);
+        let events = orders.events(&id);
+        assert_eq!(events.first(), Some(&E::BrewingStarted));
+        assert_eq!(events[events.len() - 2..], [E::PaymentCaptured, E::Ready]);
+        for step in [E::PaymentAuthorized, E::EspressoDone, E::MilkDone] {
+            assert!(events.contains(&step), "{step:?} missing from {events:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_declined_card_fails_the_order_and_holds_nothing() {
+        let (orders, ledger) = (MemoryOrders::default(), MemoryLedger::default());
+        let id = Barista::new(&orders, &ledger, A)
+            .place("tok_declined")
+            .await;
+        let order = orders.order(&id);
+        assert_eq!(order.order.state(), S::Failed);
+        assert!(order.order.failure_reason.contains("declined"));
+        assert_eq!(ledger.state(&id), PaymentState::Declined);
+        assert_eq!(ledger.voids(), 0);
+        let events = orders.events(&id);
+        assert_eq!(events[events.len() - 2..], [E::PaymentDeclined, E::Failed]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_station_voids_the_authorization() {
+        let (orders, ledger) = (MemoryOrders::default(), MemoryLedger::default());
+        let id = Barista::failing(&orders, &ledger, A, 1.0)
+            .place("tok_visa")
+            .await;
+        let order = orders.order(&id);
+        assert_eq!((order.order.state(), order.step), (S::Failed, Step::Done));
+        assert!(order.order.failure_reason.starts_with("brewing failed"));
+        assert_eq!(ledger.state(&id), PaymentState::Voided);
+        let events = orders.events(&id);
+        assert!(events.contains(&E::BrewingFailed));
+        assert_eq!(events[events.len() - 2..], [E::PaymentVoided, E::Failed]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancel_while_brewing_voids_and_ends_cancelled() {
+        let (orders, ledger) = (MemoryOrders::default(), MemoryLedger::default());
+        let barista = Barista::new(&orders, &ledger, A);
+        let cancel = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            // What CancelOrder writes, on any replica, and then tells the saga.
+            let cancelled = orders
+                .record(
+                    "ord_1",
+                    &[(E::CancelRequested, "")],
+                    Change {
+                        from: &[S::Accepted, S::Brewing],
+                        from_step: Some(Step::Run),
+                        state: Some(S::Cancelling),
+                        step: Some(Step::Compensate),
+                        failure_reason: Some("cancelled by the customer"),
+                        ..Change::default()
+                    },
+                )
+                .await
+                .unwrap();
+            assert!(cancelled.is_some(), "the order was brewing");
+            barista.cancel.cancel();
+        };
+        let (id, ()) = tokio::join!(barista.place("tok_visa"), cancel);
+        let order = orders.order(&id);
+        assert_eq!(
+            (order.order.state(), order.step),
+            (S::Cancelled, Step::Done)
+        );
+        assert_eq!(ledger.state(&id), PaymentState::Voided);
+        let events = orders.events(&id);
+        assert!(!events.contains(&E::PaymentCaptured));
+        assert_eq!(events[events.len() - 2..], [E::PaymentVoided, E::Cancelled]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resumed_at_run_it_brews_again_and_charges_once() {
+        let (orders, ledger) = (MemoryOrders::default(), MemoryLedger::default());
+        // Authorized before the crash; the answer was lost with the process.
+        orders.put(latte("tok_visa", S::Brewing, Step::Run));
+        ledger.authorized("ord_1");
+        let barista = Barista::new(&orders, &ledger, A);
+        barista.drive("ord_1", Begin::Resumed).await;
+        let order = orders.order("ord_1");
+        assert_eq!((order.order.state(), order.step), (S::Ready, Step::Done));
+        assert_eq!(ledger.state("ord_1"), PaymentState::Captured);
+        assert_eq!(ledger.payments.lock().unwrap().len(), 1);
+        let events = orders.events("ord_1");
+        assert_eq!(events.first(), Some(&E::Resumed));
+        assert_eq!(
+            events.iter().filter(|e| **e == E::PaymentCaptured).count(),
+            1
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resumed_at_complete_it_captures_without_brewing_again() {
+        let (orders, ledger) = (MemoryOrders::default(), MemoryLedger::default());
+        let mut record = latte("tok_visa", S::Brewing, Step::Complete);
+        record.order.payment_id = payment_id("ord_1");
+        orders.put(record);
+        ledger.authorized("ord_1");
+        Barista::new(&orders, &ledger, A)
+            .drive("ord_1", Begin::Resumed)
+            .await;
+        let order = orders.order("ord_1");
+        assert_eq!((order.order.state(), order.step), (S::Ready, Step::Done));
+        assert_eq!(ledger.state("ord_1"), PaymentState::Captured);
+        assert_eq!(orders.events("ord_1"), [E::PaymentCaptured, E::Ready]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resumed_at_compensate_it_voids_and_ends_as_the_order_says() {
+        for (state, last) in [(S::Brewing, E::Failed), (S::Cancelling, E::Cancelled)] {
+            let (orders, ledger) = (MemoryOrders::default(), MemoryLedger::default());
+            let mut record = latte("tok_visa", state, Step::Compensate);
+            record.order.failure_reason = "brewing failed: the milk station failed".into();
+            orders.put(record);
+            ledger.authorized("ord_1");
+            Barista::new(&orders, &ledger, A)
+                .drive("ord_1", Begin::Resumed)
+                .await;
+            let order = orders.order("ord_1");
+            assert_eq!(order.step, Step::Done);
+            assert_eq!(ledger.state("ord_1"), PaymentState::Voided);
+            assert_eq!(orders.events("ord_1"), [E::PaymentVoided, last]);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resumed_at_compensate_with_no_authorization_it_releases_the_one_it_makes() {
+        let (orders, ledger) = (MemoryOrders::default(), MemoryLedger::default());
+        orders.put(latte("tok_visa", S::Cancelling, Step::Compensate));
+        Barista::new(&orders, &ledger, A)
+            .drive("ord_1", Begin::Resumed)
+            .await;
+        assert_eq!(orders.order("ord_1").order.state(), S::Cancelled);
+        assert_eq!(ledger.state("ord_1"), PaymentState::Voided);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resumed_at_done_it_does_nothing() {
+        let (orders, ledger) = (MemoryOrders::default(), MemoryLedger::default());
+        orders.put(latte("tok_visa", S::Ready, Step::Done));
+        Barista::new(&orders, &ledger, A)
+            .drive("ord_1", Begin::Resumed)
+            .await;
+        assert!(orders.events("ord_1").is_empty());
+        assert!(ledger.payments.lock().unwrap().is_empty());
+    }
+
+    /// The failure issue's first finding: barista A stalls with its
+    /// authorization's answer in flight; its lease runs out and B takes the
+    /// order over, makes the drink and is capturing when A wakes. A's
+    /// guarded write is refused; A must not take that for a cancel and void
+    /// the payment (which left B's capture refused and a made drink FAILED).
+    #[tokio::test(start_paused = true)]
+    async fn a_saga_that_lost_its_order_releases_nothing_and_writes_nothing() {
+        let orders = MemoryOrders::default();
+        let ledger = MemoryLedger {
+            // A's answer comes 10 s late; B's at once.
+            authorize_delays: Mutex::new([Duration::from_secs(10)].into()),
+            capture_delay: Duration::from_secs(10),
+            ..MemoryLedger::default()
+        };
+        let a = Barista::new(&orders, &ledger, A);
+        let b = Barista::new(&orders, &ledger, B);
+        let taken_over = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            orders.take_over("ord_1", B);
+            b.drive("ord_1", Begin::Resumed).await;
+        };
+        let (id, ()) = tokio::join!(a.place("tok_visa"), taken_over);
+        let order = orders.order(&id);
+        assert_eq!((order.order.state(), order.step), (S::Ready, Step::Done));
+        assert_eq!(order.owner, B);
+        assert_eq!(ledger.state(&id), PaymentState::Captured);
+        assert_eq!(ledger.voids(), 0);
+        let events = orders.events(&id);
+        assert!(!events.contains(&E::PaymentVoided), "{events:?}");
+        // A wrote its start; everything after the take-over is B's saga.
+        let resumed = events.iter().position(|e| *e == E::Resumed).unwrap();
+        assert_eq!(
+            events[resumed..]
+                .iter()
+                .filter(|e| **e == E::PaymentAuthorized)
+                .count(),
+            1,
+            "{events:?}"
+        );
+    }
+}
