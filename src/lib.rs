@@ -1,51 +1,19 @@
-//! The brewmesh runtime: what every brewmesh process shares.
+//! brewmesh's contracts: the Rust code generated from `proto/` and the
+//! encoded descriptor set, as `build.rs` makes them.
 //!
 //! # Layout
 //!
-//! - [`pb`]: the code generated from `proto/`, and [`FILE_DESCRIPTOR_SET`],
-//!   the encoded descriptors (with their `google.api.http` options) that
-//!   reflection and the gateway read.
-//! - [`server`]: serves a service's routes with health, reflection,
-//!   TCP_NODELAY and a graceful drain under a deadline. Start here.
-//! - [`health`]: grpc.health.v1 whose watchers do not hold up a drain.
-//! - [`secret`]: the registry token, never printed.
-//! - [`shutdown`]: SIGTERM/SIGINT turned into a cancellation token.
-//! - [`validate`]: `INVALID_ARGUMENT` with `google.rpc.BadRequest` field
-//!   violations.
-//! - [`client`]: gRPC channels to peers given by address.
-//! - [`discovery`]: registration with the registry, resolvers (static,
-//!   DNS, registry) and P2C/peak-EWMA balanced channels; [`ejection`] takes
-//!   endpoints that keep failing out for a while.
-//! - [`db`]: SQLite (default) or PostgreSQL pools, durable across `kill -9`.
-//! - [`telemetry`]: JSON (or text) logs with trace ids, and OpenTelemetry
-//!   traces over OTLP configured by the `OTEL_*` variables;
-//!   [`instrument`] traces and measures every gRPC call (server and
-//!   client); [`metrics`] serves them to Prometheus.
-//! - [`idempotency`]: request fingerprints for idempotency keys.
-//! - [`testing`]: servers on port 0 for integration tests.
-//! - [`ids`] and [`time`]: identifiers and timestamps as the contracts spell them.
+//! - [`pb`]: the generated messages, clients and servers, one module per
+//!   proto package.
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors (with their
+//!   `google.api.http` options) that reflection and the gateway read.
 //!
-//! The services (`services/*`) are libraries with a `run(listener, config,
-//! shutdown)` function built on this crate; the `brewmesh` binary (`cli/`)
-//! only wires flags to them.
+//! What every process does with them — serving, discovery, telemetry — is
+//! in `brewmesh-runtime` (`runtime/`); the services (`services/*`) and the
+//! gateway build on both, and the `brewmesh` binary (`cli/`) wires flags to
+//! them. ARCHITECTURE.md has the map.
 
-pub mod client;
-pub mod db;
-pub mod discovery;
-pub mod ejection;
-pub mod health;
-pub mod idempotency;
-pub mod ids;
-pub mod instrument;
-pub mod metrics;
 pub mod pb;
-pub mod secret;
-pub mod server;
-pub mod shutdown;
-pub mod telemetry;
-pub mod testing;
-pub mod time;
-pub mod validate;
 
 /// The encoded `google.protobuf.FileDescriptorSet` of every proto in
 /// `proto/` and its imports, with source info and custom options kept.

@@ -18,11 +18,11 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use brewmesh::discovery::{Balancing, Source, balanced_with};
 use brewmesh::pb::barista::v1::PlaceOrderRequest;
 use brewmesh::pb::barista::v1::barista_client::BaristaClient;
 use brewmesh::pb::registry::v1::ResolveRequest;
 use brewmesh::pb::registry::v1::registry_client::RegistryClient;
+use brewmesh_runtime::discovery::{Balancing, Source, balanced_with};
 use support::Process;
 
 const TOKEN: &str = "bench-token";
@@ -96,7 +96,8 @@ async fn main() {
         }
         baristas.push(Process::start(&args, 1));
     }
-    let mut resolver = RegistryClient::new(brewmesh::client::channel(&registry.url()).unwrap());
+    let mut resolver =
+        RegistryClient::new(brewmesh_runtime::client::channel(&registry.url()).unwrap());
     let started = Instant::now();
     while resolver
         .resolve(ResolveRequest {
@@ -163,7 +164,7 @@ async fn main() {
 
 /// Places `count` orders, `concurrency` at a time; returns each latency.
 async fn run(
-    client: &BaristaClient<brewmesh::discovery::Balanced>,
+    client: &BaristaClient<brewmesh_runtime::discovery::Balanced>,
     count: usize,
     concurrency: usize,
     tag: &str,

@@ -7,7 +7,7 @@
 //! that the request path, not brewing, is what is measured. A closed loop of
 //! CONCURRENCY clients posts orders over HTTP/1.1 for SECONDS per round;
 //! rounds alternate off, 100%, 1% (ROUNDS times) and the medians are
-//! compared. The receiver is `brewmesh::testing::Collector`, in this
+//! compared. The receiver is `brewmesh_testing::Collector`, in this
 //! process. Logs are at `warn` so that the figures are tracing's.
 //!
 //! `cargo bench -p brewmesh-cli --bench tracing`
@@ -52,7 +52,7 @@ impl Mode {
         // The "serving" lines tell the harness the addresses.
         let mut env = vec![(
             "RUST_LOG",
-            "warn,brewmesh::server=info,brewmesh_gateway=info".to_owned(),
+            "warn,brewmesh_runtime::server=info,brewmesh_gateway=info".to_owned(),
         )];
         match self {
             Mode::Off => {}
@@ -84,7 +84,7 @@ async fn main() {
     let rounds = env("ROUNDS", 3);
     let concurrency = env("CONCURRENCY", 16);
     let seconds = env("SECONDS", 8) as u64;
-    let (collector, endpoint) = brewmesh::testing::Collector::start().await;
+    let (collector, endpoint) = brewmesh_testing::Collector::start().await;
     // MODES=off,100%,1% (the default) picks and orders the modes.
     let wanted = std::env::var("MODES").unwrap_or_else(|_| "off,100%,1%".to_owned());
     let modes: Vec<Mode> = wanted
@@ -158,7 +158,7 @@ async fn run(
     mode: Mode,
     round: usize,
     endpoint: &str,
-    collector: &brewmesh::testing::Collector,
+    collector: &brewmesh_testing::Collector,
     concurrency: usize,
     duration: Duration,
 ) -> Round {

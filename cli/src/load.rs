@@ -33,7 +33,7 @@ use tokio_stream::StreamExt as _;
 
 use brewmesh::pb::barista::v1::barista_client::BaristaClient;
 use brewmesh::pb::barista::v1::{OrderEventType, PlaceOrderRequest, WatchOrderRequest};
-use brewmesh::server::parse_duration;
+use brewmesh_runtime::server::parse_duration;
 
 /// `brewmesh load` flags.
 #[derive(Debug, clap::Args)]
@@ -154,7 +154,7 @@ fn code_of(body: &[u8]) -> Outcome {
     let status = serde_json::from_slice::<Value>(body).unwrap_or_default();
     let code = status["code"]
         .as_i64()
-        .map(|c| brewmesh::metrics::code_name(tonic::Code::from_i32(c as i32)))
+        .map(|c| brewmesh_runtime::metrics::code_name(tonic::Code::from_i32(c as i32)))
         .unwrap_or("UNKNOWN");
     let message = status["message"].as_str().unwrap_or_default();
     Outcome::Error(code.to_owned(), message.to_owned())
@@ -279,7 +279,8 @@ async fn rest_customer(
                 };
                 if let Some(error) = value.get("error") {
                     let code = error["code"].as_i64().unwrap_or(2);
-                    let name = brewmesh::metrics::code_name(tonic::Code::from_i32(code as i32));
+                    let name =
+                        brewmesh_runtime::metrics::code_name(tonic::Code::from_i32(code as i32));
                     if name != "UNAVAILABLE" {
                         let message = error["message"].as_str().unwrap_or_default();
                         return Err(Outcome::Error(name.to_owned(), message.to_owned()));
@@ -312,7 +313,7 @@ async fn grpc_customer(
 ) -> Result<(), Outcome> {
     let error = |status: tonic::Status| {
         Outcome::Error(
-            brewmesh::metrics::code_name(status.code()).to_owned(),
+            brewmesh_runtime::metrics::code_name(status.code()).to_owned(),
             status.message().to_owned(),
         )
     };
@@ -528,7 +529,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             for _ in 0..connections {
                 // Each channel is a connection of its own.
                 clients.push(BaristaClient::new(
-                    brewmesh::client::channel(address).context("the --grpc address")?,
+                    brewmesh_runtime::client::channel(address).context("the --grpc address")?,
                 ));
             }
             Driver::Grpc(Arc::new(clients))
@@ -551,7 +552,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None => format!("{} (gateway, REST)", args.gateway),
     };
     // Keys unique to this run: a rerun must not replay the last one's orders.
-    let run_id = brewmesh::ids::new("load");
+    let run_id = brewmesh_runtime::ids::new("load");
 
     let total = match args.duration {
         Some(_) => None,

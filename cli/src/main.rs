@@ -16,8 +16,8 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use brewmesh::server::Drained;
-use brewmesh::telemetry::LogFormat;
+use brewmesh_runtime::server::Drained;
+use brewmesh_runtime::telemetry::LogFormat;
 
 /// A gRPC coffee shop, scaled out.
 #[derive(Debug, Parser)]
@@ -122,14 +122,14 @@ where
     Fut: Future<Output = Result<Drained, E>>,
     E: std::error::Error + Send + Sync + 'static,
 {
-    let telemetry = brewmesh::telemetry::init(
+    let telemetry = brewmesh_runtime::telemetry::init(
         log_format.unwrap_or(LogFormat::Json),
-        brewmesh::telemetry::Identity::of(role),
+        brewmesh_runtime::telemetry::Identity::of(role),
     )?;
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;
-    let shutdown = brewmesh::shutdown::on_signal();
+    let shutdown = brewmesh_runtime::shutdown::on_signal();
     if std::env::var_os(EXIT_WITH_PARENT).is_some() {
         // A plain thread, not tokio's stdin: a read still blocked on the
         // blocking pool would keep the runtime from shutting down.

@@ -21,7 +21,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use brewmesh::telemetry::LogFormat;
+use brewmesh_runtime::telemetry::LogFormat;
 
 /// How long a role may take to start serving.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -78,7 +78,7 @@ pub struct Args {
     gateway_arg: Vec<String>,
 
     /// How long each role may drain before it is killed.
-    #[arg(long, default_value = "15s", value_parser = brewmesh::server::parse_duration)]
+    #[arg(long, default_value = "15s", value_parser = brewmesh_runtime::server::parse_duration)]
     drain_timeout: Duration,
 }
 
@@ -98,7 +98,7 @@ pub async fn run(args: Args, format: LogFormat) -> anyhow::Result<()> {
     let (exits_tx, mut exits) = mpsc::channel(4);
     let printer = tokio::spawn(print_lines(lines_rx));
     let drain = format!("{}ms", args.drain_timeout.as_millis());
-    let signal = tokio::spawn(brewmesh::shutdown::wait_for_signal());
+    let signal = tokio::spawn(brewmesh_runtime::shutdown::wait_for_signal());
 
     // A fresh token per run, handed to the children through the
     // environment (never on a command line, where `ps` would show it).
@@ -200,7 +200,7 @@ fn random_token() -> std::io::Result<String> {
     use std::io::Read as _;
     let mut bytes = [0u8; 16];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(brewmesh::idempotency::to_hex(&bytes))
+    Ok(brewmesh_runtime::idempotency::to_hex(&bytes))
 }
 
 fn flag(name: &str, value: impl std::fmt::Display) -> [String; 2] {

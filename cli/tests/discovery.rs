@@ -88,7 +88,7 @@ async fn barista(dir: &Path, registries: &str, step: &str) -> Process {
 }
 
 fn client<T>(url: String, new: fn(Channel) -> T) -> T {
-    new(brewmesh::client::channel(&url).unwrap())
+    new(brewmesh_runtime::client::channel(&url).unwrap())
 }
 
 /// Waits (bounded) until the registry resolves `service` to exactly `want`.

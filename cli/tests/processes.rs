@@ -21,7 +21,7 @@ use brewmesh::pb::payment::v1::{
 use support::{PATIENCE, Process, curl};
 
 fn client<T>(url: String, new: fn(Channel) -> T) -> T {
-    new(brewmesh::client::channel(&url).expect("valid url"))
+    new(brewmesh_runtime::client::channel(&url).expect("valid url"))
 }
 
 async fn start_payment(dir: &std::path::Path, delay: &str) -> Process {
@@ -184,7 +184,7 @@ async fn sigterm_under_load_lets_the_calls_in_flight_finish() {
     let _ = client_p
         .clone()
         .get_payment(GetPaymentRequest {
-            payment_id: brewmesh::ids::new("pay"),
+            payment_id: brewmesh_runtime::ids::new("pay"),
         })
         .await;
 

@@ -8,7 +8,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use brewmesh::testing::{CollectedSpan, Collector};
+use brewmesh_testing::{CollectedSpan, Collector};
 use support::{PATIENCE, Process, curl, sample};
 
 /// `up` on port 0 with quick steps, exporting to `endpoint` if given, with
@@ -98,7 +98,7 @@ fn logs_of(collector: &Collector, trace_id: &str, services: &[&str]) {
             .filter(|service| {
                 !logs.iter().any(|l| {
                     l.service == **service
-                        && brewmesh::idempotency::to_hex(&l.record.trace_id) == trace_id
+                        && brewmesh_runtime::idempotency::to_hex(&l.record.trace_id) == trace_id
                 })
             })
             .collect();

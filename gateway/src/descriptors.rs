@@ -72,7 +72,7 @@ pub async fn add_reflected(
         address: address.to_owned(),
         reason,
     };
-    let channel = brewmesh::client::endpoint(address)
+    let channel = brewmesh_runtime::client::endpoint(address)
         .map_err(|e| fail(e.to_string()))?
         .connect()
         .await

@@ -3,7 +3,7 @@
 
 use std::sync::OnceLock;
 
-use brewmesh::metrics::{latency_histogram, register};
+use brewmesh_runtime::metrics::{latency_histogram, register};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

@@ -2,36 +2,31 @@
 //! backend with the client's metadata and deadline, answer in JSON — a
 //! document, newline-delimited JSON or Server-Sent Events.
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use bytes::{BufMut as _, Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use prost_reflect::DynamicMessage;
-use serde_json::json;
-use tokio_stream::StreamExt as _;
 use tonic::Code;
-use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 
-use brewmesh::telemetry::tracing_enabled;
+use brewmesh_runtime::telemetry::tracing_enabled;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-use crate::Gateway;
 use crate::cache::none_match;
 use crate::codec::DynamicCodec;
 use crate::errors::{bad_request, gateway_error, http_status, status_json, status_response};
+use crate::metadata::{add_metadata, deadline, forward_headers};
 use crate::observe::{HttpLabels, HttpStatusLabels};
 use crate::routes::{BodyRule, Route};
+use crate::state::Gateway;
+use crate::streaming::{accepts_event_stream, stream_response};
 use crate::transcode;
-
-/// Headers that go upstream under their own name.
-const PASSED_THROUGH: &[&str] = &["authorization", "traceparent", "tracestate", "baggage"];
 
 /// The REST routes: each request in an HTTP server span (continuing the
 /// client's trace context) and counted by route and status.
@@ -62,7 +57,7 @@ pub async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Re
             url.scheme = "http",
             http.response.status_code = tracing::field::Empty,
         );
-        let _ = span.set_parent(brewmesh::telemetry::extract(&parts.headers));
+        let _ = span.set_parent(brewmesh_runtime::telemetry::extract(&parts.headers));
         span
     });
     let answer = respond(&gateway, &parts, body, found);
@@ -99,7 +94,7 @@ pub async fn handle(State(gateway): State<Arc<Gateway>>, request: Request) -> Re
         Some(span) => {
             span.record("http.response.status_code", i64::from(status.as_u16()));
             if status.is_server_error() {
-                brewmesh::telemetry::fail(span, status.as_str());
+                brewmesh_runtime::telemetry::fail(span, status.as_str());
             }
             // In the span: the line carries the trace id.
             span.in_scope(access);
@@ -337,80 +332,6 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     }
 }
 
-/// Authorization, trace context and `Grpc-Metadata-*` go upstream; binary
-/// keys (`Grpc-Metadata-Trace-Bin`) carry base64, padded or not, as in
-/// grpc-gateway, and a value that is not base64 is the client's error.
-fn forward_headers(headers: &HeaderMap, metadata: &mut MetadataMap) -> Result<(), String> {
-    use base64::Engine as _;
-    const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
-        &base64::alphabet::STANDARD,
-        base64::engine::GeneralPurposeConfig::new()
-            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
-    );
-    for (name, value) in headers {
-        let name = name.as_str();
-        let key = if PASSED_THROUGH.contains(&name) {
-            name
-        } else if let Some(stripped) = name.strip_prefix("grpc-metadata-") {
-            stripped
-        } else {
-            continue;
-        };
-        if key.ends_with("-bin") {
-            let bytes = BASE64
-                .decode(value.as_bytes())
-                .map_err(|error| format!("header {name}: not base64 ({error})"))?;
-            if let Ok(key) = MetadataKey::from_bytes(key.as_bytes()) {
-                metadata.append_bin(key, MetadataValue::from_bytes(&bytes));
-            }
-        } else if let (Ok(key), Ok(value)) = (
-            MetadataKey::from_bytes(key.as_bytes()),
-            MetadataValue::try_from(value.as_bytes()),
-        ) {
-            metadata.append(key, value);
-        }
-    }
-    Ok(())
-}
-
-/// The client's `Grpc-Timeout` (`100m`, `5S`, …), if any.
-fn deadline(headers: &HeaderMap) -> Result<Option<Duration>, String> {
-    let Some(value) = headers.get("grpc-timeout") else {
-        return Ok(None);
-    };
-    let bad = || format!("Grpc-Timeout {value:?}: expected digits and a unit (H M S m u n)");
-    let text = value.to_str().map_err(|_| bad())?;
-    if text.len() < 2 || text.len() > 9 {
-        return Err(bad());
-    }
-    let (digits, unit) = text.split_at(text.len() - 1);
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    let duration = match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return Err(bad()),
-    };
-    Ok(Some(duration))
-}
-
-/// The backend's metadata as `Grpc-Metadata-*` headers, as grpc-gateway
-/// returns them (binary values in base64).
-fn add_metadata(headers: &mut HeaderMap, metadata: &MetadataMap) {
-    for (name, value) in metadata.clone().into_headers().iter() {
-        let name = name.as_str();
-        if name.starts_with("grpc-") || name == "content-type" || name == "date" || name == "te" {
-            continue;
-        }
-        if let Ok(header) = HeaderName::from_bytes(format!("grpc-metadata-{name}").as_bytes()) {
-            headers.append(header, value.clone());
-        }
-    }
-}
-
 fn error_response(gateway: &Gateway, status: &tonic::Status) -> Response {
     let mut response = status_response(
         http_status(status.code()),
@@ -451,142 +372,5 @@ fn cached(headers: &HeaderMap, entry: &crate::cache::Entry, how: &'static str) -
         h.insert(header::CACHE_CONTROL, control);
     }
     h.insert("x-cache", HeaderValue::from_static(how));
-    response
-}
-
-fn accepts_event_stream(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| {
-            v.split(',')
-                .any(|m| m.trim().starts_with("text/event-stream"))
-        })
-}
-
-/// A server stream as NDJSON (`{"result": …}` per line, `{"error": …}` at
-/// the end when it fails, as grpc-gateway writes it) or as Server-Sent
-/// Events (`data:` per message, `event: error` when it fails).
-fn stream_response(
-    gateway: &Arc<Gateway>,
-    route: &Route,
-    response: tonic::Response<tonic::Streaming<DynamicMessage>>,
-    sse: bool,
-) -> Response {
-    let (metadata, stream, _) = response.into_parts();
-    let gateway = Arc::clone(gateway);
-    let route = route.clone();
-    let frames = stream.map(move |item| -> Result<Bytes, Infallible> {
-        let mut frame = BytesMut::with_capacity(256);
-        match (item, sse) {
-            (Ok(message), false) => {
-                frame.put_slice(b"{\"result\":");
-                frame.put_slice(&transcode::response_json(&route, &message));
-                frame.put_slice(b"}\n");
-            }
-            (Ok(message), true) => {
-                frame.put_slice(b"data: ");
-                frame.put_slice(&transcode::response_json(&route, &message));
-                frame.put_slice(b"\n\n");
-            }
-            (Err(status), false) => {
-                let error = json!({"error": status_json(&gateway.pool, &status)});
-                frame.put_slice(error.to_string().as_bytes());
-                frame.put_slice(b"\n");
-            }
-            (Err(status), true) => {
-                frame.put_slice(b"event: error\ndata: ");
-                frame.put_slice(status_json(&gateway.pool, &status).to_string().as_bytes());
-                frame.put_slice(b"\n\n");
-            }
-        }
-        Ok(frame.freeze())
-    });
-    let mut response = Response::new(Body::from_stream(frames));
-    let content_type = if sse {
-        "text/event-stream"
-    } else {
-        "application/x-ndjson"
-    };
-    let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    add_metadata(h, &metadata);
-    response
-}
-
-/// `/healthz`: every backend's `grpc.health.v1`, 200 when all serve; a
-/// backend that cannot answer shows the gRPC code of the failed check
-/// (`UNAVAILABLE`).
-pub async fn healthz(State(gateway): State<Arc<Gateway>>) -> Response {
-    use tonic_health::pb::HealthCheckRequest;
-    use tonic_health::pb::health_client::HealthClient;
-    // All at once: one slow backend must not add to another's wait.
-    let mut checks = tokio::task::JoinSet::new();
-    for (service, channel) in &gateway.upstreams {
-        let mut client = HealthClient::new(channel.clone());
-        let service = service.clone();
-        checks.spawn(async move {
-            let mut request = tonic::Request::new(HealthCheckRequest {
-                service: service.clone(),
-            });
-            request.set_timeout(Duration::from_secs(2));
-            let status =
-                match tokio::time::timeout(Duration::from_secs(3), client.check(request)).await {
-                    Ok(Ok(answer)) => answer
-                        .into_inner()
-                        .status()
-                        .as_str_name()
-                        .trim_start_matches("SERVING_STATUS_")
-                        .to_owned(),
-                    Ok(Err(status)) => brewmesh::metrics::code_name(status.code()).to_owned(),
-                    Err(_) => brewmesh::metrics::code_name(Code::DeadlineExceeded).to_owned(),
-                };
-            (service, status)
-        });
-    }
-    let results: Vec<(String, String)> = checks.join_all().await;
-    let serving = results.iter().all(|(_, s)| s == "SERVING");
-    let body = json!({
-        "status": if serving { "SERVING" } else { "NOT_SERVING" },
-        "services": results
-            .into_iter()
-            .map(|(k, v)| (k, serde_json::Value::String(v)))
-            .collect::<serde_json::Map<_, _>>(),
-    });
-    let code = if serving {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let mut response = (code, body.to_string()).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-/// `/openapi.json`.
-pub async fn openapi(State(gateway): State<Arc<Gateway>>) -> Response {
-    let mut response = gateway.openapi.clone().into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-/// `/metrics`: the gateway's metrics (HTTP, and its balanced channels'
-/// metrics) in the Prometheus text format.
-pub async fn metrics() -> Response {
-    // Registered on first use: make the families exist before a request.
-    let _ = crate::observe::http();
-    let mut response = brewmesh::metrics::render().into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
     response
 }

@@ -13,7 +13,7 @@ use http::Method;
 use serde_json::json;
 use tonic::Code;
 
-use brewmesh::testing::Running;
+use brewmesh_testing::Running;
 use support::{GatewayRun, Http, echo_backend, gateway};
 
 /// The echo backend and a gateway that learnt it by reflection alone.

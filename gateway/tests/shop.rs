@@ -12,12 +12,12 @@ use http::Method;
 use serde_json::json;
 use tonic::Code;
 
-use brewmesh::server::ServeArgs;
-use brewmesh::testing::{Running, spawn};
+use brewmesh_runtime::server::ServeArgs;
+use brewmesh_testing::{Running, spawn};
 use support::{GatewayRun, Http, gateway};
 
-type PaymentRun = Result<brewmesh::server::Drained, brewmesh_payment::RunError>;
-type BaristaRun = Result<brewmesh::server::Drained, brewmesh_barista::RunError>;
+type PaymentRun = Result<brewmesh_runtime::server::Drained, brewmesh_payment::RunError>;
+type BaristaRun = Result<brewmesh_runtime::server::Drained, brewmesh_barista::RunError>;
 
 struct Shop {
     http: Http,
@@ -45,14 +45,14 @@ async fn shop(menu_ttl: Duration, tweak: impl FnOnce(&mut brewmesh_barista::Conf
     let dir = tempfile::tempdir().unwrap();
     let payment_config = brewmesh_payment::Config {
         serve: serve_args(),
-        database: brewmesh::testing::database(dir.path(), "payment").await,
+        database: brewmesh_testing::database(dir.path(), "payment").await,
         processing_delay: Duration::ZERO,
         registry: Default::default(),
     };
     let payment = spawn(|l, s| brewmesh_payment::run(l, payment_config, s)).await;
     let mut barista_config = brewmesh_barista::Config {
         serve: serve_args(),
-        database: brewmesh::testing::database(dir.path(), "barista").await,
+        database: brewmesh_testing::database(dir.path(), "barista").await,
         registry: Default::default(),
         payment_addrs: vec![payment.addr.to_string()],
         payment_dns: None,

@@ -87,7 +87,7 @@ impl Process {
     /// `dir`, or the test's PostgreSQL database for `service` when
     /// `BREWMESH_TEST_POSTGRES_URL` is set (see `scripts/postgres.sh`).
     pub async fn start_role(service: &str, dir: &std::path::Path, args: &[&str]) -> Process {
-        let database = brewmesh::testing::database(dir, service).await;
+        let database = brewmesh_testing::database(dir, service).await;
         let mut all = vec![service.to_owned()];
         match database.database_url {
             Some(url) => all.extend(["--database-url".to_owned(), url]),

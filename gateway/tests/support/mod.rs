@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::metadata::{KeyAndValueRef, MetadataKey, MetadataMap};
 use tonic::{Code, Status};
 
-use brewmesh::testing::{Running, spawn};
 use brewmesh_gateway::codec::DynamicCodec;
+use brewmesh_testing::{Running, spawn};
 
 /// An answer, read whole.
 #[derive(Debug)]
@@ -129,7 +129,7 @@ impl Http {
     }
 }
 
-pub type GatewayRun = Result<brewmesh::server::Drained, brewmesh_gateway::RunError>;
+pub type GatewayRun = Result<brewmesh_runtime::server::Drained, brewmesh_gateway::RunError>;
 
 /// A gateway on 127.0.0.1:0 with `config`.
 pub async fn gateway(config: brewmesh_gateway::Config) -> (Running<GatewayRun>, Http) {

@@ -50,7 +50,7 @@ impl From<BaristaError> for Status {
                 ErrorDetails::with_retry_info(Some(*retry_after)),
             ),
             BaristaError::KeyReused => {
-                brewmesh::validate::invalid_argument("idempotency_key", error.to_string())
+                brewmesh_runtime::validate::invalid_argument("idempotency_key", error.to_string())
             }
             BaristaError::NotCancellable { order_id, why } => Status::with_error_details(
                 Code::FailedPrecondition,
@@ -61,7 +61,7 @@ impl From<BaristaError> for Status {
                     why,
                 ),
             ),
-            BaristaError::Store(source) => brewmesh::db::status(source, "order"),
+            BaristaError::Store(source) => brewmesh_runtime::db::status(source, "order"),
         }
     }
 }

@@ -33,13 +33,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
-use brewmesh::db::DatabaseArgs;
-use brewmesh::discovery::RegistryArgs;
-use brewmesh::discovery::Source;
 use brewmesh::pb::barista::v1::barista_server::BaristaServer;
 use brewmesh::pb::payment::v1::payments_client::PaymentsClient;
 use brewmesh::pb::payment::v1::payments_server;
-use brewmesh::server::{Drained, ServeArgs, ServeError, parse_duration};
+use brewmesh_runtime::db::DatabaseArgs;
+use brewmesh_runtime::discovery::RegistryArgs;
+use brewmesh_runtime::discovery::Source;
+use brewmesh_runtime::server::{Drained, ServeArgs, ServeError, parse_duration};
 
 pub use service::BaristaService;
 
@@ -139,13 +139,13 @@ impl Config {
 pub enum RunError {
     /// The order store could not be opened.
     #[error("opening the order store")]
-    Open(#[from] brewmesh::db::OpenError),
+    Open(#[from] brewmesh_runtime::db::OpenError),
     /// The order store could not be read.
     #[error("reading the order store")]
     Store(#[from] sqlx::Error),
     /// A payment address is not valid.
     #[error(transparent)]
-    PaymentAddress(#[from] brewmesh::client::InvalidAddress),
+    PaymentAddress(#[from] brewmesh_runtime::client::InvalidAddress),
     /// Serving failed.
     #[error(transparent)]
     Serve(#[from] ServeError),
@@ -181,7 +181,9 @@ pub async fn run(
     };
     observe::register(&stations);
     let payments = payments::PaymentService::new(
-        PaymentsClient::new(brewmesh::discovery::balanced(config.payment_source())?),
+        PaymentsClient::new(brewmesh_runtime::discovery::balanced(
+            config.payment_source(),
+        )?),
         config.payment_timeout,
     );
     let shop = Arc::new(shop::Shop::new(
@@ -212,7 +214,7 @@ pub async fn run(
             .is_ok()
     };
     let (served, sagas_done) = tokio::join!(
-        brewmesh::server::serve_registered(
+        brewmesh_runtime::server::serve_registered(
             listener,
             routes,
             &[SERVICE_NAME],

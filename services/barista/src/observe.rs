@@ -27,12 +27,12 @@ fn orders() -> &'static Orders {
             placed: Counter::default(),
             finished: Family::default(),
         };
-        brewmesh::metrics::register(
+        brewmesh_runtime::metrics::register(
             "brewmesh_orders_placed",
             "Orders accepted (a repeated idempotency key is not a new order)",
             orders.placed.clone(),
         );
-        brewmesh::metrics::register(
+        brewmesh_runtime::metrics::register(
             "brewmesh_orders_finished",
             "Order sagas finished, by outcome (ready, failed, cancelled)",
             orders.finished.clone(),
@@ -73,12 +73,12 @@ pub fn register(stations: &Stations) {
                 .collect()
         }
     };
-    brewmesh::metrics::register_gauges(
+    brewmesh_runtime::metrics::register_gauges(
         "brewmesh_station_utilization",
         "Share of a station's machines in use (0 to 1)",
         read(Load::utilization),
     );
-    brewmesh::metrics::register_gauges(
+    brewmesh_runtime::metrics::register_gauges(
         "brewmesh_station_queue_depth",
         "Orders admitted to a station and waiting for a machine",
         read(|load| load.waiting() as f64),

@@ -12,9 +12,9 @@ use std::time::Duration;
 use tonic::{Code, Request, Response, Status};
 use tower::retry::budget::{Budget as _, TpsBudget};
 
-use brewmesh::discovery::Balanced;
 use brewmesh::pb::payment::v1::payments_client::PaymentsClient;
 use brewmesh::pb::payment::v1::{AuthorizeRequest, CaptureRequest, Payment, VoidRequest};
+use brewmesh_runtime::discovery::Balanced;
 
 /// The longest wait between two attempts of one call.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);

@@ -127,7 +127,7 @@ impl Saga<'_> {
                 Step::Compensate => self.compensate(&record, None).await,
                 Step::Done => {
                     if record.order.state() == S::Failed {
-                        brewmesh::telemetry::fail(
+                        brewmesh_runtime::telemetry::fail(
                             &tracing::Span::current(),
                             &record.order.failure_reason,
                         );
@@ -573,7 +573,7 @@ impl Saga<'_> {
             && payment.state() == PaymentState::Declined
         {
             let reason = format!("card declined: {}", payment.decline_reason);
-            brewmesh::telemetry::fail(&span, &reason);
+            brewmesh_runtime::telemetry::fail(&span, &reason);
         }
         authorized
     }
@@ -586,7 +586,7 @@ async fn traced<T>(
 ) -> Result<T, SagaError> {
     let result = step.instrument(span.clone()).await;
     if let Err(error) = &result {
-        brewmesh::telemetry::fail(&span, &error.to_string());
+        brewmesh_runtime::telemetry::fail(&span, &error.to_string());
     }
     result
 }

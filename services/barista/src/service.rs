@@ -11,14 +11,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use brewmesh::idempotency::fingerprint;
 use brewmesh::pb::barista::v1::barista_server::Barista;
 use brewmesh::pb::barista::v1::{
     CancelOrderRequest, GetMenuRequest, GetOrderRequest, ListOrdersRequest, ListOrdersResponse,
     Menu, Order, OrderEvent, OrderEventType as E, OrderState as S, PlaceOrderRequest,
     WatchOrderRequest,
 };
-use brewmesh::validate::{Violations, invalid_argument, next_page_token, page_size};
+use brewmesh_runtime::idempotency::fingerprint;
+use brewmesh_runtime::validate::{Violations, invalid_argument, next_page_token, page_size};
 
 use crate::error::BaristaError;
 use crate::journal::{OrderWatch, Written};

@@ -55,7 +55,7 @@ impl Shop {
             payments,
             sagas: TaskTracker::new(),
             running: Mutex::new(HashMap::new()),
-            owner: brewmesh::ids::new("barista"),
+            owner: brewmesh_runtime::ids::new("barista"),
             lease,
         }
     }
@@ -72,7 +72,7 @@ impl Shop {
 
     /// The end of a lease taken now, in micros.
     fn lease_until(&self) -> i64 {
-        brewmesh::time::now_micros()
+        brewmesh_runtime::time::now_micros()
             .saturating_add(i64::try_from(self.lease.as_micros()).unwrap_or(i64::MAX))
     }
 
@@ -183,7 +183,7 @@ impl Shop {
             .store()
             .claim_orphans(
                 &self.owner,
-                brewmesh::time::now_micros(),
+                brewmesh_runtime::time::now_micros(),
                 self.lease_until(),
             )
             .await?;

@@ -10,7 +10,6 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
-use brewmesh::db::DatabaseArgs;
 use brewmesh::pb::barista::v1::barista_client::BaristaClient;
 use brewmesh::pb::barista::v1::{
     CancelOrderRequest, GetMenuRequest, GetOrderRequest, ListOrdersRequest, Order, OrderEvent,
@@ -18,11 +17,12 @@ use brewmesh::pb::barista::v1::{
 };
 use brewmesh::pb::payment::v1::payments_client::PaymentsClient;
 use brewmesh::pb::payment::v1::{ListPaymentsRequest, Payment, PaymentState};
-use brewmesh::server::ServeArgs;
-use brewmesh::testing::{Running, spawn};
+use brewmesh_runtime::db::DatabaseArgs;
+use brewmesh_runtime::server::ServeArgs;
+use brewmesh_testing::{Running, spawn};
 
-type PaymentRun = Result<brewmesh::server::Drained, brewmesh_payment::RunError>;
-type BaristaRun = Result<brewmesh::server::Drained, brewmesh_barista::RunError>;
+type PaymentRun = Result<brewmesh_runtime::server::Drained, brewmesh_payment::RunError>;
+type BaristaRun = Result<brewmesh_runtime::server::Drained, brewmesh_barista::RunError>;
 
 struct Mesh {
     barista: BaristaClient<Channel>,
@@ -61,14 +61,14 @@ fn barista_config(database: DatabaseArgs, payment_addr: String) -> brewmesh_bari
 
 /// Logs, a data directory and a payment service answering after `delay`.
 async fn payment(delay: Duration) -> (tempfile::TempDir, Running<PaymentRun>) {
-    let _ = brewmesh::telemetry::init(
-        brewmesh::telemetry::LogFormat::Text,
-        brewmesh::telemetry::Identity::of("test"),
+    let _ = brewmesh_runtime::telemetry::init(
+        brewmesh_runtime::telemetry::LogFormat::Text,
+        brewmesh_runtime::telemetry::Identity::of("test"),
     );
     let dir = tempfile::tempdir().unwrap();
     let config = brewmesh_payment::Config {
         serve: serve_args(),
-        database: brewmesh::testing::database(dir.path(), "payment").await,
+        database: brewmesh_testing::database(dir.path(), "payment").await,
         processing_delay: delay,
         registry: Default::default(),
     };
@@ -78,11 +78,11 @@ async fn payment(delay: Duration) -> (tempfile::TempDir, Running<PaymentRun>) {
 
 async fn mesh(payment_delay: Duration, tweak: impl FnOnce(&mut brewmesh_barista::Config)) -> Mesh {
     let (dir, payment) = payment(payment_delay).await;
-    let barista_db = brewmesh::testing::database(dir.path(), "barista").await;
+    let barista_db = brewmesh_testing::database(dir.path(), "barista").await;
     let mut config = barista_config(barista_db, payment.addr.to_string());
     tweak(&mut config);
     let barista = spawn(|l, s| brewmesh_barista::run(l, config, s)).await;
-    let channel = |url: String| brewmesh::client::channel(&url).unwrap();
+    let channel = |url: String| brewmesh_runtime::client::channel(&url).unwrap();
     Mesh {
         barista: BaristaClient::new(channel(barista.url())),
         payments: PaymentsClient::new(channel(payment.url())),
@@ -482,7 +482,7 @@ async fn bad_requests_are_invalid_argument_naming_the_field() {
         .unwrap_err();
     assert_eq!(fields(status), ["order_id"]);
 
-    let unknown = brewmesh::ids::new("ord");
+    let unknown = brewmesh_runtime::ids::new("ord");
     let status = mesh
         .barista
         .get_order(GetOrderRequest {
@@ -583,7 +583,7 @@ async fn a_watch_resumes_after_a_sequence_and_lists_show_orders_newest_first() {
 #[tokio::test]
 async fn a_watch_on_either_replica_sees_what_the_other_one_writes() {
     let (dir, payment) = payment(Duration::ZERO).await;
-    let database = brewmesh::testing::database(dir.path(), "barista").await;
+    let database = brewmesh_testing::database(dir.path(), "barista").await;
     // Steps long enough for the cancel to come while the drink is brewing.
     let config = |database| brewmesh_barista::Config {
         espresso_time: Duration::from_secs(1),
@@ -594,7 +594,7 @@ async fn a_watch_on_either_replica_sees_what_the_other_one_writes() {
     let driving = spawn(|l, s| brewmesh_barista::run(l, driving_config, s)).await;
     let other_config = config(database);
     let other = spawn(|l, s| brewmesh_barista::run(l, other_config, s)).await;
-    let channel = |url: String| brewmesh::client::channel(&url).unwrap();
+    let channel = |url: String| brewmesh_runtime::client::channel(&url).unwrap();
     let mut driving_client = BaristaClient::new(channel(driving.url()));
     let mut other_client = BaristaClient::new(channel(other.url()));
     let collect = |mut client: BaristaClient<Channel>, order_id: String| async move {

@@ -60,13 +60,13 @@ impl From<PaymentError> for Status {
                 ),
             ),
             PaymentError::KeyReused => {
-                brewmesh::validate::invalid_argument("idempotency_key", error.to_string())
+                brewmesh_runtime::validate::invalid_argument("idempotency_key", error.to_string())
             }
             PaymentError::Corrupt(_) => {
                 tracing::error!(%error, "corrupt ledger record");
                 Status::internal(error.to_string())
             }
-            PaymentError::Database(source) => brewmesh::db::status(source, "ledger"),
+            PaymentError::Database(source) => brewmesh_runtime::db::status(source, "ledger"),
         }
     }
 }

@@ -12,15 +12,15 @@ use sqlx::AnyPool;
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
-use brewmesh::idempotency::{from_hex, to_hex};
 use brewmesh::pb::payment::v1::{Money, Payment, PaymentState};
-use brewmesh::time::{now_micros, timestamp};
+use brewmesh_runtime::idempotency::{from_hex, to_hex};
+use brewmesh_runtime::time::{now_micros, timestamp};
 
 use crate::error::PaymentError;
 
-/// The schema's migrations, oldest first (see `brewmesh::db::Migration`):
+/// The schema's migrations, oldest first (see `brewmesh_runtime::db::Migration`):
 /// append, never edit.
-const MIGRATIONS: &[brewmesh::db::Migration] = &[&[
+const MIGRATIONS: &[brewmesh_runtime::db::Migration] = &[&[
     "CREATE TABLE IF NOT EXISTS payments (
         payment_id     TEXT PRIMARY KEY,
         order_id       TEXT NOT NULL,
@@ -96,8 +96,8 @@ pub struct Ledger {
 impl Ledger {
     /// Opens (and if need be creates) the ledger `database` names.
     pub async fn open(
-        database: &brewmesh::db::DatabaseArgs,
-    ) -> Result<Self, brewmesh::db::OpenError> {
+        database: &brewmesh_runtime::db::DatabaseArgs,
+    ) -> Result<Self, brewmesh_runtime::db::OpenError> {
         Ok(Self {
             pool: database.open("payment.db", MIGRATIONS).await?,
         })
@@ -132,7 +132,7 @@ impl Ledger {
             return Ok(replayed);
         }
         let now = now_micros();
-        let payment_id = brewmesh::ids::new("pay");
+        let payment_id = brewmesh_runtime::ids::new("pay");
         let (state, decline_reason) = match new.outcome {
             Ok(()) => (PaymentState::Authorized, String::new()),
             Err(reason) => (PaymentState::Declined, reason),

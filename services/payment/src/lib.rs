@@ -18,10 +18,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
-use brewmesh::db::DatabaseArgs;
-use brewmesh::discovery::RegistryArgs;
 use brewmesh::pb::payment::v1::payments_server::PaymentsServer;
-use brewmesh::server::{Drained, ServeArgs, ServeError, parse_duration};
+use brewmesh_runtime::db::DatabaseArgs;
+use brewmesh_runtime::discovery::RegistryArgs;
+use brewmesh_runtime::server::{Drained, ServeArgs, ServeError, parse_duration};
 
 pub use service::{DECLINED_CARD_TOKEN, PaymentService};
 
@@ -54,7 +54,7 @@ pub struct Config {
 pub enum RunError {
     /// The ledger could not be opened.
     #[error("opening the ledger")]
-    Ledger(#[from] brewmesh::db::OpenError),
+    Ledger(#[from] brewmesh_runtime::db::OpenError),
     /// Serving failed.
     #[error(transparent)]
     Serve(#[from] ServeError),
@@ -69,7 +69,7 @@ pub async fn run(
     let ledger = ledger::Ledger::open(&config.database).await?;
     let service = PaymentService::new(ledger, config.processing_delay);
     let routes = Routes::new(PaymentsServer::new(service));
-    Ok(brewmesh::server::serve_registered(
+    Ok(brewmesh_runtime::server::serve_registered(
         listener,
         routes,
         &[SERVICE_NAME],

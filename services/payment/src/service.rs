@@ -6,13 +6,13 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 use tracing::Instrument as _;
 
-use brewmesh::idempotency::fingerprint;
 use brewmesh::pb::payment::v1::payments_server::Payments;
 use brewmesh::pb::payment::v1::{
     AuthorizeRequest, CaptureRequest, GetPaymentRequest, ListPaymentsRequest, ListPaymentsResponse,
     Money, Payment, PaymentState, RefundRequest, VoidRequest,
 };
-use brewmesh::validate::{MAX_KEY_LEN, Violations, next_page_token, page_size};
+use brewmesh_runtime::idempotency::fingerprint;
+use brewmesh_runtime::validate::{MAX_KEY_LEN, Violations, next_page_token, page_size};
 
 use crate::ledger::{Ledger, NewPayment, Transition};
 
@@ -64,7 +64,7 @@ impl PaymentService {
             .transition(key, &fingerprint, payment_id, transition)
             .instrument(span.clone())
             .await
-            .inspect_err(|e| brewmesh::telemetry::fail(&span, &e.to_string()))?;
+            .inspect_err(|e| brewmesh_runtime::telemetry::fail(&span, &e.to_string()))?;
         tracing::info!(method, payment_id, order_id = %payment.order_id, state = ?payment.state(), "payment updated");
         Ok(Response::new(payment))
     }
@@ -115,9 +115,9 @@ impl Payments for PaymentService {
             .authorize(key, &fingerprint, new)
             .instrument(span.clone())
             .await
-            .inspect_err(|e| brewmesh::telemetry::fail(&span, &e.to_string()))?;
+            .inspect_err(|e| brewmesh_runtime::telemetry::fail(&span, &e.to_string()))?;
         if payment.state() == PaymentState::Declined {
-            brewmesh::telemetry::fail(&span, &payment.decline_reason);
+            brewmesh_runtime::telemetry::fail(&span, &payment.decline_reason);
         }
         tracing::info!(method = "Authorize", payment_id = %payment.payment_id, order_id = %payment.order_id, state = ?payment.state(), "payment updated");
         Ok(Response::new(payment))

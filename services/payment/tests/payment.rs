@@ -14,9 +14,9 @@ use brewmesh::pb::payment::v1::{
     AuthorizeRequest, CaptureRequest, GetPaymentRequest, ListPaymentsRequest, Money, PaymentState,
     RefundRequest, VoidRequest,
 };
-use brewmesh::server::{Drained, ServeArgs};
-use brewmesh::testing::{Running, spawn};
 use brewmesh_payment::{Config, RunError};
+use brewmesh_runtime::server::{Drained, ServeArgs};
+use brewmesh_testing::{Running, spawn};
 
 type Server = Running<Result<Drained, RunError>>;
 
@@ -27,7 +27,7 @@ async fn config(data_dir: &Path, processing_delay: Duration) -> Config {
             drain_timeout: Duration::from_secs(5),
             inject_latency: None,
         },
-        database: brewmesh::testing::database(data_dir, "payment").await,
+        database: brewmesh_testing::database(data_dir, "payment").await,
         processing_delay,
         registry: Default::default(),
     }
@@ -37,7 +37,8 @@ async fn start(data_dir: &Path, delay: Duration) -> (Server, PaymentsClient<Chan
     let config = config(data_dir, delay).await;
     let server =
         spawn(|listener, shutdown| brewmesh_payment::run(listener, config, shutdown)).await;
-    let client = PaymentsClient::new(brewmesh::client::channel(&server.url()).expect("valid url"));
+    let client =
+        PaymentsClient::new(brewmesh_runtime::client::channel(&server.url()).expect("valid url"));
     (server, client)
 }
 
@@ -292,7 +293,7 @@ async fn a_bad_authorize_names_every_offending_field() {
 async fn an_unknown_payment_is_not_found() {
     let dir = tempfile::tempdir().unwrap();
     let (_server, mut client) = start(dir.path(), Duration::ZERO).await;
-    let missing = brewmesh::ids::new("pay");
+    let missing = brewmesh_runtime::ids::new("pay");
     let status = client
         .get_payment(GetPaymentRequest {
             payment_id: missing.clone(),
@@ -390,7 +391,7 @@ async fn draining_turns_health_not_serving_at_once_and_lets_calls_finish() {
 
     let dir = tempfile::tempdir().unwrap();
     let (server, client) = start(dir.path(), Duration::from_millis(800)).await;
-    let channel = brewmesh::client::channel(&server.url()).unwrap();
+    let channel = brewmesh_runtime::client::channel(&server.url()).unwrap();
     let mut health = HealthClient::new(channel);
     for service in ["", brewmesh_payment::SERVICE_NAME] {
         let status = health

@@ -30,8 +30,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 use brewmesh::pb::registry::v1::registry_server::RegistryServer;
-use brewmesh::secret::Secret;
-use brewmesh::server::{Drained, ServeArgs, ServeError, parse_duration};
+use brewmesh_runtime::secret::Secret;
+use brewmesh_runtime::server::{Drained, ServeArgs, ServeError, parse_duration};
 
 pub use brewmesh::pb::registry::v1 as pb;
 pub use service::{RegistryService, Ttl};
@@ -75,7 +75,7 @@ pub async fn run(
 ) -> Result<Drained, ServeError> {
     let registry = Arc::new(registry::Registry::default());
     let counted = Arc::downgrade(&registry);
-    brewmesh::metrics::register_gauges(
+    brewmesh_runtime::metrics::register_gauges(
         "brewmesh_registry_instances",
         "Registered instances, by service and health",
         move || {
@@ -127,7 +127,7 @@ pub async fn run(
             }
         })
     };
-    let served = brewmesh::server::serve(
+    let served = brewmesh_runtime::server::serve(
         listener,
         Routes::new(RegistryServer::new(service)),
         &[SERVICE_NAME],

@@ -84,7 +84,7 @@ impl Registry {
     /// lease of the same instance. Its health is unknown until its follower
     /// reports, so it is not resolvable yet.
     pub fn register(&self, instance: Instance, ttl: Duration) -> Granted {
-        let lease_id = brewmesh::ids::new("lease");
+        let lease_id = brewmesh_runtime::ids::new("lease");
         let follower = CancellationToken::new();
         let key = (instance.service.clone(), instance.instance_id.clone());
         let mut state = self.lock();

@@ -21,8 +21,8 @@ use brewmesh::pb::registry::v1::{
     KeepAliveResponse, ListServicesRequest, ListServicesResponse, RegisterRequest,
     RegisterResponse, ResolveRequest, ResolveResponse, WatchRequest, WatchResponse,
 };
-use brewmesh::secret::Secret;
-use brewmesh::validate::{MAX_KEY_LEN, Violations};
+use brewmesh_runtime::secret::Secret;
+use brewmesh_runtime::validate::{MAX_KEY_LEN, Violations};
 
 use crate::registry::Registry;
 
@@ -179,7 +179,7 @@ impl RegistryApi for RegistryService {
         self.authorize(&request)?;
         let lease_id = request.into_inner().lease_id;
         if lease_id.is_empty() {
-            return Err(brewmesh::validate::invalid_argument(
+            return Err(brewmesh_runtime::validate::invalid_argument(
                 "lease_id",
                 "is required",
             ));

@@ -16,8 +16,8 @@ use brewmesh::pb::registry::v1::{
     DeregisterRequest, Instance, KeepAliveRequest, ListServicesRequest, RegisterRequest,
     ResolveRequest, WatchRequest, WatchResponse,
 };
-use brewmesh::server::{Drained, ServeArgs, ServeError};
-use brewmesh::testing::{Running, spawn, spawn_on};
+use brewmesh_runtime::server::{Drained, ServeArgs, ServeError};
+use brewmesh_testing::{Running, spawn, spawn_on};
 
 const TOKEN: &str = "test-token";
 const SERVICE: &str = "test.v1.Echo";
@@ -26,9 +26,9 @@ async fn registry() -> (
     Running<Result<Drained, ServeError>>,
     RegistryClient<Channel>,
 ) {
-    let _ = brewmesh::telemetry::init(
-        brewmesh::telemetry::LogFormat::Text,
-        brewmesh::telemetry::Identity::of("test"),
+    let _ = brewmesh_runtime::telemetry::init(
+        brewmesh_runtime::telemetry::LogFormat::Text,
+        brewmesh_runtime::telemetry::Identity::of("test"),
     );
     let config = brewmesh_registry::Config {
         serve: ServeArgs {
@@ -42,7 +42,7 @@ async fn registry() -> (
         health_retry: Duration::from_millis(100),
     };
     let server = spawn(|l, s| brewmesh_registry::run(l, config, s)).await;
-    let client = RegistryClient::new(brewmesh::client::channel(&server.url()).unwrap());
+    let client = RegistryClient::new(brewmesh_runtime::client::channel(&server.url()).unwrap());
     (server, client)
 }
 
@@ -54,7 +54,8 @@ fn instance_on(listener: TcpListener) -> Running<Result<Drained, ServeError>> {
             drain_timeout: Duration::from_secs(5),
             inject_latency: None,
         };
-        brewmesh::server::serve(listener, Routes::default(), &[SERVICE], &args, shutdown).await
+        brewmesh_runtime::server::serve(listener, Routes::default(), &[SERVICE], &args, shutdown)
+            .await
     })
 }
 

@@ -132,8 +132,8 @@ pub struct OrderStore {
 impl OrderStore {
     /// Opens (and if need be creates) the store `database` names.
     pub async fn open(
-        database: &brewmesh::db::DatabaseArgs,
-    ) -> Result<Self, brewmesh::db::OpenError> {
+        database: &brewmesh_runtime::db::DatabaseArgs,
+    ) -> Result<Self, brewmesh_runtime::db::OpenError> {
         let pool = database.open("barista.db", MIGRATIONS).await?;
         let writer = database.is_sqlite().then(|| {
             let (writer, queue) = mpsc::channel(4 * MAX_BATCH);
@@ -356,10 +356,10 @@ mod tests {
     use super::*;
 
     async fn store(dir: &std::path::Path) -> OrderStore {
-        let database = brewmesh::db::DatabaseArgs {
+        let database = brewmesh_runtime::db::DatabaseArgs {
             data_dir: dir.to_owned(),
             database_url: None,
-            sqlite_synchronous: brewmesh::db::Synchronous::Normal,
+            sqlite_synchronous: brewmesh_runtime::db::Synchronous::Normal,
         };
         OrderStore::open(&database).await.unwrap()
     }

@@ -6,7 +6,7 @@ use sqlx::any::AnyRow;
 
 use brewmesh::pb::barista::v1::{Order, OrderEvent, OrderEventType, OrderState};
 use brewmesh::pb::payment::v1::Money;
-use brewmesh::time::timestamp;
+use brewmesh_runtime::time::timestamp;
 
 use super::{Inserted, OrderRecord, Step};
 

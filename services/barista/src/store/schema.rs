@@ -1,9 +1,9 @@
 //! The order tables: their migrations, and the column list every read of an
 //! order selects.
 
-/// The schema's migrations, oldest first (see `brewmesh::db::Migration`):
+/// The schema's migrations, oldest first (see `brewmesh_runtime::db::Migration`):
 /// append, never edit.
-pub(super) const MIGRATIONS: &[brewmesh::db::Migration] = &[&[
+pub(super) const MIGRATIONS: &[brewmesh_runtime::db::Migration] = &[&[
     "CREATE TABLE IF NOT EXISTS orders (
         order_id        TEXT PRIMARY KEY,
         idempotency_key TEXT NOT NULL UNIQUE,

@@ -3,7 +3,7 @@
 //!
 //! On SQLite one task writes: it takes the writes queued meanwhile (up to
 //! [`MAX_BATCH`]) and applies them in one transaction. SQLite has one
-//! writer, and here one connection (see `brewmesh::db`); a transaction per
+//! writer, and here one connection (see `brewmesh_runtime::db`); a transaction per
 //! write paid BEGIN, COMMIT and the connection's hand-over for every write
 //! while every other write waited (BENCHMARKS.md, "the barista's write
 //! path"). Batched, those costs are shared. Each write still sees the ones
@@ -16,7 +16,7 @@ use sqlx::{Any, AnyPool, Row, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
 use brewmesh::pb::barista::v1::{OrderEvent, OrderEventType, OrderState};
-use brewmesh::time::{now_micros, timestamp};
+use brewmesh_runtime::time::{now_micros, timestamp};
 
 use super::schema::COLUMNS;
 use super::{Inserted, NewOrder, Step, rows};
@@ -183,7 +183,7 @@ impl Apply for InsertOrder {
     /// was used for before.
     async fn apply(&self, tx: &mut Tx, now: i64) -> Result<Inserted, sqlx::Error> {
         let new = &self.new;
-        let order_id = brewmesh::ids::new("ord");
+        let order_id = brewmesh_runtime::ids::new("ord");
         // RETURNING gives the new row back in the same round trip; on a
         // conflict it returns nothing and the key's earlier order is read.
         let inserted = sqlx::query(&format!(

@@ -80,11 +80,11 @@ pub const POSTGRES_ENV: &str = "BREWMESH_TEST_POSTGRES_URL";
 /// `dir/service`, or, when [`POSTGRES_ENV`] is set, a PostgreSQL database of
 /// its own named after `dir` and `service`, so the service's replicas in one
 /// test share it and no two tests do.
-pub async fn database(dir: &std::path::Path, service: &str) -> crate::db::DatabaseArgs {
-    let mut args = crate::db::DatabaseArgs {
+pub async fn database(dir: &std::path::Path, service: &str) -> brewmesh_runtime::db::DatabaseArgs {
+    let mut args = brewmesh_runtime::db::DatabaseArgs {
         data_dir: dir.join(service),
         database_url: None,
-        sqlite_synchronous: crate::db::Synchronous::Normal,
+        sqlite_synchronous: brewmesh_runtime::db::Synchronous::Normal,
     };
     if let Ok(server) = std::env::var(POSTGRES_ENV) {
         args.database_url = Some(postgres_database(&server, dir, service).await);
@@ -153,17 +153,17 @@ impl CollectedSpan {
 
     /// The trace id, in hex.
     pub fn trace_id(&self) -> String {
-        crate::idempotency::to_hex(&self.span.trace_id)
+        brewmesh_runtime::idempotency::to_hex(&self.span.trace_id)
     }
 
     /// The span id, in hex.
     pub fn span_id(&self) -> String {
-        crate::idempotency::to_hex(&self.span.span_id)
+        brewmesh_runtime::idempotency::to_hex(&self.span.span_id)
     }
 
     /// The parent's span id, in hex (empty for a root).
     pub fn parent_id(&self) -> String {
-        crate::idempotency::to_hex(&self.span.parent_span_id)
+        brewmesh_runtime::idempotency::to_hex(&self.span.parent_span_id)
     }
 
     /// Whether its status is ERROR.

@@ -18,9 +18,9 @@ use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthReporter;
 
-use crate::FILE_DESCRIPTOR_SET;
 use crate::discovery::{Registration, RegistrationError, RegistryArgs};
 use crate::health::DrainingHealth;
+use brewmesh::FILE_DESCRIPTOR_SET;
 
 /// Parses flag durations such as `2s`, `150ms` or `1m 30s`.
 pub use humantime::parse_duration;

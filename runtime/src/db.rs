@@ -121,8 +121,8 @@ pub async fn open(
     // SQLite has one writer: with several connections, writers wait on
     // each other in SQLite's busy handler (sleeps), and under a burst of
     // orders the pool ran out of time (UNAVAILABLE). One connection queues
-    // them in the pool instead: 1.34x the orders/s and 22% less CPU per
-    // order (bench/cpu.sh, BENCHMARKS.md). Other processes on the same file
+    // them in the pool instead: more orders/s for less CPU per order
+    // (BENCHMARKS.md, CPU per order). Other processes on the same file
     // (replicas) still meet in the busy handler.
     let pool = AnyPoolOptions::new()
         .max_connections(if sqlite { 1 } else { 8 })

@@ -1,0 +1,140 @@
+//! The gateway's settings: flags and `BREWMESH_*` variables, parsed once.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use brewmesh_runtime::server::parse_duration;
+
+/// Where the gateway listens unless told otherwise.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
+
+/// The gateway's settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Address to listen on [default: 127.0.0.1:8080]; port 0 picks a free
+    /// port (the log says which).
+    #[arg(long, env = "BREWMESH_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// Registry replica addresses: services without a --backend are found
+    /// through it.
+    #[arg(long = "registry", env = "BREWMESH_REGISTRY", value_delimiter = ',')]
+    pub registries: Vec<String>,
+
+    /// A backend for one service: `package.Service=host:port[,host:port…]`,
+    /// balanced. Repeat for each service.
+    #[arg(long = "backend", env = "BREWMESH_GATEWAY_BACKENDS", value_delimiter = ';', value_parser = parse_backend)]
+    pub backends: Vec<(String, Vec<String>)>,
+
+    /// Also front the services in this descriptor set file (`protoc
+    /// --include_imports -o`, `buf build -o`). Repeatable.
+    #[arg(
+        long = "descriptor-set",
+        env = "BREWMESH_GATEWAY_DESCRIPTOR_SETS",
+        value_delimiter = ','
+    )]
+    pub descriptor_sets: Vec<PathBuf>,
+
+    /// Also front every service of the backend at this address, learnt from
+    /// its reflection service at start; calls go to that address unless a
+    /// --backend says otherwise. Repeatable.
+    #[arg(
+        long = "reflect",
+        env = "BREWMESH_GATEWAY_REFLECT",
+        value_delimiter = ','
+    )]
+    pub reflect: Vec<String>,
+
+    /// Leave out brewmesh's own services (front only --descriptor-set and
+    /// --reflect ones).
+    #[arg(long, env = "BREWMESH_GATEWAY_NO_BUILTIN")]
+    pub no_builtin: bool,
+
+    /// Deadline of a unary call when the client sends no `Grpc-Timeout`.
+    #[arg(long, env = "BREWMESH_GATEWAY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Largest request body accepted; larger ones get 413.
+    #[arg(long, env = "BREWMESH_GATEWAY_MAX_BODY", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+
+    /// RPCs that answer 201 Created (`package.Service.Method`).
+    #[arg(
+        long = "created",
+        env = "BREWMESH_GATEWAY_CREATED",
+        value_delimiter = ',',
+        default_value = "brewmesh.barista.v1.Barista.PlaceOrder"
+    )]
+    pub created: Vec<String>,
+
+    /// GET answers to cache: `package.Service.Method=TTL`. Repeatable.
+    #[arg(
+        long = "cache",
+        env = "BREWMESH_GATEWAY_CACHE",
+        value_delimiter = ',',
+        default_value = "brewmesh.barista.v1.Barista.GetMenu=5s",
+        value_parser = parse_cached
+    )]
+    pub cached: Vec<(String, Duration)>,
+
+    /// Keep cached answers in this Redis (`redis://host:6379`), shared by
+    /// every gateway replica, instead of in process.
+    #[arg(long, env = "BREWMESH_GATEWAY_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Most answers the in-process cache holds.
+    #[arg(long, env = "BREWMESH_GATEWAY_CACHE_ENTRIES", default_value_t = 10_000)]
+    pub cache_entries: usize,
+
+    /// How long requests in flight (streams too) may take to finish once
+    /// draining starts.
+    #[arg(long, env = "BREWMESH_DRAIN_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            registries: Vec::new(),
+            backends: Vec::new(),
+            descriptor_sets: Vec::new(),
+            reflect: Vec::new(),
+            no_builtin: false,
+            timeout: Duration::from_secs(30),
+            max_body_bytes: 1 << 20,
+            created: vec!["brewmesh.barista.v1.Barista.PlaceOrder".to_owned()],
+            cached: vec![(
+                "brewmesh.barista.v1.Barista.GetMenu".to_owned(),
+                Duration::from_secs(5),
+            )],
+            redis_url: None,
+            cache_entries: 10_000,
+            drain_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+fn parse_backend(value: &str) -> Result<(String, Vec<String>), String> {
+    let (service, addresses) = value
+        .split_once('=')
+        .ok_or_else(|| format!("{value:?}: expected package.Service=host:port"))?;
+    let addresses: Vec<String> = addresses
+        .split(',')
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if service.is_empty() || addresses.is_empty() {
+        return Err(format!("{value:?}: expected package.Service=host:port"));
+    }
+    Ok((service.to_owned(), addresses))
+}
+
+fn parse_cached(value: &str) -> Result<(String, Duration), String> {
+    let (method, ttl) = value
+        .split_once('=')
+        .ok_or_else(|| format!("{value:?}: expected package.Service.Method=TTL"))?;
+    let ttl = parse_duration(ttl).map_err(|e| format!("{value:?}: {e}"))?;
+    Ok((method.to_owned(), ttl))
+}

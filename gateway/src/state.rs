@@ -1,0 +1,146 @@
+//! What the request path reads, built once at start: the descriptors, the
+//! route table, a balanced channel per service, the cache, and the OpenAPI
+//! document; and why building it can fail.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use brewmesh_runtime::discovery::{Balanced, Source};
+use bytes::Bytes;
+use prost_reflect::DescriptorPool;
+
+use crate::config::Config;
+use crate::routes::{self, MethodSettings, Route};
+use crate::{cache, descriptors, openapi};
+
+/// Why the gateway could not start or stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Descriptors could not be loaded.
+    #[error(transparent)]
+    Descriptors(#[from] descriptors::DescriptorError),
+    /// The http rules do not form a route table.
+    #[error(transparent)]
+    Routes(#[from] routes::RouteError),
+    /// A service has no backend.
+    #[error("no backend for {0}: pass --backend {0}=host:port, --reflect or --registry")]
+    NoBackend(String),
+    /// A backend address is invalid.
+    #[error(transparent)]
+    Address(#[from] brewmesh_runtime::client::InvalidAddress),
+    /// The shared cache is configured but cannot be reached.
+    #[error(transparent)]
+    Cache(#[from] cache::SharedError),
+    /// The listener failed.
+    #[error("serving HTTP")]
+    Serve(#[from] std::io::Error),
+}
+
+/// Everything the request path reads; built once at start.
+#[derive(Debug)]
+pub struct Gateway {
+    pub(crate) pool: DescriptorPool,
+    pub(crate) routes: HashMap<http::Method, Vec<Route>>,
+    pub(crate) upstreams: BTreeMap<String, Balanced>,
+    pub(crate) timeout: Duration,
+    pub(crate) max_body_bytes: usize,
+    pub(crate) cache: cache::Store,
+    pub(crate) openapi: Bytes,
+}
+
+/// The default address of each brewmesh service when no registry is used.
+fn builtin_address(service: &str) -> Option<&'static str> {
+    match service {
+        "brewmesh.registry.v1.Registry" => Some("127.0.0.1:50051"),
+        "brewmesh.payment.v1.Payments" => Some("127.0.0.1:50052"),
+        "brewmesh.barista.v1.Barista" => Some("127.0.0.1:50053"),
+        _ => None,
+    }
+}
+
+impl Gateway {
+    /// Loads the descriptors, builds the routes and the upstream channels.
+    /// Must be called inside a Tokio runtime.
+    pub async fn build(config: &Config) -> Result<Self, RunError> {
+        let mut pool = DescriptorPool::new();
+        // Always loaded: google.rpc types make error details readable.
+        descriptors::add_set(&mut pool, brewmesh::FILE_DESCRIPTOR_SET, "brewmesh")?;
+        let mut services: Vec<String> = Vec::new();
+        if !config.no_builtin {
+            services.extend(
+                pool.services()
+                    .filter(|s| s.full_name().starts_with("brewmesh."))
+                    .map(|s| s.full_name().to_owned()),
+            );
+        }
+        for path in &config.descriptor_sets {
+            let before: Vec<String> = pool.services().map(|s| s.full_name().to_owned()).collect();
+            descriptors::add_file(&mut pool, path)?;
+            services.extend(
+                pool.services()
+                    .map(|s| s.full_name().to_owned())
+                    .filter(|s| !before.contains(s)),
+            );
+        }
+        let mut reflected: Vec<(String, String)> = Vec::new();
+        for address in &config.reflect {
+            for service in descriptors::add_reflected(&mut pool, address).await? {
+                reflected.push((service.clone(), address.clone()));
+                services.push(service);
+            }
+        }
+        services.sort();
+        services.dedup();
+
+        let settings = MethodSettings {
+            created: config.created.clone(),
+            cached: config.cached.clone(),
+        };
+        let table = routes::build(&pool, &services, &settings)?;
+
+        let mut upstreams = BTreeMap::new();
+        for service in &services {
+            let source = if let Some((_, addresses)) =
+                config.backends.iter().find(|(s, _)| s == service)
+            {
+                Source::Static(addresses.clone())
+            } else if let Some((_, address)) = reflected.iter().find(|(s, _)| s == service) {
+                Source::Static(vec![address.clone()])
+            } else if service == "brewmesh.registry.v1.Registry" && !config.registries.is_empty() {
+                Source::Static(config.registries.clone())
+            } else if !config.registries.is_empty() {
+                Source::Registry {
+                    registries: config.registries.clone(),
+                    service: service.clone(),
+                }
+            } else if let Some(address) = builtin_address(service) {
+                Source::Static(vec![address.to_owned()])
+            } else {
+                return Err(RunError::NoBackend(service.clone()));
+            };
+            upstreams.insert(
+                service.clone(),
+                brewmesh_runtime::discovery::balanced(source)?,
+            );
+        }
+
+        let cache = match &config.redis_url {
+            Some(url) => cache::Store::Shared(cache::Shared::connect(url).await?),
+            None => cache::Store::Local(cache::Cache::new(config.cache_entries)),
+        };
+        let openapi = Bytes::from(openapi::document(&pool, &table).to_string());
+        let mut routes: HashMap<http::Method, Vec<Route>> = HashMap::new();
+        for route in table {
+            routes.entry(route.method.clone()).or_default().push(route);
+        }
+        Ok(Self {
+            pool,
+            routes,
+            upstreams,
+            timeout: config.timeout,
+            max_body_bytes: config.max_body_bytes,
+            cache,
+            openapi,
+        })
+    }
+}

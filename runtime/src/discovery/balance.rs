@@ -1,0 +1,270 @@
+//! Spreading calls: address sets become a tower `Discover` stream; each
+//! endpoint is a lazily connecting tonic `Channel`, wrapped in `PeakEwma`
+//! (tonic channels have no `Load`), balanced by power-of-two-choices, behind
+//! a `Buffer` so the result is cheap to clone. Round robin is there to
+//! compare against (`cli/benches/balancing.rs`).
+
+use std::collections::{BTreeSet, VecDeque};
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio_stream::Stream;
+use tokio_stream::wrappers::WatchStream;
+use tonic::body::Body;
+use tonic::codegen::http;
+use tonic::transport::Channel;
+use tower::Layer as _;
+use tower::balance::p2c::Balance;
+use tower::buffer::Buffer;
+use tower::discover::Change;
+use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
+use tower::util::BoxCloneSyncService;
+
+use crate::client::{InvalidAddress, endpoint};
+use crate::ejection::{Ejecting, Ejections};
+use crate::instrument::ClientLayer;
+
+use super::Addresses;
+use super::resolve::{Source, resolve};
+
+/// A balanced channel: clone it freely, one per client.
+///
+/// A newtype with a concrete error type, rather than a boxed service with
+/// `BoxError`: tonic clients over a `Box<dyn Error>` error leave the
+/// compiler unable to prove their futures `Send` in generic code.
+#[derive(Clone)]
+pub struct Balanced(
+    BoxCloneSyncService<http::Request<Body>, http::Response<Body>, tower::BoxError>,
+);
+
+impl std::fmt::Debug for Balanced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Balanced")
+    }
+}
+
+/// A call through a [`Balanced`] channel failed below gRPC (no endpoint,
+/// connection refused, …); the cause is its `source()`.
+#[derive(Debug)]
+pub struct CallError(tower::BoxError);
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "balanced call failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for CallError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+impl tower::Service<http::Request<Body>> for Balanced {
+    type Response = http::Response<Body>;
+    type Error = CallError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, CallError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), CallError>> {
+        self.0.poll_ready(cx).map_err(CallError)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let call = self.0.call(request);
+        Box::pin(async move { call.await.map_err(CallError) })
+    }
+}
+
+/// How a balanced channel picks an endpoint for each call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Balancing {
+    /// Power of two random choices, the one with less peak-EWMA latency ×
+    /// in-flight calls: slow or busy endpoints get less.
+    #[default]
+    P2c,
+    /// Each endpoint in turn, however it performs (the baseline).
+    RoundRobin,
+}
+
+/// A channel balanced over the addresses `source` reports: P2C over
+/// peak-EWMA latency. Must be called inside a Tokio runtime.
+pub fn balanced(source: Source) -> Result<Balanced, InvalidAddress> {
+    balanced_with(source, Balancing::P2c)
+}
+
+/// A channel balanced over the addresses `source` reports, by `balancing`.
+/// Must be called inside a Tokio runtime.
+pub fn balanced_with(source: Source, balancing: Balancing) -> Result<Balanced, InvalidAddress> {
+    let addresses = resolve(source)?;
+    let changes = Changes {
+        updates: WatchStream::new(addresses),
+        current: BTreeSet::new(),
+        pending: VecDeque::new(),
+        ejections: Arc::default(),
+    };
+    if balancing == Balancing::RoundRobin {
+        let round_robin = RoundRobin {
+            changes,
+            endpoints: Vec::new(),
+            next: 0,
+        };
+        return Ok(Balanced(BoxCloneSyncService::new(
+            ClientLayer.layer(Buffer::new(round_robin, 1024)),
+        )));
+    }
+    // A new endpoint's first guess is optimistic (1 ms): P2C compares loads,
+    // so a pessimistic guess would starve a new replica of the very traffic
+    // that measures it; the first response replaces the guess. Decay: a
+    // latency peak counts at once and fades with a 1 s time constant: a
+    // longer one let a spike on a fast replica send traffic to a slow one
+    // for seconds (BENCHMARKS.md, balancing, has the figures).
+    let discover = PeakEwmaDiscover::new(
+        changes,
+        Duration::from_millis(1),
+        Duration::from_secs(1),
+        CompleteOnResponse::default(),
+    );
+    let balance = Balance::new(discover);
+    // Requests beyond this many queue in callers instead of here.
+    // Traced outside the buffer: the client span covers the wait for an
+    // endpoint, as the caller sees it.
+    Ok(Balanced(BoxCloneSyncService::new(
+        ClientLayer.layer(Buffer::new(balance, 1024)),
+    )))
+}
+
+/// Round robin over the discovered endpoints.
+struct RoundRobin {
+    changes: Changes,
+    endpoints: Vec<(String, Ejecting<Channel>)>,
+    next: usize,
+}
+
+impl tower::Service<http::Request<Body>> for RoundRobin {
+    type Response = http::Response<Body>;
+    type Error = tower::BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        while let Poll::Ready(Some(Ok(change))) = Pin::new(&mut self.changes).poll_next(cx) {
+            match change {
+                Change::Insert(key, endpoint) => {
+                    self.endpoints.retain(|(k, _)| *k != key);
+                    self.endpoints.push((key, endpoint));
+                }
+                Change::Remove(key) => self.endpoints.retain(|(k, _)| *k != key),
+            }
+        }
+        // The next endpoint in turn that is ready (not ejected, connected).
+        let count = self.endpoints.len();
+        for offset in 0..count {
+            let index = (self.next + offset) % count;
+            if let Poll::Ready(Ok(())) =
+                tower::Service::poll_ready(&mut self.endpoints[index].1, cx)
+            {
+                self.next = index;
+                return Poll::Ready(Ok(()));
+            }
+        }
+        // None ready: each one polled (or the discovery stream) will wake us.
+        Poll::Pending
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let index = self.next;
+        self.next = self.next.wrapping_add(1);
+        match self.endpoints.get_mut(index) {
+            Some((_, endpoint)) => {
+                let call = tower::Service::call(endpoint, request);
+                Box::pin(async move { Ok(call.await?) })
+            }
+            None => Box::pin(async { Err("no endpoint".into()) }),
+        }
+    }
+}
+
+/// Turns successive address sets into tower `Change`s.
+struct Changes {
+    updates: WatchStream<Addresses>,
+    current: BTreeSet<String>,
+    pending: VecDeque<Change<String, Ejecting<Channel>>>,
+    ejections: Arc<Ejections>,
+}
+
+impl Stream for Changes {
+    type Item = Result<Change<String, Ejecting<Channel>>, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(change) = self.pending.pop_front() {
+                return Poll::Ready(Some(Ok(change)));
+            }
+            let Some(next) = std::task::ready!(Pin::new(&mut self.updates).poll_next(cx)) else {
+                return Poll::Ready(None);
+            };
+            let this = &mut *self;
+            for gone in this.current.difference(&next) {
+                this.pending.push_back(Change::Remove(gone.clone()));
+            }
+            for new in next.difference(&this.current) {
+                match endpoint(new) {
+                    Ok(endpoint) => {
+                        let endpoint = Ejecting::new(
+                            endpoint.connect_lazy(),
+                            new.clone(),
+                            Arc::clone(&this.ejections),
+                        );
+                        this.pending
+                            .push_back(Change::Insert(new.clone(), endpoint));
+                    }
+                    Err(error) => tracing::warn!(address = %new, %error, "skipping an endpoint"),
+                }
+            }
+            this.current = next.as_ref().clone();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::watch;
+    use tokio_stream::StreamExt;
+
+    #[tokio::test]
+    async fn address_changes_become_inserts_and_removes() {
+        let (tx, rx) = watch::channel(Arc::new(BTreeSet::from([
+            "127.0.0.1:1".to_owned(),
+            "127.0.0.1:2".to_owned(),
+        ])));
+        let mut changes = Changes {
+            updates: WatchStream::new(rx),
+            current: BTreeSet::new(),
+            pending: VecDeque::new(),
+            ejections: Arc::default(),
+        };
+        let mut inserted = Vec::new();
+        for _ in 0..2 {
+            match changes.next().await.unwrap().unwrap() {
+                Change::Insert(key, _) => inserted.push(key),
+                Change::Remove(key) => panic!("removed {key}"),
+            }
+        }
+        assert_eq!(inserted, ["127.0.0.1:1", "127.0.0.1:2"]);
+        tx.send_replace(Arc::new(BTreeSet::from([
+            "127.0.0.1:2".to_owned(),
+            "127.0.0.1:3".to_owned(),
+        ])));
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            seen.push(match changes.next().await.unwrap().unwrap() {
+                Change::Insert(key, _) => format!("+{key}"),
+                Change::Remove(key) => format!("-{key}"),
+            });
+        }
+        assert_eq!(seen, ["-127.0.0.1:1", "+127.0.0.1:3"]);
+    }
+}

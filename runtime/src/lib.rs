@@ -1,0 +1,44 @@
+//! The brewmesh runtime: what every brewmesh process shares.
+//!
+//! # Layout
+//!
+//! - [`server`]: serves a service's routes with health, reflection,
+//!   TCP_NODELAY and a graceful drain under a deadline. Start here.
+//! - [`health`]: grpc.health.v1 whose watchers do not hold up a drain.
+//! - [`secret`]: the registry token, never printed.
+//! - [`shutdown`]: SIGTERM/SIGINT turned into a cancellation token.
+//! - [`validate`]: `INVALID_ARGUMENT` with `google.rpc.BadRequest` field
+//!   violations.
+//! - [`client`]: gRPC channels to peers given by address.
+//! - [`discovery`]: registration with the registry, resolvers (static,
+//!   DNS, registry) and P2C/peak-EWMA balanced channels; [`ejection`] takes
+//!   endpoints that keep failing out for a while.
+//! - [`db`]: SQLite (default) or PostgreSQL pools, durable across `kill -9`.
+//! - [`telemetry`]: JSON (or text) logs with trace ids, and OpenTelemetry
+//!   traces over OTLP configured by the `OTEL_*` variables;
+//!   [`instrument`] traces and measures every gRPC call (server and
+//!   client); [`metrics`] serves them to Prometheus.
+//! - [`idempotency`]: request fingerprints for idempotency keys.
+//! - [`ids`] and [`time`]: identifiers and timestamps as the contracts spell them.
+//!
+//! The contracts it serves are the root crate's (`brewmesh::pb`). The
+//! services (`services/*`) are libraries with a `run(listener, config,
+//! shutdown)` function built on this crate; the `brewmesh` binary (`cli/`)
+//! only wires flags to them. Test support is a crate of its own
+//! (`brewmesh-testing`), a dev-dependency only.
+
+pub mod client;
+pub mod db;
+pub mod discovery;
+pub mod ejection;
+pub mod health;
+pub mod idempotency;
+pub mod ids;
+pub mod instrument;
+pub mod metrics;
+pub mod secret;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+pub mod time;
+pub mod validate;
