@@ -30,6 +30,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::StreamExt as _;
+use tonic::Code;
 
 use brewmesh::pb::barista::v1::barista_client::BaristaClient;
 use brewmesh::pb::barista::v1::{OrderEventType, PlaceOrderRequest, WatchOrderRequest};
@@ -134,8 +135,8 @@ enum Outcome {
     Served(Duration),
     /// The order ended FAILED or CANCELLED, for this reason.
     Failed(String),
-    /// A call failed with this gRPC code name, and message.
-    Error(String, String),
+    /// A call failed with this gRPC code, and message.
+    Error(Code, String),
 }
 
 /// Places orders and follows them, over REST or gRPC, spread over a few
@@ -154,10 +155,9 @@ fn code_of(body: &[u8]) -> Outcome {
     let status = serde_json::from_slice::<Value>(body).unwrap_or_default();
     let code = status["code"]
         .as_i64()
-        .map(|c| brewmesh_runtime::metrics::code_name(tonic::Code::from_i32(c as i32)))
-        .unwrap_or("UNKNOWN");
+        .map_or(Code::Unknown, |c| Code::from_i32(c as i32));
     let message = status["message"].as_str().unwrap_or_default();
-    Outcome::Error(code.to_owned(), message.to_owned())
+    Outcome::Error(code, message.to_owned())
 }
 
 impl Driver {
@@ -200,21 +200,18 @@ async fn rest_customer(
             .header("content-type", "application/json")
             .body(Full::new(body.clone()))
             .map_err(|_| {
-                Outcome::Error(
-                    "INVALID_ARGUMENT".to_owned(),
-                    "building the request".to_owned(),
-                )
+                Outcome::Error(Code::InvalidArgument, "building the request".to_owned())
             })?;
         let response = client
             .request(request)
             .await
-            .map_err(|e| Outcome::Error("UNAVAILABLE".to_owned(), e.to_string()))?;
+            .map_err(|e| Outcome::Error(Code::Unavailable, e.to_string()))?;
         let status = response.status();
         let body = response
             .into_body()
             .collect()
             .await
-            .map_err(|e| Outcome::Error("UNAVAILABLE".to_owned(), e.to_string()))?
+            .map_err(|e| Outcome::Error(Code::Unavailable, e.to_string()))?
             .to_bytes();
         if status.is_success() {
             Ok(body)
@@ -226,8 +223,8 @@ async fn rest_customer(
     if until == Until::Accepted {
         return Ok(());
     }
-    let placed: Value = serde_json::from_slice(&body)
-        .map_err(|e| Outcome::Error("INTERNAL".to_owned(), e.to_string()))?;
+    let placed: Value =
+        serde_json::from_slice(&body).map_err(|e| Outcome::Error(Code::Internal, e.to_string()))?;
     let order_id = placed["orderId"].as_str().unwrap_or_default().to_owned();
     // A watch that ends early (a barista draining) is resumed after the last
     // event seen.
@@ -240,12 +237,7 @@ async fn rest_customer(
             "{base}/v1/orders/{order_id}:watch?afterSequence={after}"
         ))
         .body(Full::new(Bytes::new()))
-        .map_err(|_| {
-            Outcome::Error(
-                "INVALID_ARGUMENT".to_owned(),
-                "building the request".to_owned(),
-            )
-        })?;
+        .map_err(|_| Outcome::Error(Code::InvalidArgument, "building the request".to_owned()))?;
         let Ok(response) = client.request(request).await else {
             rewatch_wait(&mut backoff).await;
             continue;
@@ -258,7 +250,7 @@ async fn rest_customer(
                 .map(|c| c.to_bytes())
                 .unwrap_or_default();
             match code_of(&body) {
-                Outcome::Error(code, _) if code == "UNAVAILABLE" => {
+                Outcome::Error(Code::Unavailable, _) => {
                     rewatch_wait(&mut backoff).await;
                     continue;
                 }
@@ -278,12 +270,12 @@ async fn rest_customer(
                     continue;
                 };
                 if let Some(error) = value.get("error") {
-                    let code = error["code"].as_i64().unwrap_or(2);
-                    let name =
-                        brewmesh_runtime::metrics::code_name(tonic::Code::from_i32(code as i32));
-                    if name != "UNAVAILABLE" {
+                    let code = error["code"]
+                        .as_i64()
+                        .map_or(Code::Unknown, |c| Code::from_i32(c as i32));
+                    if code != Code::Unavailable {
                         let message = error["message"].as_str().unwrap_or_default();
-                        return Err(Outcome::Error(name.to_owned(), message.to_owned()));
+                        return Err(Outcome::Error(code, message.to_owned()));
                     }
                     continue;
                 }
@@ -311,12 +303,7 @@ async fn grpc_customer(
     order: PlaceOrderRequest,
     until: Until,
 ) -> Result<(), Outcome> {
-    let error = |status: tonic::Status| {
-        Outcome::Error(
-            brewmesh_runtime::metrics::code_name(status.code()).to_owned(),
-            status.message().to_owned(),
-        )
-    };
+    let error = |status: tonic::Status| Outcome::Error(status.code(), status.message().to_owned());
     let placed = with_retries(|| {
         let (mut client, order) = (client.clone(), order.clone());
         async move { client.place_order(order).await.map_err(error) }
@@ -385,7 +372,7 @@ where
     let mut left = 6;
     loop {
         match attempt().await {
-            Err(Outcome::Error(code, _)) if code == "UNAVAILABLE" && left > 0 => {
+            Err(Outcome::Error(Code::Unavailable, _)) if left > 0 => {
                 left -= 1;
                 RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64));
@@ -475,6 +462,7 @@ impl Tally {
                 *self.failed.entry(kind).or_default() += 1;
             }
             Outcome::Error(code, message) => {
+                let code = brewmesh_runtime::metrics::code_name(code).to_owned();
                 self.examples.entry(code.clone()).or_insert(message);
                 *self.errors.entry(code).or_default() += 1;
             }
@@ -538,9 +526,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             clients: Arc::new(
                 (0..connections)
                     .map(|_| {
+                        // Nagle and delayed ACKs would add ~40 ms to each
+                        // small request of a lone customer.
+                        let mut connector = HttpConnector::new();
+                        connector.set_nodelay(true);
                         Client::builder(TokioExecutor::new())
                             .http2_only(true)
-                            .build_http()
+                            .build(connector)
                     })
                     .collect(),
             ),
@@ -621,7 +613,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                         .unwrap_or_default()
                 };
                 let card = if declined_every > 0 && (n + 1).is_multiple_of(declined_every) {
-                    "tok_declined"
+                    brewmesh_payment::service::DECLINED_CARD_TOKEN
                 } else {
                     "tok_visa"
                 };
@@ -640,7 +632,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                             Ok(Ok(())) => Outcome::Served(due.elapsed()),
                             Ok(Err(outcome)) => outcome,
                             Err(_) => Outcome::Error(
-                                "DEADLINE_EXCEEDED".to_owned(),
+                                Code::DeadlineExceeded,
                                 "the customer's --timeout passed".to_owned(),
                             ),
                         };
