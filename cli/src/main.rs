@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use brewmesh_runtime::defaults::{BARISTA_ADDR, GATEWAY_ADDR, PAYMENT_ADDR, REGISTRY_ADDR};
 use brewmesh_runtime::server::Drained;
 use brewmesh_runtime::telemetry::LogFormat;
 
@@ -51,12 +52,6 @@ enum Command {
 /// Set by `up` for its children: stop when standard input closes, that is
 /// when `up` is gone.
 pub(crate) const EXIT_WITH_PARENT: &str = "BREWMESH_EXIT_WITH_PARENT";
-
-/// Where each role listens unless told otherwise.
-pub(crate) const REGISTRY_ADDR: &str = "127.0.0.1:50051";
-pub(crate) const PAYMENT_ADDR: &str = "127.0.0.1:50052";
-pub(crate) const BARISTA_ADDR: &str = "127.0.0.1:50053";
-pub(crate) const GATEWAY_ADDR: &str = brewmesh_gateway::DEFAULT_ADDR;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

@@ -34,19 +34,19 @@ pub struct Args {
     data_dir: PathBuf,
 
     /// Where the first registry replica listens (others take free ports).
-    #[arg(long, default_value = crate::REGISTRY_ADDR)]
+    #[arg(long, default_value = brewmesh_runtime::defaults::REGISTRY_ADDR)]
     registry_listen: SocketAddr,
 
     /// Where the first payment replica listens (others take free ports).
-    #[arg(long, default_value = crate::PAYMENT_ADDR)]
+    #[arg(long, default_value = brewmesh_runtime::defaults::PAYMENT_ADDR)]
     payment_listen: SocketAddr,
 
     /// Where the first barista replica listens (others take free ports).
-    #[arg(long, default_value = crate::BARISTA_ADDR)]
+    #[arg(long, default_value = brewmesh_runtime::defaults::BARISTA_ADDR)]
     barista_listen: SocketAddr,
 
     /// Where the gateway listens.
-    #[arg(long, default_value = crate::GATEWAY_ADDR)]
+    #[arg(long, default_value = brewmesh_runtime::defaults::GATEWAY_ADDR)]
     gateway_listen: SocketAddr,
 
     /// Registry replicas to run.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use brewmesh_runtime::server::parse_duration;
 
 /// Where the gateway listens unless told otherwise.
-pub const DEFAULT_ADDR: &str = "127.0.0.1:8080";
+pub const DEFAULT_ADDR: &str = brewmesh_runtime::defaults::GATEWAY_ADDR;
 
 /// The gateway's settings.
 #[derive(Debug, Clone, clap::Args)]

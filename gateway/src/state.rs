@@ -48,16 +48,6 @@ pub struct Gateway {
     pub(crate) openapi: Bytes,
 }
 
-/// The default address of each brewmesh service when no registry is used.
-fn builtin_address(service: &str) -> Option<&'static str> {
-    match service {
-        "brewmesh.registry.v1.Registry" => Some("127.0.0.1:50051"),
-        "brewmesh.payment.v1.Payments" => Some("127.0.0.1:50052"),
-        "brewmesh.barista.v1.Barista" => Some("127.0.0.1:50053"),
-        _ => None,
-    }
-}
-
 impl Gateway {
     /// Loads the descriptors, builds the routes and the upstream channels.
     /// Must be called inside a Tokio runtime.
@@ -113,7 +103,7 @@ impl Gateway {
                     registries: config.registries.clone(),
                     service: service.clone(),
                 }
-            } else if let Some(address) = builtin_address(service) {
+            } else if let Some(address) = brewmesh_runtime::defaults::service_addr(service) {
                 Source::Static(vec![address.to_owned()])
             } else {
                 return Err(RunError::NoBackend(service.clone()));

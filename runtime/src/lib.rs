@@ -18,6 +18,7 @@
 //!   traces over OTLP configured by the `OTEL_*` variables;
 //!   [`instrument`] traces and measures every gRPC call (server and
 //!   client); [`metrics`] serves them to Prometheus.
+//! - [`defaults`]: each role's address when no flag says otherwise.
 //! - [`idempotency`]: request fingerprints for idempotency keys.
 //! - [`ids`] and [`time`]: identifiers and timestamps as the contracts spell them.
 //!
@@ -29,6 +30,7 @@
 
 pub mod client;
 pub mod db;
+pub mod defaults;
 pub mod discovery;
 pub mod ejection;
 pub mod health;

@@ -129,7 +129,7 @@ impl Config {
                 service: payments_server::SERVICE_NAME.to_owned(),
             }
         } else {
-            Source::Static(vec!["127.0.0.1:50052".to_owned()])
+            Source::Static(vec![brewmesh_runtime::defaults::PAYMENT_ADDR.to_owned()])
         }
     }
 }
