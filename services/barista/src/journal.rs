@@ -39,39 +39,6 @@ impl Journal {
         &self.store
     }
 
-    /// Applies `change` with `events`, and tells the order's watchers.
-    /// `None` if the change's guard refused it.
-    pub(crate) async fn record(
-        &self,
-        order_id: &str,
-        events: &[(E, &str)],
-        change: Change<'_>,
-    ) -> Result<Option<Vec<OrderEvent>>, sqlx::Error> {
-        let stored = self.store.record(order_id, events, change).await?;
-        if let Some(stored) = &stored {
-            for event in stored {
-                tracing::info!(order_id, sequence = event.sequence, event = ?event.r#type(), state = ?event.state(), detail = %event.detail, "order event");
-                let outcome = match event.r#type() {
-                    E::Ready => Some("ready"),
-                    E::Failed => Some("failed"),
-                    E::Cancelled => Some("cancelled"),
-                    _ => None,
-                };
-                if let Some(outcome) = outcome {
-                    crate::observe::order_finished(outcome);
-                }
-            }
-            let watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
-            if let (Some(sender), Some(last)) = (watched.get(order_id), stored.last()) {
-                sender.send_modify(|written| {
-                    written.latest = written.latest.max(last.sequence);
-                    written.events = Arc::from(stored.as_slice());
-                });
-            }
-        }
-        Ok(stored)
-    }
-
     /// Follows `order_id`'s writes in this process: [`OrderWatch::changed`]
     /// returns once there are new events since the last call (or since
     /// this one).
@@ -132,15 +99,40 @@ impl Journal {
     }
 }
 
+/// The saga's writes and reads, and CancelOrder's write.
 #[tonic::async_trait]
 impl crate::saga::Orders for Journal {
+    /// Applies `change` with `events`, and tells the order's watchers.
+    /// `None` if the change's guard refused it.
     async fn record(
         &self,
         order_id: &str,
         events: &[(E, &str)],
         change: Change<'_>,
     ) -> Result<Option<Vec<OrderEvent>>, sqlx::Error> {
-        Journal::record(self, order_id, events, change).await
+        let stored = self.store.record(order_id, events, change).await?;
+        if let Some(stored) = &stored {
+            for event in stored {
+                tracing::info!(order_id, sequence = event.sequence, event = ?event.r#type(), state = ?event.state(), detail = %event.detail, "order event");
+                let outcome = match event.r#type() {
+                    E::Ready => Some("ready"),
+                    E::Failed => Some("failed"),
+                    E::Cancelled => Some("cancelled"),
+                    _ => None,
+                };
+                if let Some(outcome) = outcome {
+                    crate::observe::order_finished(outcome);
+                }
+            }
+            let watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+            if let (Some(sender), Some(last)) = (watched.get(order_id), stored.last()) {
+                sender.send_modify(|written| {
+                    written.latest = written.latest.max(last.sequence);
+                    written.events = Arc::from(stored.as_slice());
+                });
+            }
+        }
+        Ok(stored)
     }
 
     async fn get(&self, order_id: &str) -> Result<Option<OrderRecord>, sqlx::Error> {

@@ -161,14 +161,6 @@ impl Saga<'_> {
         }
     }
 
-    /// A change fenced by this saga's owner.
-    fn change<'c>(&'c self, change: Change<'c>) -> Change<'c> {
-        Change {
-            owner: Some(self.owner),
-            ..change
-        }
-    }
-
     /// Applies `change` (fenced) with `events`; `None` if its guard refused.
     async fn record(
         &self,
@@ -176,9 +168,11 @@ impl Saga<'_> {
         events: &[(E, &str)],
         change: Change<'_>,
     ) -> Result<Option<Vec<OrderEvent>>, sqlx::Error> {
-        self.orders
-            .record(order_id, events, self.change(change))
-            .await
+        let fenced = Change {
+            owner: Some(self.owner),
+            ..change
+        };
+        self.orders.record(order_id, events, fenced).await
     }
 
     /// The order as stored now, if it is still this barista's.

@@ -23,6 +23,7 @@ use brewmesh_runtime::validate::{Violations, invalid_argument, next_page_token, 
 use crate::error::BaristaError;
 use crate::journal::{OrderWatch, Written};
 use crate::menu;
+use crate::saga::Orders as _;
 use crate::shop::Shop;
 use crate::store::{Change, NewOrder, Step};
 
