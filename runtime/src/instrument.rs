@@ -131,7 +131,7 @@ pub struct Server<S> {
 
 /// The end of one call: metrics and span, recorded once, when the body
 /// ends or is dropped.
-struct Outcome {
+struct CallEnd {
     labels: RpcLabels,
     started: Instant,
     span: Option<tracing::Span>,
@@ -140,7 +140,7 @@ struct Outcome {
     done: AtomicBool,
 }
 
-impl Outcome {
+impl CallEnd {
     fn finish(&self, code: Code, message: Option<&str>) {
         if self.done.swap(true, Ordering::AcqRel) {
             return;
@@ -167,7 +167,7 @@ impl Outcome {
     }
 }
 
-impl Drop for Outcome {
+impl Drop for CallEnd {
     fn drop(&mut self) {
         // The body was dropped before its end: the caller went away.
         self.finish(Code::Cancelled, Some("the call ended early"));
@@ -176,7 +176,7 @@ impl Drop for Outcome {
 
 /// Ends `outcome` with the status in the response's headers (a
 /// trailers-only answer) or, failing that, its trailers.
-fn watch_body(response: http::Response<Body>, outcome: Arc<Outcome>) -> http::Response<Body> {
+fn watch_body(response: http::Response<Body>, outcome: Arc<CallEnd>) -> http::Response<Body> {
     if let Some(code) = status_in(response.headers()) {
         let message = response
             .headers()
@@ -233,7 +233,7 @@ where
             span
         });
         rpc().in_flight.get_or_create(&labels).inc();
-        let outcome = Arc::new(Outcome {
+        let outcome = Arc::new(CallEnd {
             labels,
             started: Instant::now(),
             span: span.clone(),
@@ -299,7 +299,7 @@ where
             method: method.to_owned(),
         };
         inject(&span, request.headers_mut());
-        let outcome = Arc::new(Outcome {
+        let outcome = Arc::new(CallEnd {
             labels,
             started: Instant::now(),
             span: Some(span.clone()),

@@ -1,0 +1,110 @@
+//! One customer's visit, the same over either entrance: place the order
+//! (repeated after UNAVAILABLE under its idempotency key), then follow it
+//! until the drink is done, watching again after a watch that ends early.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tonic::Code;
+
+use brewmesh::pb::barista::v1::{OrderEventType, PlaceOrderRequest};
+
+use super::Ending;
+use super::args::Until;
+
+/// One event of an order, as either entrance tells it.
+pub(super) struct Event {
+    pub(super) sequence: i64,
+    pub(super) kind: OrderEventType,
+    pub(super) detail: String,
+}
+
+/// A way into the shop: REST through the gateway, or gRPC to the barista.
+pub(super) trait Entrance {
+    /// An open watch of one order.
+    type Events: Events;
+
+    /// Places `order`; answers its id.
+    async fn place(&self, order: &PlaceOrderRequest) -> Result<String, Ending>;
+
+    /// Watches order `order_id` from after event `after`.
+    async fn watch(&self, order_id: &str, after: i64) -> Result<Self::Events, Ending>;
+}
+
+/// The events of an open watch; an `Ending::Error` ends the watch.
+pub(super) trait Events {
+    async fn next(&mut self) -> Option<Result<Event, Ending>>;
+}
+
+/// PlaceOrders repeated after UNAVAILABLE, in this run.
+pub(super) static RETRIES: AtomicU64 = AtomicU64::new(0);
+
+/// Serves one customer `order` through `entrance`: `Ok` once it counts as
+/// served (`until`), or how it ended otherwise.
+pub(super) async fn visit(
+    entrance: &impl Entrance,
+    order: PlaceOrderRequest,
+    until: Until,
+) -> Result<(), Ending> {
+    let order_id = place(entrance, &order).await?;
+    if until == Until::Accepted {
+        return Ok(());
+    }
+    let mut after = 0i64;
+    let mut backoff = Duration::from_millis(100);
+    // Until the drink is done or the customer's --timeout passes (the
+    // caller's): a watch that ends early (a barista draining, a connection
+    // lost) is resumed after the last event seen, after a growing wait.
+    loop {
+        match entrance.watch(&order_id, after).await {
+            Ok(mut events) => {
+                while let Some(event) = events.next().await {
+                    let event = match event {
+                        Ok(event) => event,
+                        Err(Ending::Error(Code::Unavailable, _)) => break,
+                        Err(ending) => return Err(ending),
+                    };
+                    after = event.sequence;
+                    match event.kind {
+                        OrderEventType::Ready => return Ok(()),
+                        OrderEventType::Failed | OrderEventType::Cancelled => {
+                            return Err(Ending::Failed(event.detail));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Err(Ending::Error(Code::Unavailable, _)) => {}
+            Err(ending) => return Err(ending),
+        }
+        rewatch_wait(&mut backoff).await;
+    }
+}
+
+/// Places `order`, repeating it while it fails UNAVAILABLE (a database that
+/// could not keep up, a replica going away), up to 6 times with growing,
+/// jittered waits, as the service's message asks: PlaceOrder carries an
+/// idempotency key, so a repeat can never make a second order.
+async fn place(entrance: &impl Entrance, order: &PlaceOrderRequest) -> Result<String, Ending> {
+    let mut backoff = Duration::from_millis(100);
+    let mut left = 6;
+    loop {
+        match entrance.place(order).await {
+            Err(Ending::Error(Code::Unavailable, _)) if left > 0 => {
+                left -= 1;
+                RETRIES.fetch_add(1, Ordering::Relaxed);
+                let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64));
+                tokio::time::sleep(backoff + jitter).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Waits before watching an order again: 100 ms, doubling to 2 s, jittered.
+async fn rewatch_wait(backoff: &mut Duration) {
+    let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
+    tokio::time::sleep(*backoff + jitter).await;
+    *backoff = (*backoff * 2).min(Duration::from_secs(2));
+}

@@ -1,0 +1,46 @@
+//! The barista's own entrance: PlaceOrder and WatchOrder over gRPC.
+
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+use brewmesh::pb::barista::v1::barista_client::BaristaClient;
+use brewmesh::pb::barista::v1::{OrderEvent, PlaceOrderRequest, WatchOrderRequest};
+
+use super::Ending;
+use super::follow::{Entrance, Event, Events};
+
+/// The barista at one channel (one connection).
+pub(super) struct Grpc(pub(super) BaristaClient<Channel>);
+
+fn ending(status: tonic::Status) -> Ending {
+    Ending::Error(status.code(), status.message().to_owned())
+}
+
+impl Entrance for Grpc {
+    type Events = Streaming<OrderEvent>;
+
+    async fn place(&self, order: &PlaceOrderRequest) -> Result<String, Ending> {
+        let placed = self.0.clone().place_order(order.clone()).await;
+        Ok(placed.map_err(ending)?.into_inner().order_id)
+    }
+
+    async fn watch(&self, order_id: &str, after: i64) -> Result<Self::Events, Ending> {
+        let watch = WatchOrderRequest {
+            order_id: order_id.to_owned(),
+            after_sequence: after,
+        };
+        let events = self.0.clone().watch_order(watch).await;
+        Ok(events.map_err(ending)?.into_inner())
+    }
+}
+
+impl Events for Streaming<OrderEvent> {
+    async fn next(&mut self) -> Option<Result<Event, Ending>> {
+        let event = tokio_stream::StreamExt::next(self).await?;
+        Some(event.map_err(ending).map(|event| Event {
+            sequence: event.sequence,
+            kind: event.r#type(),
+            detail: event.detail,
+        }))
+    }
+}

@@ -1,0 +1,136 @@
+//! The gateway's entrance: `POST /v1/orders`, then the order's NDJSON
+//! `:watch` stream, with errors as google.rpc.Status JSON.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use serde_json::{Value, json};
+use tonic::Code;
+
+use brewmesh::pb::barista::v1::{OrderEventType, PlaceOrderRequest};
+
+use super::Ending;
+use super::follow::{Entrance, Event, Events};
+
+/// An HTTP/2 client of the gateway, over one connection.
+pub(super) type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// The gateway at `base`, through `client`.
+pub(super) struct Rest<'a> {
+    pub(super) client: &'a HttpClient,
+    pub(super) base: &'a str,
+}
+
+/// The code and message of a google.rpc.Status in JSON.
+fn status_of(status: &Value) -> Ending {
+    let code = status["code"]
+        .as_i64()
+        .map_or(Code::Unknown, |c| Code::from_i32(c as i32));
+    let message = status["message"].as_str().unwrap_or_default();
+    Ending::Error(code, message.to_owned())
+}
+
+fn unavailable(error: impl ToString) -> Ending {
+    Ending::Error(Code::Unavailable, error.to_string())
+}
+
+impl Rest<'_> {
+    /// Sends `request`; a non-2xx answer becomes its Status's ending.
+    async fn send(&self, request: http::Request<Full<Bytes>>) -> Result<Incoming, Ending> {
+        let response = self.client.request(request).await.map_err(unavailable)?;
+        if response.status().is_success() {
+            return Ok(response.into_body());
+        }
+        let body = response.into_body().collect().await.map_err(unavailable)?;
+        let status = serde_json::from_slice::<Value>(&body.to_bytes()).unwrap_or_default();
+        Err(status_of(&status))
+    }
+}
+
+fn built<T>(request: http::Result<T>) -> Result<T, Ending> {
+    request.map_err(|e| Ending::Error(Code::InvalidArgument, e.to_string()))
+}
+
+impl Entrance for Rest<'_> {
+    type Events = Lines;
+
+    async fn place(&self, order: &PlaceOrderRequest) -> Result<String, Ending> {
+        let body = json!({
+            "idempotencyKey": order.idempotency_key,
+            "itemId": order.item_id,
+            "customerName": order.customer_name,
+            "cardToken": order.card_token,
+        })
+        .to_string();
+        let request = built(
+            http::Request::post(format!("{}/v1/orders", self.base))
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(body))),
+        )?;
+        let body = self.send(request).await?;
+        let body = body.collect().await.map_err(unavailable)?.to_bytes();
+        let placed: Value = serde_json::from_slice(&body)
+            .map_err(|e| Ending::Error(Code::Internal, e.to_string()))?;
+        Ok(placed["orderId"].as_str().unwrap_or_default().to_owned())
+    }
+
+    async fn watch(&self, order_id: &str, after: i64) -> Result<Lines, Ending> {
+        let request = built(
+            http::Request::get(format!(
+                "{}/v1/orders/{order_id}:watch?afterSequence={after}",
+                self.base
+            ))
+            .body(Full::new(Bytes::new())),
+        )?;
+        Ok(Lines {
+            body: self.send(request).await?,
+            pending: Vec::new(),
+        })
+    }
+}
+
+/// A watch's NDJSON body: one `{"result": event}` or `{"error": status}`
+/// a line.
+pub(super) struct Lines {
+    body: Incoming,
+    pending: Vec<u8>,
+}
+
+impl Events for Lines {
+    async fn next(&mut self) -> Option<Result<Event, Ending>> {
+        loop {
+            while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=end).collect();
+                let Ok(value) = serde_json::from_slice::<Value>(&line) else {
+                    continue;
+                };
+                if let Some(error) = value.get("error") {
+                    return Some(Err(status_of(error)));
+                }
+                let event = &value["result"];
+                let sequence = match &event["sequence"] {
+                    // int64 is a string in proto3 JSON.
+                    Value::String(s) => s.parse().unwrap_or_default(),
+                    other => other.as_i64().unwrap_or_default(),
+                };
+                let kind = event["type"]
+                    .as_str()
+                    .and_then(OrderEventType::from_str_name)
+                    .unwrap_or_default();
+                let detail = event["detail"].as_str().unwrap_or_default().to_owned();
+                return Some(Ok(Event {
+                    sequence,
+                    kind,
+                    detail,
+                }));
+            }
+            // A body that breaks off ends the watch like one that ends.
+            let frame = self.body.frame().await?.ok()?;
+            if let Ok(data) = frame.into_data() {
+                self.pending.extend_from_slice(&data);
+            }
+        }
+    }
+}
