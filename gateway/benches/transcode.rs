@@ -40,7 +40,7 @@ fn benches(c: &mut Criterion) {
     });
     group.bench_function("PlaceOrder: JSON to protobuf bytes", |b| {
         b.iter(|| {
-            transcode::request(place, Vec::new(), None, black_box(PLACE_ORDER))
+            transcode::request::<&str>(place, &[], None, black_box(PLACE_ORDER))
                 .unwrap()
                 .encode_to_vec()
         })

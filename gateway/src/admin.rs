@@ -1,15 +1,16 @@
-//! The gateway's own endpoints: `/healthz` (every backend's health),
-//! `/openapi.json` and `/metrics`.
+//! The gateway's own endpoints: `/healthz` (every backend's health) and
+//! `/openapi.json`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+use http::StatusCode;
 use serde_json::json;
 use tonic::Code;
 
+use crate::errors::json_response;
 use crate::state::Gateway;
 
 /// `/healthz`: every backend's `grpc.health.v1`, 200 when all serve; a
@@ -57,33 +58,10 @@ pub async fn healthz(State(gateway): State<Arc<Gateway>>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let mut response = (code, body.to_string()).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
+    json_response(code, body.to_string())
 }
 
 /// `/openapi.json`.
 pub async fn openapi(State(gateway): State<Arc<Gateway>>) -> Response {
-    let mut response = gateway.openapi.clone().into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-/// `/metrics`: the gateway's metrics (HTTP, and its balanced channels'
-/// metrics) in the Prometheus text format.
-pub async fn metrics() -> Response {
-    // Registered on first use: make the families exist before a request.
-    let _ = crate::observe::http();
-    let mut response = brewmesh_runtime::metrics::render().into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
-    response
+    json_response(StatusCode::OK, gateway.openapi.clone())
 }

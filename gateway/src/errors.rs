@@ -1,13 +1,15 @@
 //! gRPC statuses as HTTP answers: the status code grpc-gateway maps each
 //! gRPC code to, and a JSON `google.rpc.Status` body with its details.
 
+use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderValue, Method, StatusCode, header};
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use serde_json::json;
 use tonic::Code;
 
+use crate::metadata::add_metadata;
 use crate::transcode::{ProtoJson, Violation};
 
 /// The HTTP status for a gRPC code, as grpc-gateway's `HTTPStatusFromCode`.
@@ -63,9 +65,9 @@ pub fn status_json(pool: &DescriptorPool, status: &tonic::Status) -> serde_json:
     }
 }
 
-/// An HTTP answer with a JSON `google.rpc.Status` body.
-pub fn status_response(http: StatusCode, body: &serde_json::Value) -> Response {
-    let mut response = (http, Bytes::from(body.to_string())).into_response();
+/// A JSON answer: the one place the gateway writes its content type.
+pub fn json_response(http: StatusCode, body: impl Into<Body>) -> Response {
+    let mut response = (http, body.into()).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -73,33 +75,146 @@ pub fn status_response(http: StatusCode, body: &serde_json::Value) -> Response {
     response
 }
 
-/// An error the gateway itself answers, with `code`'s HTTP status.
-pub fn gateway_error(code: Code, message: impl Into<String>) -> Response {
-    let body = json!({
-        "code": code as i32,
-        "message": message.into(),
-        "details": [],
-    });
-    status_response(http_status(code), &body)
+/// An HTTP answer with a JSON `google.rpc.Status` body.
+pub fn status_response(http: StatusCode, body: &serde_json::Value) -> Response {
+    json_response(http, Bytes::from(body.to_string()))
 }
 
-/// INVALID_ARGUMENT with a BadRequest naming each field.
-pub fn bad_request(violations: &[Violation]) -> Response {
-    let message = violations
-        .iter()
-        .map(|v| format!("{}: {}", v.field, v.description))
-        .collect::<Vec<_>>()
-        .join("; ");
-    let body = json!({
-        "code": Code::InvalidArgument as i32,
-        "message": message,
-        "details": [{
-            "@type": "type.googleapis.com/google.rpc.BadRequest",
-            "fieldViolations": violations
+/// Every way a request fails, answered once, as a JSON `google.rpc.Status`
+/// with the HTTP status of its gRPC code (or a more precise one).
+#[derive(Debug)]
+pub enum GatewayError {
+    /// No route has this path: 404.
+    NoRoute {
+        /// The request's method.
+        method: Method,
+        /// The request's path.
+        path: String,
+    },
+    /// The path exists under other methods: 405 with `Allow`.
+    MethodNotAllowed {
+        /// The request's method.
+        method: Method,
+        /// The request's path.
+        path: String,
+        /// The methods the path has, `GET, POST`.
+        allow: String,
+    },
+    /// A body that is not JSON: 415.
+    NotJson,
+    /// A body over the limit: 413.
+    TooLarge {
+        /// The most bytes a body may have.
+        limit: usize,
+    },
+    /// A malformed request (its body could not be read, a header): 400.
+    Invalid(String),
+    /// Fields that do not fit the request message: 400 with a BadRequest.
+    BadRequest(Vec<Violation>),
+    /// No backend is configured for the route's service: 503.
+    NoBackend(String),
+    /// The backend's own status, with its details as JSON when their
+    /// types are known, and its trailers.
+    Upstream {
+        /// The backend's status.
+        status: Box<tonic::Status>,
+        /// Its JSON `google.rpc.Status`.
+        body: serde_json::Value,
+    },
+}
+
+impl GatewayError {
+    /// The backend's `status`, its details decoded with `pool`.
+    pub fn upstream(pool: &DescriptorPool, status: tonic::Status) -> Self {
+        let body = status_json(pool, &status);
+        GatewayError::Upstream {
+            status: Box::new(status),
+            body,
+        }
+    }
+
+    /// The gRPC code this error stands for.
+    pub fn code(&self) -> Code {
+        match self {
+            GatewayError::NoRoute { .. } => Code::NotFound,
+            GatewayError::MethodNotAllowed { .. } => Code::Unimplemented,
+            GatewayError::NotJson
+            | GatewayError::TooLarge { .. }
+            | GatewayError::Invalid(_)
+            | GatewayError::BadRequest(_) => Code::InvalidArgument,
+            GatewayError::NoBackend(_) => Code::Unavailable,
+            GatewayError::Upstream { status, .. } => status.code(),
+        }
+    }
+
+    /// The HTTP status answered.
+    pub fn http_status(&self) -> StatusCode {
+        match self {
+            GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            GatewayError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => http_status(self.code()),
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            GatewayError::NoRoute { method, path } => format!("no route for {method} {path}"),
+            GatewayError::MethodNotAllowed {
+                method,
+                path,
+                allow,
+            } => format!("{method} is not allowed on {path}; allowed: {allow}"),
+            GatewayError::NotJson => {
+                "the body must be JSON (Content-Type: application/json)".to_owned()
+            }
+            GatewayError::TooLarge { limit } => format!("the body is larger than {limit} bytes"),
+            GatewayError::Invalid(message) => message.clone(),
+            GatewayError::BadRequest(violations) => violations
                 .iter()
-                .map(|v| json!({"field": v.field, "description": v.description}))
-                .collect::<Vec<_>>(),
-        }],
-    });
-    status_response(StatusCode::BAD_REQUEST, &body)
+                .map(|v| format!("{}: {}", v.field, v.description))
+                .collect::<Vec<_>>()
+                .join("; "),
+            GatewayError::NoBackend(service) => format!("no backend for {service}"),
+            GatewayError::Upstream { status, .. } => status.message().to_owned(),
+        }
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let http = self.http_status();
+        let details = match &self {
+            GatewayError::Upstream { status, body } => {
+                let mut response = status_response(http, body);
+                add_metadata(response.headers_mut(), status.metadata());
+                if status.code() == Code::Unauthenticated {
+                    response
+                        .headers_mut()
+                        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                }
+                return response;
+            }
+            GatewayError::BadRequest(violations) => json!([{
+                "@type": "type.googleapis.com/google.rpc.BadRequest",
+                "fieldViolations": violations
+                    .iter()
+                    .map(|v| json!({"field": v.field, "description": v.description}))
+                    .collect::<Vec<_>>(),
+            }]),
+            _ => json!([]),
+        };
+        let body = json!({
+            "code": self.code() as i32,
+            "message": self.message(),
+            "details": details,
+        });
+        let mut response = status_response(http, &body);
+        if let GatewayError::MethodNotAllowed { allow, .. } = &self
+            && let Ok(value) = HeaderValue::from_str(allow)
+        {
+            response.headers_mut().insert(header::ALLOW, value);
+        }
+        response
+    }
 }

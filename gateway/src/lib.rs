@@ -7,8 +7,10 @@
 //! request messages from path, query and body and writes JSON; [`proxy`]
 //! is the request path (route, transcode, call, answer), [`metadata`] its
 //! headers ⇄ gRPC metadata, [`streaming`] its NDJSON and SSE answers;
-//! [`errors`] maps gRPC statuses to HTTP; [`observe`] counts requests for
-//! `/metrics`; [`admin`] serves `/healthz`, `/openapi.json` and `/metrics`;
+//! [`errors`] is every way a request fails, as one `GatewayError` answered
+//! as a JSON `google.rpc.Status`; [`observe`] is the layer that finds the
+//! route, counts the request and spans it; [`admin`] serves `/healthz` and
+//! `/openapi.json` (`/metrics` is the runtime's);
 //! [`cache`] keeps cacheable GET answers; [`openapi`] writes the OpenAPI
 //! document; [`descriptors`] loads them. [`config`] is the flags, [`state`]
 //! what is built from them once. [`run`] serves it all until shutdown.
@@ -35,7 +37,7 @@ use std::future::IntoFuture as _;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::routing::get;
+use axum::routing::{any, get};
 use axum::serve::ListenerExt as _;
 use brewmesh_runtime::server::Drained;
 use tokio::net::TcpListener;
@@ -47,12 +49,20 @@ pub use state::{Gateway, RunError};
 /// The axum router: the REST routes, `/healthz`, `/openapi.json` and
 /// `/metrics`.
 pub fn router(gateway: Arc<Gateway>) -> Router {
+    // Registered now: the families show on /metrics before a request.
+    let _ = observe::http();
+    let rest = any(proxy::handle)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&gateway),
+            observe::layer,
+        ))
+        .with_state(Arc::clone(&gateway));
     Router::new()
         .route("/healthz", get(admin::healthz))
         .route("/openapi.json", get(admin::openapi))
-        .route("/metrics", get(admin::metrics))
-        .fallback(proxy::handle)
+        .route("/metrics", get(brewmesh_runtime::metrics::scrape))
         .with_state(gateway)
+        .fallback_service(rest)
 }
 
 /// Serves the gateway on `listener` until `shutdown`, then lets requests in

@@ -1,7 +1,16 @@
-//! The gateway's HTTP metrics: requests by method, route and status,
-//! latency to the response's headers, requests in flight.
+//! What the gateway tells of each REST request: its metrics (requests by
+//! method, route and status, latency to the response's headers, requests
+//! in flight), its server span and its access line, all from one layer.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use brewmesh_runtime::telemetry::tracing_enabled;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use brewmesh_runtime::metrics::{latency_histogram, register};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -9,6 +18,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+
+use crate::routes::Route;
+use crate::state::Gateway;
 
 /// A route: the HTTP method and the template (`/v1/orders/{order_id}`),
 /// never the raw path, so the label set stays bounded.
@@ -68,4 +80,100 @@ pub fn http() -> &'static HttpMetrics {
         );
         metrics
     })
+}
+
+/// The route a request matched, found once by [`layer`] for its labels
+/// and span, and read by the proxy from the request's extensions.
+#[derive(Debug, Clone)]
+pub struct Matched {
+    /// The route.
+    pub route: Arc<Route>,
+    /// The path's values, by field path.
+    pub bindings: Vec<(String, String)>,
+}
+
+/// The tower layer around the REST routes: each request in an HTTP server
+/// span (continuing the client's trace context), counted by route and
+/// status, and logged at debug in the span. The route is found here, once.
+pub async fn layer(
+    State(gateway): State<Arc<Gateway>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let matched = gateway.find(request.method(), request.uri().path());
+    let route_name = matched
+        .as_ref()
+        .map_or("unmatched", |m| m.route.template.source())
+        .to_owned();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let labels = HttpLabels {
+        method: method.as_str().to_owned(),
+        route: route_name,
+    };
+    let span = tracing_enabled().then(|| {
+        let route = labels.route.as_str();
+        // Attributes as fields at creation: one trip through the subscriber.
+        let span = tracing::info_span!(
+            target: "brewmesh_gateway::http",
+            "http",
+            otel.name = %format!("{method} {route}"),
+            otel.kind = "server",
+            http.request.method = method.as_str(),
+            http.route = route,
+            url.path = path.as_str(),
+            url.scheme = "http",
+            http.response.status_code = tracing::field::Empty,
+        );
+        let _ = span.set_parent(brewmesh_runtime::telemetry::extract(request.headers()));
+        span
+    });
+    if let Some(matched) = matched {
+        request.extensions_mut().insert(matched);
+    }
+
+    let metrics = http();
+    metrics.in_flight.get_or_create(&labels).inc();
+    let started = Instant::now();
+    let response = match &span {
+        Some(span) => next.run(request).instrument(span.clone()).await,
+        None => next.run(request).await,
+    };
+    let status = response.status();
+    let elapsed = started.elapsed();
+    metrics.in_flight.get_or_create(&labels).dec();
+    metrics
+        .duration
+        .get_or_create(&labels)
+        .observe(elapsed.as_secs_f64());
+    metrics
+        .requests
+        .get_or_create(&HttpStatusLabels {
+            method: labels.method,
+            route: labels.route,
+            status: status.as_u16(),
+        })
+        .inc();
+    let access = || {
+        tracing::debug!(
+            target: "brewmesh_gateway::access",
+            %method,
+            path,
+            status = status.as_u16(),
+            elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
+    };
+    match &span {
+        Some(span) => {
+            span.record("http.response.status_code", i64::from(status.as_u16()));
+            if status.is_server_error() {
+                brewmesh_runtime::telemetry::fail(span, status.as_str());
+            }
+            // In the span: the line carries the trace id.
+            span.in_scope(access);
+        }
+        None => access(),
+    }
+    response
 }

@@ -3,6 +3,7 @@
 //! document; and why building it can fail.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use brewmesh_runtime::discovery::{Balanced, Source};
@@ -10,6 +11,8 @@ use bytes::Bytes;
 use prost_reflect::DescriptorPool;
 
 use crate::config::Config;
+use crate::errors::GatewayError;
+use crate::observe::Matched;
 use crate::routes::{self, MethodSettings, Route};
 use crate::{cache, descriptors, openapi};
 
@@ -40,7 +43,7 @@ pub enum RunError {
 #[derive(Debug)]
 pub struct Gateway {
     pub(crate) pool: DescriptorPool,
-    pub(crate) routes: HashMap<http::Method, Vec<Route>>,
+    pub(crate) routes: HashMap<http::Method, Vec<Arc<Route>>>,
     pub(crate) upstreams: BTreeMap<String, Balanced>,
     pub(crate) timeout: Duration,
     pub(crate) max_body_bytes: usize,
@@ -119,9 +122,12 @@ impl Gateway {
             None => cache::Store::Local(cache::Cache::new(config.cache_entries)),
         };
         let openapi = Bytes::from(openapi::document(&pool, &table).to_string());
-        let mut routes: HashMap<http::Method, Vec<Route>> = HashMap::new();
+        let mut routes: HashMap<http::Method, Vec<Arc<Route>>> = HashMap::new();
         for route in table {
-            routes.entry(route.method.clone()).or_default().push(route);
+            routes
+                .entry(route.method.clone())
+                .or_default()
+                .push(Arc::new(route));
         }
         Ok(Self {
             pool,
@@ -132,5 +138,48 @@ impl Gateway {
             cache,
             openapi,
         })
+    }
+}
+
+impl Gateway {
+    /// The first route of `method` whose template matches `path`.
+    pub fn find(&self, method: &http::Method, path: &str) -> Option<Matched> {
+        // HEAD is GET without the body (hyper leaves the body out).
+        let method = if method == http::Method::HEAD {
+            &http::Method::GET
+        } else {
+            method
+        };
+        self.routes.get(method)?.iter().find_map(|route| {
+            let bound = route.template.matches(path)?;
+            Some(Matched {
+                route: Arc::clone(route),
+                bindings: bound
+                    .into_iter()
+                    .map(|(field, value)| (field.to_owned(), value))
+                    .collect(),
+            })
+        })
+    }
+
+    /// Why no route answers `method` on `path`: 405 with `Allow` when the
+    /// path exists under other methods, else 404.
+    pub fn no_route(&self, method: &http::Method, path: &str) -> GatewayError {
+        let mut allowed: Vec<&str> = self
+            .routes
+            .iter()
+            .filter(|(_, routes)| routes.iter().any(|r| r.template.matches(path).is_some()))
+            .map(|(m, _)| m.as_str())
+            .collect();
+        let (method, path) = (method.clone(), path.to_owned());
+        if allowed.is_empty() {
+            return GatewayError::NoRoute { method, path };
+        }
+        allowed.sort_unstable();
+        GatewayError::MethodNotAllowed {
+            method,
+            path,
+            allow: allowed.join(", "),
+        }
     }
 }

@@ -79,9 +79,9 @@ pub fn to_json(message: &DynamicMessage) -> Vec<u8> {
 /// Builds the request message of `route`'s RPC: the body where the rule
 /// puts it, then the path variables, then (unless the body is the whole
 /// message) the query parameters.
-pub fn request(
+pub fn request<F: AsRef<str>>(
     route: &Route,
-    bindings: Vec<(&str, String)>,
+    bindings: &[(F, String)],
     query: Option<&str>,
     body: &[u8],
 ) -> Result<DynamicMessage, Vec<Violation>> {
@@ -105,9 +105,9 @@ pub fn request(
 
     let mut violations = Vec::new();
     let mut params = Map::new();
-    let path_fields: Vec<&str> = bindings.iter().map(|(f, _)| *f).collect();
-    for (field_path, value) in &bindings {
-        if let Err(v) = set_param(&input, &mut params, field_path, value, false) {
+    let path_fields: Vec<&str> = bindings.iter().map(|(f, _)| f.as_ref()).collect();
+    for (field_path, value) in bindings {
+        if let Err(v) = set_param(&input, &mut params, field_path.as_ref(), value, false) {
             violations.push(v);
         }
     }

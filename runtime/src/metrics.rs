@@ -81,6 +81,18 @@ pub fn render() -> String {
     out
 }
 
+/// `/metrics`: this process's metrics in the Prometheus text format (every
+/// role's metrics server and the gateway serve this one handler).
+pub async fn scrape() -> impl axum::response::IntoResponse {
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        render(),
+    )
+}
+
 /// A latency histogram from 0.5 ms to about 16 s.
 pub fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))

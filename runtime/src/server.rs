@@ -119,7 +119,7 @@ pub async fn serve_registered(
     let routes = Routes::from(
         routes
             .into_axum_router()
-            .route("/metrics", axum::routing::get(metrics)),
+            .route("/metrics", axum::routing::get(crate::metrics::scrape)),
     );
 
     // tonic leaves Nagle on for a listener handed to it; small gRPC frames
@@ -175,17 +175,6 @@ pub async fn serve_registered(
             Ok(Drained::AtDeadline)
         }
     }
-}
-
-/// `/metrics`: this process's metrics in the Prometheus text format.
-async fn metrics() -> impl axum::response::IntoResponse {
-    (
-        [(
-            http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        crate::metrics::render(),
-    )
 }
 
 /// Delays every call (fault injection: a slow replica).
