@@ -26,7 +26,7 @@ for N in "$@"; do
   C=${CONCURRENCY:-$N}
   DATA=$(mktemp -d)
   # Ports of their own, so a mesh already running on the defaults is left alone.
-  "$BIN" up --data-dir "$DATA" \
+  "$BIN" up --data-dir "$DATA" --ready-file "$DATA/ready.json" \
     --registry-listen 127.0.0.1:18051 --payment-listen 127.0.0.1:18052 \
     --barista-listen 127.0.0.1:18053 --gateway-listen 127.0.0.1:18080 \
     --barista-arg=--espresso-machines=65535 --barista-arg=--steam-wands=65535 \
@@ -35,8 +35,7 @@ for N in "$@"; do
     > "$OUT/up-$N.log" 2>&1 < /dev/null &
   UP=$!
   for _ in $(seq 300); do
-    grep -q '"message":"serving".*127.0.0.1:18080' "$OUT/up-$N.log" 2>/dev/null && break
-    (exec 3<>/dev/tcp/127.0.0.1/18080) 2>/dev/null && break
+    [ -s "$DATA/ready.json" ] && break
     sleep 0.1
   done
 

@@ -39,34 +39,28 @@ async fn main() {
     let orders = env("ORDERS", 3000);
     let concurrency = env("CONCURRENCY", 8);
     let dir = tempfile::tempdir().unwrap();
-    let registry = Process::start(
-        &[
-            "registry",
-            "--listen",
-            "127.0.0.1:0",
-            "--registry-token",
-            TOKEN,
-        ],
-        1,
-    );
+    let registry = Process::start(&[
+        "registry",
+        "--listen",
+        "127.0.0.1:0",
+        "--registry-token",
+        TOKEN,
+    ]);
     let registries = registry.addr.to_string();
     let payment_data = dir.path().join("payment");
-    let _payment = Process::start(
-        &[
-            "payment",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            payment_data.to_str().unwrap(),
-            "--registry",
-            &registries,
-            "--registry-token",
-            TOKEN,
-            "--processing-delay",
-            "0s",
-        ],
-        1,
-    );
+    let _payment = Process::start(&[
+        "payment",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        payment_data.to_str().unwrap(),
+        "--registry",
+        &registries,
+        "--registry-token",
+        TOKEN,
+        "--processing-delay",
+        "0s",
+    ]);
     let mut baristas = Vec::new();
     for n in 0..3 {
         let data = dir.path().join(format!("barista-{n}"));
@@ -94,7 +88,7 @@ async fn main() {
         if n == 2 {
             args.extend(["--inject-latency", "50ms"]);
         }
-        baristas.push(Process::start(&args, 1));
+        baristas.push(Process::start(&args));
     }
     let mut resolver =
         RegistryClient::new(brewmesh_runtime::client::channel(&registry.url()).unwrap());

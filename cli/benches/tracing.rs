@@ -49,11 +49,8 @@ impl Mode {
     }
 
     fn env(self, endpoint: &str) -> Vec<(&'static str, String)> {
-        // The "serving" lines tell the harness the addresses.
-        let mut env = vec![(
-            "RUST_LOG",
-            "warn,brewmesh_runtime::server=info,brewmesh_gateway=info".to_owned(),
-        )];
+        // Warnings only: the ready files tell the harness the addresses.
+        let mut env = vec![("RUST_LOG", "warn".to_owned())];
         match self {
             Mode::Off => {}
             Mode::All => {
@@ -176,7 +173,6 @@ async fn run(
             "--processing-delay",
             "0s",
         ],
-        1,
         &env,
     );
     let barista_data = dir.path().join("barista");
@@ -201,7 +197,6 @@ async fn run(
             "--milk-time",
             "1ms",
         ],
-        1,
         &env,
     );
     let backends = format!(
@@ -210,7 +205,6 @@ async fn run(
     );
     let gateway = Process::start_with_env(
         &["gateway", "--listen", "127.0.0.1:0", "--backend", &backends],
-        1,
         &env,
     );
     let url = format!("http://{}/v1/orders", gateway.addr);

@@ -29,6 +29,12 @@ struct Cli {
     #[arg(long, global = true, env = "BREWMESH_LOG_FORMAT")]
     log_format: Option<LogFormat>,
 
+    /// Once serving, write this file: a JSON object with `addr` and `pid`
+    /// (for `up`: the gateway's `addr` and every instance's), written
+    /// whole. Scripts wait for it instead of reading logs.
+    #[arg(long, global = true, env = "BREWMESH_READY_FILE")]
+    ready_file: Option<std::path::PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -49,12 +55,11 @@ enum Command {
     Up(up::Args),
 }
 
-/// Set by `up` for its children: stop when standard input closes, that is
-/// when `up` is gone.
-pub(crate) const EXIT_WITH_PARENT: &str = "BREWMESH_EXIT_WITH_PARENT";
-
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(path) = &cli.ready_file {
+        brewmesh_runtime::ready::set_file(path.clone());
+    }
     let runtime = tokio::runtime::Runtime::new().context("starting the Tokio runtime")?;
     runtime.block_on(async move {
         match cli.command {
@@ -125,16 +130,7 @@ where
         .await
         .with_context(|| format!("binding {addr}"))?;
     let shutdown = brewmesh_runtime::shutdown::on_signal();
-    if std::env::var_os(EXIT_WITH_PARENT).is_some() {
-        // A plain thread, not tokio's stdin: a read still blocked on the
-        // blocking pool would keep the runtime from shutting down.
-        let shutdown = shutdown.clone();
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
-            shutdown.cancel();
-            tracing::info!("the parent process is gone; shutting down");
-        });
-    }
+    brewmesh_runtime::shutdown::exit_with_parent(&shutdown);
     match run(listener, shutdown).await {
         Ok(drained) => {
             tracing::info!(?drained, "stopped");

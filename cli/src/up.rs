@@ -2,8 +2,10 @@
 //!
 //! Each role runs as `brewmesh <role>` (the same binary), logging JSON lines
 //! that this process reads, labels with the instance and writes to one
-//! stream: the centralized log, on a laptop. A role's "serving" line tells
-//! its real address, so a role started on port 0 is still found. Ctrl-C (or
+//! stream: the centralized log, on a laptop. Each role is started with
+//! `--ready-file` (see `brewmesh_runtime::ready`), which tells its real
+//! address, so a role started on port 0 is still found; `up`'s own ready
+//! file lists them all. Ctrl-C (or
 //! SIGTERM) stops the roles callers first — the barista drains its sagas
 //! while payment still answers — each with SIGTERM, then SIGKILL if it
 //! outlives its drain.
@@ -19,7 +21,7 @@ use nix::unistd::Pid;
 use serde_json::{Map, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use brewmesh_runtime::telemetry::LogFormat;
 
@@ -103,7 +105,17 @@ pub async fn run(args: Args, format: LogFormat) -> anyhow::Result<()> {
     // A fresh token per run, handed to the children through the
     // environment (never on a command line, where `ps` would show it).
     let token = random_token().context("making the registry token")?;
-    let env = [("BREWMESH_REGISTRY_TOKEN", token.as_str())];
+    let ready_dir = args.data_dir.join("ready");
+    std::fs::create_dir_all(&ready_dir)
+        .with_context(|| format!("creating {}", ready_dir.display()))?;
+    let launch = Launch {
+        exe,
+        env: [("BREWMESH_REGISTRY_TOKEN", token.as_str())],
+        format,
+        lines: lines_tx.clone(),
+        exits: exits_tx,
+        ready_dir,
+    };
     let mut instances = Vec::new();
     let started = async {
         // The registry first: the others register with every replica.
@@ -118,16 +130,7 @@ pub async fn run(args: Args, format: LogFormat) -> anyhow::Result<()> {
             role.extend(flag("--listen", listen));
             role.extend(flag("--drain-timeout", &drain));
             role.extend(args.registry_arg.iter().cloned());
-            let instance = start(
-                &exe,
-                &format!("registry-{n}"),
-                &role,
-                &env,
-                format,
-                &lines_tx,
-                &exits_tx,
-            )
-            .await?;
+            let instance = start(&launch, &format!("registry-{n}"), &role).await?;
             registries.push(instance.addr.to_string());
             instances.push(instance);
         }
@@ -159,8 +162,7 @@ pub async fn run(args: Args, format: LogFormat) -> anyhow::Result<()> {
                 role.extend(flag("--registry", &registry));
                 role.extend(extra.iter().cloned());
                 let label = format!("{name}-{n}");
-                instances
-                    .push(start(&exe, &label, &role, &env, format, &lines_tx, &exits_tx).await?);
+                instances.push(start(&launch, &label, &role).await?);
             }
         }
 
@@ -170,12 +172,13 @@ pub async fn run(args: Args, format: LogFormat) -> anyhow::Result<()> {
         role.extend(flag("--drain-timeout", &drain));
         role.extend(flag("--registry", &registry));
         role.extend(args.gateway_arg.iter().cloned());
-        instances.push(start(&exe, "gateway", &role, &env, format, &lines_tx, &exits_tx).await?);
+        instances.push(start(&launch, "gateway", &role).await?);
         anyhow::Ok(())
     };
     let outcome = match started.await {
         Ok(()) => {
             print_banner(&instances);
+            ready(&instances)?;
             wait_for_stop(&mut exits, signal).await
         }
         Err(error) => Err(error),
@@ -186,6 +189,7 @@ pub async fn run(args: Args, format: LogFormat) -> anyhow::Result<()> {
     for instance in instances.iter_mut().rev() {
         stop(instance, args.drain_timeout + Duration::from_secs(5)).await;
     }
+    drop(launch);
     drop(lines_tx);
     let _ = printer.await;
     outcome
@@ -207,18 +211,41 @@ fn flag(name: &str, value: impl std::fmt::Display) -> [String; 2] {
     [name.to_owned(), value.to_string()]
 }
 
-/// Starts `brewmesh <args>` and waits for its "serving" line.
-async fn start(
-    exe: &std::path::Path,
-    label: &str,
-    args: &[String],
-    env: &[(&str, &str)],
+/// What every child is started with.
+struct Launch<'a> {
+    exe: PathBuf,
+    env: [(&'a str, &'a str); 1],
     format: LogFormat,
-    lines: &mpsc::Sender<String>,
-    exits: &mpsc::Sender<(String, String)>,
-) -> anyhow::Result<Instance> {
+    /// Where their lines go.
+    lines: mpsc::Sender<String>,
+    /// Where their exits are told.
+    exits: mpsc::Sender<(String, String)>,
+    /// Where their ready files are written.
+    ready_dir: PathBuf,
+}
+
+/// Starts `brewmesh <args>` and waits for its ready file.
+async fn start(launch: &Launch<'_>, label: &str, args: &[String]) -> anyhow::Result<Instance> {
+    let Launch {
+        exe,
+        env,
+        format,
+        lines,
+        exits,
+        ready_dir,
+    } = launch;
+    let format = *format;
+    let ready = ready_dir.join(format!("{label}.json"));
+    match std::fs::remove_file(&ready) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            return Err(error).with_context(|| format!("removing {}", ready.display()));
+        }
+        _ => {}
+    }
     let mut child = Command::new(exe)
         .args(["--log-format", "json"])
+        .arg("--ready-file")
+        .arg(&ready)
         .args(args)
         .envs(env.iter().copied())
         // Each child its own name in traces and logs, whatever `up` got.
@@ -229,26 +256,20 @@ async fn start(
         .env("BREWMESH_INSTANCE", label)
         // The child drains and exits when this pipe closes, which happens
         // however `up` ends, even by SIGKILL: no orphans.
-        .env(crate::EXIT_WITH_PARENT, "1")
+        .env(brewmesh_runtime::shutdown::EXIT_WITH_PARENT, "1")
+        .env_remove("BREWMESH_READY_FILE")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {label}"))?;
-    let (addr_tx, addr_rx) = oneshot::channel();
     // Held open (and never written) for the child's lifetime.
     let stdin = child.stdin.take().context("child stdin")?;
     let stdout = child.stdout.take().context("child stdout")?;
     let stderr = child.stderr.take().context("child stderr")?;
-    tokio::spawn(relay(
-        stdout,
-        label.to_owned(),
-        format,
-        lines.clone(),
-        Some(addr_tx),
-    ));
-    tokio::spawn(relay(stderr, label.to_owned(), format, lines.clone(), None));
+    tokio::spawn(relay(stdout, label.to_owned(), format, lines.clone()));
+    tokio::spawn(relay(stderr, label.to_owned(), format, lines.clone()));
 
     let pid = child.id().context("a just-started child has a pid")?;
     // The watcher owns the child: it reaps it, says how it exited, and kills
@@ -266,7 +287,7 @@ async fn start(
     });
 
     let addr = tokio::select! {
-        addr = addr_rx => addr.ok(),
+        addr = ready_addr(&ready) => Some(addr),
         status = exited.wait_for(Option::is_some) => {
             let status = status.map(|s| s.clone().unwrap_or_default()).unwrap_or_default();
             bail!("{label} exited before serving ({status})")
@@ -285,14 +306,24 @@ async fn start(
     })
 }
 
-/// Reads a child's output, labels each line and sends it on; reports the
-/// address of the first "serving" line.
+/// The address in the ready file at `path`, once it is written.
+async fn ready_addr(path: &std::path::Path) -> SocketAddr {
+    loop {
+        let addr = brewmesh_runtime::ready::read(path)
+            .and_then(|ready| ready["addr"].as_str().and_then(|a| a.parse().ok()));
+        if let Some(addr) = addr {
+            return addr;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Reads a child's output, labels each line and sends it on.
 async fn relay(
     output: impl AsyncRead + Unpin,
     label: String,
     format: LogFormat,
     lines: mpsc::Sender<String>,
-    mut serving: Option<oneshot::Sender<SocketAddr>>,
 ) {
     let mut reader = BufReader::new(output).lines();
     while let Ok(Some(line)) = reader.next_line().await {
@@ -301,15 +332,6 @@ async fn relay(
             Some(Value::Object(object)) => object,
             _ => Map::from_iter([("message".to_owned(), Value::String(line))]),
         };
-        if object.get("message").and_then(Value::as_str) == Some("serving") {
-            let addr = object
-                .get("addr")
-                .and_then(Value::as_str)
-                .and_then(|a| a.parse().ok());
-            if let (Some(tx), Some(addr)) = (serving.take(), addr) {
-                let _ = tx.send(addr);
-            }
-        }
         object.insert("instance".to_owned(), Value::String(label.clone()));
         let out = match format {
             LogFormat::Json => Value::Object(object).to_string(),
@@ -354,6 +376,21 @@ async fn print_lines(mut lines: mpsc::Receiver<String>) {
         // A closed stdout (`| head`) must not stop the mesh.
         let _ = writeln!(out, "{line}");
     }
+}
+
+/// `up`'s own ready file, when asked for: the gateway's address, and every
+/// instance's by label.
+fn ready(instances: &[Instance]) -> anyhow::Result<()> {
+    let gateway = instances
+        .iter()
+        .find(|i| i.label == "gateway")
+        .context("the gateway is started last")?;
+    let listing: Map<String, Value> = instances
+        .iter()
+        .map(|i| (i.label.clone(), Value::String(i.addr.to_string())))
+        .collect();
+    brewmesh_runtime::ready::announce(gateway.addr, serde_json::json!({ "instances": listing }))
+        .context("writing the ready file")
 }
 
 fn print_banner(instances: &[Instance]) {

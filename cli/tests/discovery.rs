@@ -26,18 +26,15 @@ const TOKEN: &str = "discovery-test-token";
 const PAYMENTS: &str = "brewmesh.payment.v1.Payments";
 
 fn registry(listen: &str) -> Process {
-    Process::start(
-        &[
-            "registry",
-            "--listen",
-            listen,
-            "--registry-token",
-            TOKEN,
-            "--health-retry",
-            "200ms",
-        ],
-        1,
-    )
+    Process::start(&[
+        "registry",
+        "--listen",
+        listen,
+        "--registry-token",
+        TOKEN,
+        "--health-retry",
+        "200ms",
+    ])
 }
 
 async fn payment(dir: &Path, registries: &str) -> Process {

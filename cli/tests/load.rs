@@ -12,7 +12,7 @@ fn up(dir: &std::path::Path, barista: &[&str]) -> Process {
     extra.extend_from_slice(barista);
     let args = Process::up_args(dir, &extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Process::start(&args, 4)
+    Process::start(&args)
 }
 
 /// Runs `brewmesh load <args> --json <file> --no-progress`; its summary and

@@ -247,7 +247,7 @@ async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
             "--barista-arg=--milk-time=100ms",
         ],
     );
-    let mut up = Process::start(&args.iter().map(String::as_str).collect::<Vec<_>>(), 4);
+    let mut up = Process::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let payment = up.instance("payment-1").to_string();
     let barista = up.instance("barista-1").to_string();
 
@@ -376,7 +376,7 @@ async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
 async fn up_killed_with_sigkill_leaves_no_role_running() {
     let dir = tempfile::tempdir().unwrap();
     let args = Process::up_args(dir.path(), &[]);
-    let mut up = Process::start(&args.iter().map(String::as_str).collect::<Vec<_>>(), 4);
+    let mut up = Process::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let addrs: Vec<_> = ["registry-1", "payment-1", "barista-1"]
         .iter()
         .map(|l| up.instance(l))

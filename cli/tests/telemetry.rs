@@ -33,7 +33,7 @@ fn mesh(dir: &std::path::Path, endpoint: Option<&str>, extra: &[(&str, &str)]) -
         env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint));
     }
     env.extend(extra.iter().copied());
-    Process::start_with_env(&args, 4, &env)
+    Process::start_with_env(&args, &env)
 }
 
 /// Places an order over REST (with `traceparent` if given) and follows it

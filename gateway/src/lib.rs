@@ -74,8 +74,8 @@ pub async fn run(
 ) -> Result<Drained, RunError> {
     let gateway = Arc::new(Gateway::build(&config).await?);
     let addr = listener.local_addr()?;
-    let services: Vec<&String> = gateway.upstreams.keys().collect();
-    tracing::info!(%addr, ?services, "serving");
+    let services: Vec<&str> = gateway.upstreams.keys().map(String::as_str).collect();
+    brewmesh_runtime::ready::serving(addr, &services);
     let app = router(gateway.clone());
     let stopping = shutdown.clone();
     // Nagle's algorithm would hold small answers back for tens of ms.

@@ -19,7 +19,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 
-use crate::routes::Route;
 use crate::state::Gateway;
 
 /// A route: the HTTP method and the template (`/v1/orders/{order_id}`),
@@ -80,16 +79,6 @@ pub fn http() -> &'static HttpMetrics {
         );
         metrics
     })
-}
-
-/// The route a request matched, found once by [`layer`] for its labels
-/// and span, and read by the proxy from the request's extensions.
-#[derive(Debug, Clone)]
-pub struct Matched {
-    /// The route.
-    pub route: Arc<Route>,
-    /// The path's values, by field path.
-    pub bindings: Vec<(String, String)>,
 }
 
 /// The tower layer around the REST routes: each request in an HTTP server

@@ -57,6 +57,16 @@ pub struct Route {
     pub rpc: Arc<Rpc>,
 }
 
+/// The route a request matched, found once by `observe::layer` for its labels
+/// and span, and read by the proxy from the request's extensions.
+#[derive(Debug, Clone)]
+pub struct Matched {
+    /// The route.
+    pub route: Arc<Route>,
+    /// The path's values, by field path.
+    pub bindings: Vec<(String, String)>,
+}
+
 /// Per-method settings that are not in the protos.
 #[derive(Debug, Clone, Default)]
 pub struct MethodSettings {

@@ -12,8 +12,7 @@ use prost_reflect::DescriptorPool;
 
 use crate::config::Config;
 use crate::errors::GatewayError;
-use crate::observe::Matched;
-use crate::routes::{self, MethodSettings, Route};
+use crate::routes::{self, Matched, MethodSettings, Route};
 use crate::{cache, descriptors, openapi};
 
 /// Why the gateway could not start or stopped on its own.

@@ -6,7 +6,10 @@
 //!   TCP_NODELAY and a graceful drain under a deadline. Start here.
 //! - [`health`]: grpc.health.v1 whose watchers do not hold up a drain.
 //! - [`secret`]: the registry token, never printed.
-//! - [`shutdown`]: SIGTERM/SIGINT turned into a cancellation token.
+//! - [`shutdown`]: SIGTERM/SIGINT (or a parent gone) turned into a
+//!   cancellation token.
+//! - [`ready`]: the `serving` line and the `--ready-file`, readiness as a
+//!   contract.
 //! - [`validate`]: `INVALID_ARGUMENT` with `google.rpc.BadRequest` field
 //!   violations.
 //! - [`client`]: gRPC channels to peers given by address.
@@ -38,6 +41,7 @@ pub mod idempotency;
 pub mod ids;
 pub mod instrument;
 pub mod metrics;
+pub mod ready;
 pub mod secret;
 pub mod server;
 pub mod shutdown;

@@ -137,8 +137,7 @@ pub async fn serve_registered(
         .serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
     tokio::pin!(server);
 
-    // `up` and the tests read the bound address from this line.
-    tracing::info!(%addr, ?services, "serving");
+    crate::ready::serving(addr, services);
     let maintenance = tokio::spawn(maintenance_mode(
         health.clone(),
         services.iter().map(|s| s.to_string()).collect(),

@@ -19,6 +19,26 @@ pub fn on_signal() -> CancellationToken {
     token
 }
 
+/// Set by `brewmesh up` for its children: stop when standard input closes,
+/// that is when `up` is gone, however it ended.
+pub const EXIT_WITH_PARENT: &str = "BREWMESH_EXIT_WITH_PARENT";
+
+/// When [`EXIT_WITH_PARENT`] is set, cancels `token` once standard input
+/// closes.
+pub fn exit_with_parent(token: &CancellationToken) {
+    if std::env::var_os(EXIT_WITH_PARENT).is_none() {
+        return;
+    }
+    // A plain thread, not tokio's stdin: a read still blocked on the
+    // blocking pool would keep the runtime from shutting down.
+    let token = token.clone();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        token.cancel();
+        tracing::info!("the parent process is gone; shutting down");
+    });
+}
+
 /// Waits for SIGTERM or SIGINT and names the one that came.
 pub async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};

@@ -9,8 +9,18 @@ use tonic::Code;
 
 use brewmesh::pb::barista::v1::{OrderEventType, PlaceOrderRequest};
 
-use super::Ending;
 use super::args::Until;
+
+/// How one customer's visit ended.
+#[derive(Debug)]
+pub(super) enum Ending {
+    /// Served, after this long.
+    Served(Duration),
+    /// The order ended FAILED or CANCELLED, for this reason.
+    Failed(String),
+    /// A call failed with this gRPC code, and message.
+    Error(Code, String),
+}
 
 /// One event of an order, as either entrance tells it.
 pub(super) struct Event {

@@ -6,8 +6,7 @@ use tonic::transport::Channel;
 use brewmesh::pb::barista::v1::barista_client::BaristaClient;
 use brewmesh::pb::barista::v1::{OrderEvent, PlaceOrderRequest, WatchOrderRequest};
 
-use super::Ending;
-use super::follow::{Entrance, Event, Events};
+use super::follow::{Ending, Entrance, Event, Events};
 
 /// The barista at one channel (one connection).
 pub(super) struct Grpc(pub(super) BaristaClient<Channel>);

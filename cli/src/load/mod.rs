@@ -37,20 +37,10 @@ use brewmesh::pb::barista::v1::barista_client::BaristaClient;
 
 pub use args::Args;
 use args::Until;
+use follow::Ending;
 use grpc::Grpc;
 use rest::{HttpClient, Rest};
 use tally::Tally;
-
-/// How one customer's visit ended.
-#[derive(Debug)]
-enum Ending {
-    /// Served, after this long.
-    Served(Duration),
-    /// The order ended FAILED or CANCELLED, for this reason.
-    Failed(String),
-    /// A call failed with this gRPC code, and message.
-    Error(Code, String),
-}
 
 /// Serves customers over REST or gRPC, spread over a few connections.
 #[derive(Clone)]

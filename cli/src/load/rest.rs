@@ -11,8 +11,7 @@ use tonic::Code;
 
 use brewmesh::pb::barista::v1::{OrderEventType, PlaceOrderRequest};
 
-use super::Ending;
-use super::follow::{Entrance, Event, Events};
+use super::follow::{Ending, Entrance, Event, Events};
 
 /// An HTTP/2 client of the gateway, over one connection.
 pub(super) type HttpClient = Client<HttpConnector, Full<Bytes>>;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
-use super::Ending;
+use super::follow::Ending;
 
 /// Latencies in microseconds, up to an hour, with `digits` significant
 /// digits.

@@ -1,12 +1,12 @@
 //! Real `brewmesh` processes for tests: started on port 0, found by their
-//! "serving" log line, killed when dropped.
+//! `--ready-file`, killed when dropped.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -18,25 +18,31 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 /// A running `brewmesh` process.
 pub struct Process {
     child: Child,
-    /// The address of its first "serving" line.
+    /// The address in its ready file (for `up`, the gateway's).
     pub addr: SocketAddr,
     /// Every line it wrote to stdout so far.
     pub lines: Arc<Mutex<Vec<String>>>,
-    /// Addresses of every "serving" line, by instance label (for `up`).
-    pub serving: Arc<Mutex<Vec<(String, SocketAddr)>>>,
+    /// Its ready file, whole.
+    pub ready: serde_json::Value,
+    /// Holds the ready file.
+    _ready_dir: tempfile::TempDir,
 }
 
 impl Process {
-    /// Runs `brewmesh --log-format json <args>` and waits until it serves
-    /// `expected_servers` times (2 for `up`).
-    pub fn start(args: &[&str], expected_servers: usize) -> Process {
-        Process::start_with_env(args, expected_servers, &[])
+    /// Runs `brewmesh --log-format json <args>` and waits for its ready
+    /// file (for `up`: every instance serving).
+    pub fn start(args: &[&str]) -> Process {
+        Process::start_with_env(args, &[])
     }
 
     /// [`Process::start`] with extra environment variables.
-    pub fn start_with_env(args: &[&str], expected_servers: usize, env: &[(&str, &str)]) -> Process {
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Process {
+        let ready_dir = tempfile::tempdir().expect("a directory for the ready file");
+        let ready_file = ready_dir.path().join("ready.json");
         let mut child = Command::new(env!("CARGO_BIN_EXE_brewmesh"))
             .args(["--log-format", "json"])
+            .arg("--ready-file")
+            .arg(&ready_file)
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -46,40 +52,41 @@ impl Process {
             .expect("starting brewmesh");
         let stdout = child.stdout.take().expect("piped stdout");
         let lines = Arc::new(Mutex::new(Vec::new()));
-        let serving = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
         {
-            let (lines, serving) = (Arc::clone(&lines), Arc::clone(&serving));
+            let lines = Arc::clone(&lines);
             std::thread::spawn(move || {
                 for line in BufReader::new(stdout).lines() {
                     let Ok(line) = line else { break };
-                    if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
-                        && value["message"] == "serving"
-                    {
-                        let addr: SocketAddr = value["addr"]
-                            .as_str()
-                            .and_then(|a| a.parse().ok())
-                            .expect("serving line has addr");
-                        let instance = value["instance"].as_str().unwrap_or("").to_owned();
-                        serving.lock().unwrap().push((instance, addr));
-                        let _ = tx.send(addr);
-                    }
                     lines.lock().unwrap().push(line);
                 }
             });
         }
-        let mut first = None;
-        for _ in 0..expected_servers {
-            let addr = rx
-                .recv_timeout(PATIENCE)
-                .expect("brewmesh starts serving in time");
-            first.get_or_insert(addr);
-        }
+        let deadline = Instant::now() + PATIENCE;
+        let ready = loop {
+            if let Ok(text) = std::fs::read(&ready_file)
+                && let Ok(ready) = serde_json::from_slice::<serde_json::Value>(&text)
+            {
+                break ready;
+            }
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                panic!("brewmesh {args:?} exited before it was ready: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "brewmesh {args:?} was not ready within {PATIENCE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let addr = ready["addr"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .expect("the ready file has an addr");
         Process {
             child,
-            addr: first.expect("at least one server"),
+            addr,
             lines,
-            serving,
+            ready,
+            _ready_dir: ready_dir,
         }
     }
 
@@ -98,7 +105,7 @@ impl Process {
         }
         all.extend(args.iter().map(|a| (*a).to_owned()));
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        Process::start(&all, 1)
+        Process::start(&all)
     }
 
     /// The arguments of `brewmesh up` with every role on a free port of
@@ -129,15 +136,12 @@ impl Process {
         format!("http://{}", self.addr)
     }
 
-    /// The address an instance of `up` serves on.
+    /// The address an instance of `up` serves on, from `up`'s ready file.
     pub fn instance(&self, label: &str) -> SocketAddr {
-        self.serving
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(l, _)| l == label)
-            .map(|(_, a)| *a)
-            .expect("instance is serving")
+        self.ready["instances"][label]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("{label} is in the ready file: {}", self.ready))
     }
 
     /// Sends `signal` to the process.

@@ -27,8 +27,7 @@ use crate::client::{InvalidAddress, endpoint};
 use crate::ejection::{Ejecting, Ejections};
 use crate::instrument::ClientLayer;
 
-use super::Addresses;
-use super::resolve::{Source, resolve};
+use super::resolve::{Addresses, Source, resolve};
 
 /// A balanced channel: clone it freely, one per client.
 ///

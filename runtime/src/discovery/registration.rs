@@ -20,7 +20,7 @@ use brewmesh::pb::registry::v1::registry_client::RegistryClient;
 use brewmesh::pb::registry::v1::{DeregisterRequest, Instance, KeepAliveRequest, RegisterRequest};
 use humantime::parse_duration;
 
-use super::MAX_BACKOFF;
+use super::resolve::MAX_BACKOFF;
 
 /// Flags of every service that registers, and of every caller that
 /// resolves through the registry.

@@ -16,7 +16,12 @@ use crate::client::{InvalidAddress, endpoint};
 use brewmesh::pb::registry::v1::WatchRequest;
 use brewmesh::pb::registry::v1::registry_client::RegistryClient;
 
-use super::{Addresses, MAX_BACKOFF};
+/// The set of addresses a service has now.
+pub type Addresses = Arc<BTreeSet<String>>;
+
+/// The longest wait between two attempts to reach a registry (to resolve,
+/// or to register: `registration.rs` waits the same).
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Where a caller learns a service's addresses.
 #[derive(Debug, Clone)]
