@@ -12,12 +12,8 @@ use brewmesh_runtime::telemetry::tracing_enabled;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
-use brewmesh_runtime::metrics::{latency_histogram, register};
+use brewmesh_runtime::metrics::{Red, RedHelp};
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 
 use crate::state::Gateway;
 
@@ -42,42 +38,22 @@ pub struct HttpStatusLabels {
     pub status: u16,
 }
 
-/// The gateway's HTTP metrics.
-#[derive(Debug, Clone)]
-pub struct HttpMetrics {
-    /// Answers by status.
-    pub requests: Family<HttpStatusLabels, Counter>,
-    /// Time to the response's headers (a stream's body takes longer).
-    pub duration: Family<HttpLabels, Histogram>,
-    /// Requests being answered.
-    pub in_flight: Family<HttpLabels, Gauge>,
-}
+/// The gateway's HTTP metrics: answers by status, time to the response's
+/// headers (a stream's body takes longer), requests being answered.
+pub type HttpMetrics = Red<HttpLabels, HttpStatusLabels>;
 
 /// The process's [`HttpMetrics`], registered on first use.
 pub fn http() -> &'static HttpMetrics {
     static HTTP: OnceLock<HttpMetrics> = OnceLock::new();
     HTTP.get_or_init(|| {
-        let metrics = HttpMetrics {
-            requests: Family::default(),
-            duration: Family::new_with_constructor(latency_histogram),
-            in_flight: Family::default(),
-        };
-        register(
-            "http_server_requests",
-            "HTTP requests answered, by method, route and status",
-            metrics.requests.clone(),
-        );
-        register(
-            "http_server_duration_seconds",
-            "HTTP latency to the response headers, by method and route",
-            metrics.duration.clone(),
-        );
-        register(
-            "http_server_in_flight_requests",
-            "HTTP requests being answered",
-            metrics.in_flight.clone(),
-        );
-        metrics
+        Red::register(
+            "http_server",
+            RedHelp {
+                requests: "HTTP requests answered, by method, route and status",
+                duration: "HTTP latency to the response headers, by method and route",
+                in_flight: "HTTP requests being answered",
+            },
+        )
     })
 }
 
@@ -121,8 +97,7 @@ pub async fn layer(
         request.extensions_mut().insert(matched);
     }
 
-    let metrics = http();
-    metrics.in_flight.get_or_create(&labels).inc();
+    http().begin(&labels);
     let started = Instant::now();
     let response = match &span {
         Some(span) => next.run(request).instrument(span.clone()).await,
@@ -130,19 +105,12 @@ pub async fn layer(
     };
     let status = response.status();
     let elapsed = started.elapsed();
-    metrics.in_flight.get_or_create(&labels).dec();
-    metrics
-        .duration
-        .get_or_create(&labels)
-        .observe(elapsed.as_secs_f64());
-    metrics
-        .requests
-        .get_or_create(&HttpStatusLabels {
-            method: labels.method,
-            route: labels.route,
-            status: status.as_u16(),
-        })
-        .inc();
+    let outcome = HttpStatusLabels {
+        method: labels.method.clone(),
+        route: labels.route.clone(),
+        status: status.as_u16(),
+    };
+    http().end(&labels, elapsed, &outcome);
     let access = || {
         tracing::debug!(
             target: "brewmesh_gateway::access",

@@ -92,24 +92,15 @@ impl Gateway {
 
         let mut upstreams = BTreeMap::new();
         for service in &services {
-            let source = if let Some((_, addresses)) =
-                config.backends.iter().find(|(s, _)| s == service)
-            {
-                Source::Static(addresses.clone())
-            } else if let Some((_, address)) = reflected.iter().find(|(s, _)| s == service) {
-                Source::Static(vec![address.clone()])
-            } else if service == "brewmesh.registry.v1.Registry" && !config.registries.is_empty() {
-                Source::Static(config.registries.clone())
-            } else if !config.registries.is_empty() {
-                Source::Registry {
-                    registries: config.registries.clone(),
-                    service: service.clone(),
-                }
-            } else if let Some(address) = brewmesh_runtime::defaults::service_addr(service) {
-                Source::Static(vec![address.to_owned()])
-            } else {
-                return Err(RunError::NoBackend(service.clone()));
+            let given: &[String] = match config.backends.iter().find(|(s, _)| s == service) {
+                Some((_, addresses)) => addresses,
+                None => match reflected.iter().find(|(s, _)| s == service) {
+                    Some((_, address)) => std::slice::from_ref(address),
+                    None => &[],
+                },
             };
+            let source = Source::pick(service, given, None, &config.registries)
+                .ok_or_else(|| RunError::NoBackend(service.clone()))?;
             upstreams.insert(
                 service.clone(),
                 brewmesh_runtime::discovery::balanced(source)?,

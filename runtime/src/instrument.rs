@@ -146,20 +146,12 @@ impl CallEnd {
             return;
         }
         if self.measured {
-            let metrics = rpc();
-            metrics.in_flight.get_or_create(&self.labels).dec();
-            metrics
-                .duration
-                .get_or_create(&self.labels)
-                .observe(self.started.elapsed().as_secs_f64());
-            metrics
-                .requests
-                .get_or_create(&RpcCodeLabels {
-                    service: self.labels.service.clone(),
-                    method: self.labels.method.clone(),
-                    code: code_name(code).to_owned(),
-                })
-                .inc();
+            let outcome = RpcCodeLabels {
+                service: self.labels.service.clone(),
+                method: self.labels.method.clone(),
+                code: code_name(code).to_owned(),
+            };
+            rpc().end(&self.labels, self.started.elapsed(), &outcome);
         }
         if let Some(span) = &self.span {
             finish_span(span, self.kind, code, message);
@@ -232,7 +224,7 @@ where
             let _ = span.set_parent(extract(request.headers()));
             span
         });
-        rpc().in_flight.get_or_create(&labels).inc();
+        rpc().begin(&labels);
         let outcome = Arc::new(CallEnd {
             labels,
             started: Instant::now(),

@@ -118,42 +118,92 @@ pub struct RpcCodeLabels {
     pub code: String,
 }
 
-/// The server side of every gRPC call this process answers.
+/// The three metrics of one kind of request, by the RED method: finished
+/// requests by outcome (rate and errors), time taken (duration), and the
+/// requests being answered now. gRPC calls and the gateway's HTTP
+/// requests are both measured with it.
 #[derive(Debug, Clone)]
-pub struct RpcMetrics {
-    /// Finished calls by code.
-    pub requests: Family<RpcCodeLabels, Counter>,
-    /// Time from the request to the end of the response.
-    pub duration: Family<RpcLabels, Histogram>,
-    /// Calls being answered now.
-    pub in_flight: Family<RpcLabels, Gauge>,
+pub struct Red<L, O> {
+    /// Finished requests, by outcome.
+    pub requests: Family<O, Counter>,
+    /// Time to the answer.
+    pub duration: Family<L, Histogram>,
+    /// Requests being answered now.
+    pub in_flight: Family<L, Gauge>,
 }
 
-/// The process's [`RpcMetrics`], registered on first use.
-pub fn rpc() -> &'static RpcMetrics {
-    static RPC: OnceLock<RpcMetrics> = OnceLock::new();
-    RPC.get_or_init(|| {
-        let metrics = RpcMetrics {
+/// The help texts of a [`Red`]'s families.
+#[derive(Debug, Clone, Copy)]
+pub struct RedHelp {
+    /// Of `{prefix}_requests`.
+    pub requests: &'static str,
+    /// Of `{prefix}_duration_seconds`.
+    pub duration: &'static str,
+    /// Of `{prefix}_in_flight_requests`.
+    pub in_flight: &'static str,
+}
+
+impl<L, O> Red<L, O>
+where
+    L: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send + Sync + 'static,
+    O: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send + Sync + 'static,
+{
+    /// `{prefix}_requests`, `{prefix}_duration_seconds` and
+    /// `{prefix}_in_flight_requests`, registered.
+    pub fn register(prefix: &str, help: RedHelp) -> Self {
+        let red = Red {
             requests: Family::default(),
             duration: Family::new_with_constructor(latency_histogram),
             in_flight: Family::default(),
         };
         register(
-            "rpc_server_requests",
-            "gRPC calls answered, by service, method and status code",
-            metrics.requests.clone(),
+            &format!("{prefix}_requests"),
+            help.requests,
+            red.requests.clone(),
         );
         register(
-            "rpc_server_duration_seconds",
-            "gRPC call latency, request to the end of the response",
-            metrics.duration.clone(),
+            &format!("{prefix}_duration_seconds"),
+            help.duration,
+            red.duration.clone(),
         );
         register(
-            "rpc_server_in_flight_requests",
-            "gRPC calls being answered",
-            metrics.in_flight.clone(),
+            &format!("{prefix}_in_flight_requests"),
+            help.in_flight,
+            red.in_flight.clone(),
         );
-        metrics
+        red
+    }
+
+    /// A request `labels` has begun.
+    pub fn begin(&self, labels: &L) {
+        self.in_flight.get_or_create(labels).inc();
+    }
+
+    /// A request `labels` that began `elapsed` ago ended as `outcome`.
+    pub fn end(&self, labels: &L, elapsed: std::time::Duration, outcome: &O) {
+        self.in_flight.get_or_create(labels).dec();
+        self.duration
+            .get_or_create(labels)
+            .observe(elapsed.as_secs_f64());
+        self.requests.get_or_create(outcome).inc();
+    }
+}
+
+/// The server side of every gRPC call this process answers.
+pub type RpcMetrics = Red<RpcLabels, RpcCodeLabels>;
+
+/// The process's [`RpcMetrics`], registered on first use.
+pub fn rpc() -> &'static RpcMetrics {
+    static RPC: OnceLock<RpcMetrics> = OnceLock::new();
+    RPC.get_or_init(|| {
+        Red::register(
+            "rpc_server",
+            RedHelp {
+                requests: "gRPC calls answered, by service, method and status code",
+                duration: "gRPC call latency, request to the end of the response",
+                in_flight: "gRPC calls being answered",
+            },
+        )
     })
 }
 

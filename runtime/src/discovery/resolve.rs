@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 use crate::client::{InvalidAddress, endpoint};
 use brewmesh::pb::registry::v1::WatchRequest;
 use brewmesh::pb::registry::v1::registry_client::RegistryClient;
+use brewmesh::pb::registry::v1::registry_server;
 
 /// The set of addresses a service has now.
 pub type Addresses = Arc<BTreeSet<String>>;
@@ -44,6 +45,40 @@ pub enum Source {
         service: String,
     },
 }
+
+impl Source {
+    /// Where to find `service`, in the one order every role uses: the
+    /// `addresses` given, else the `dns` name, else the registry (the
+    /// registry itself is its `registries` list), else the default address
+    /// of a brewmesh service; `None` when nothing applies.
+    pub fn pick(
+        service: &str,
+        addresses: &[String],
+        dns: Option<&str>,
+        registries: &[String],
+    ) -> Option<Source> {
+        if !addresses.is_empty() {
+            Some(Source::Static(addresses.to_vec()))
+        } else if let Some(name) = dns {
+            Some(Source::Dns {
+                name: name.to_owned(),
+                every: DNS_EVERY,
+            })
+        } else if service == registry_server::SERVICE_NAME && !registries.is_empty() {
+            Some(Source::Static(registries.to_vec()))
+        } else if !registries.is_empty() {
+            Some(Source::Registry {
+                registries: registries.to_vec(),
+                service: service.to_owned(),
+            })
+        } else {
+            crate::defaults::service_addr(service).map(|a| Source::Static(vec![a.to_owned()]))
+        }
+    }
+}
+
+/// How often a DNS name is looked up again.
+const DNS_EVERY: Duration = Duration::from_secs(5);
 
 /// Follows `source`; the receiver always holds its latest address set.
 /// Must be called inside a Tokio runtime.
@@ -182,6 +217,42 @@ async fn watch_replica(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_role_picks_its_source_in_one_order() {
+        let payments = "brewmesh.payment.v1.Payments";
+        let (given, registries) = (vec!["10.0.0.1:1".to_owned()], vec!["r:1".to_owned()]);
+        let static_of = |s: Option<Source>| match s {
+            Some(Source::Static(list)) => list,
+            other => panic!("a static list, not {other:?}"),
+        };
+        assert_eq!(
+            static_of(Source::pick(payments, &given, Some("dns:1"), &registries)),
+            given
+        );
+        assert!(matches!(
+            Source::pick(payments, &[], Some("dns:1"), &registries),
+            Some(Source::Dns { name, .. }) if name == "dns:1"
+        ));
+        assert!(matches!(
+            Source::pick(payments, &[], None, &registries),
+            Some(Source::Registry { service, .. }) if service == payments
+        ));
+        assert_eq!(
+            static_of(Source::pick(
+                "brewmesh.registry.v1.Registry",
+                &[],
+                None,
+                &registries
+            )),
+            registries
+        );
+        assert_eq!(
+            static_of(Source::pick(payments, &[], None, &[])),
+            [crate::defaults::PAYMENT_ADDR]
+        );
+        assert!(Source::pick("echo.v1.Echo", &[], None, &[]).is_none());
+    }
 
     #[tokio::test]
     async fn a_dns_name_resolves_to_its_addresses_and_a_static_list_to_itself() {

@@ -116,21 +116,14 @@ pub struct Config {
 impl Config {
     /// Where the barista learns payment's addresses.
     pub fn payment_source(&self) -> Source {
-        if !self.payment_addrs.is_empty() {
-            Source::Static(self.payment_addrs.clone())
-        } else if let Some(name) = &self.payment_dns {
-            Source::Dns {
-                name: name.clone(),
-                every: Duration::from_secs(5),
-            }
-        } else if self.registry.enabled() {
-            Source::Registry {
-                registries: self.registry.registries.clone(),
-                service: payments_server::SERVICE_NAME.to_owned(),
-            }
-        } else {
-            Source::Static(vec![brewmesh_runtime::defaults::PAYMENT_ADDR.to_owned()])
-        }
+        Source::pick(
+            payments_server::SERVICE_NAME,
+            &self.payment_addrs,
+            self.payment_dns.as_deref(),
+            &self.registry.registries,
+        )
+        // Never empty: payment has a default address.
+        .unwrap_or(Source::Static(Vec::new()))
     }
 }
 
