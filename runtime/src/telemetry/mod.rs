@@ -17,28 +17,28 @@
 //! Only brewmesh's own spans are exported: h2, hyper and tonic internals
 //! would cost more CPU than the requests they describe.
 
-use std::fmt;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::SystemTime;
 
 use opentelemetry::KeyValue;
-use opentelemetry::propagation::{Extractor, Injector, TextMapCompositePropagator};
-use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use opentelemetry::propagation::TextMapCompositePropagator;
+use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithHttpConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use tracing::field::{Field, Visit};
-use tracing::{Event, Level, Subscriber};
+use tracing::Level;
 use tracing_subscriber::filter::Targets;
-use tracing_subscriber::fmt::format::Writer;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt as _;
-use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
+
+mod context;
+mod logs;
+
+pub use context::{HeaderExtractor, HeaderInjector, extract, fail, inject};
+use logs::{JsonLines, LossyStdout};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -298,6 +298,7 @@ pub fn init(format: LogFormat, identity: Identity) -> Result<Telemetry, Telemetr
             .event_format(JsonLines {
                 service: identity.service.clone(),
                 instance: identity.instance.clone(),
+                traced: tracing_enabled(),
             })
             .with_writer(|| LossyStdout)
             .boxed(),
@@ -351,161 +352,5 @@ impl opentelemetry_http::HttpClient for OnRuntime {
             .spawn(async move { client.send_bytes(request).await })
             .await
             .map_err(|e| Box::new(e) as opentelemetry_http::HttpError)?
-    }
-}
-
-/// Reads W3C trace context (and baggage) from request headers.
-pub struct HeaderExtractor<'a>(pub &'a http::HeaderMap);
-
-impl Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(http::HeaderName::as_str).collect()
-    }
-}
-
-/// Writes W3C trace context (and baggage) into request headers.
-pub struct HeaderInjector<'a>(pub &'a mut http::HeaderMap);
-
-impl Injector for HeaderInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(key.as_bytes()),
-            http::HeaderValue::from_str(&value),
-        ) {
-            self.0.insert(name, value);
-        }
-    }
-}
-
-/// The remote parent in `headers` (an invalid context when none).
-pub fn extract(headers: &http::HeaderMap) -> opentelemetry::Context {
-    opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)))
-}
-
-/// Puts `span`'s context into `headers`, for the next hop.
-pub fn inject(span: &tracing::Span, headers: &mut http::HeaderMap) {
-    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-    let context = span.context();
-    opentelemetry::global::get_text_map_propagator(|p| {
-        p.inject_context(&context, &mut HeaderInjector(headers));
-    });
-}
-
-/// Marks `span` failed with `message`, and records it as an event.
-pub fn fail(span: &tracing::Span, message: &str) {
-    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-    span.set_status(opentelemetry::trace::Status::error(message.to_owned()));
-    span.add_event(
-        "exception",
-        vec![KeyValue::new("exception.message", message.to_owned())],
-    );
-}
-
-/// JSON lines with the process's identity and the current trace context.
-struct JsonLines {
-    service: String,
-    instance: String,
-}
-
-impl<S, N> FormatEvent<S, N> for JsonLines
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-{
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
-        let metadata = event.metadata();
-        let mut line = serde_json::Map::new();
-        line.insert(
-            "timestamp".into(),
-            humantime::format_rfc3339_micros(SystemTime::now())
-                .to_string()
-                .into(),
-        );
-        line.insert("level".into(), metadata.level().as_str().into());
-        line.insert("target".into(), metadata.target().into());
-        event.record(&mut JsonFields(&mut line));
-        line.insert("service".into(), self.service.as_str().into());
-        line.insert("instance".into(), self.instance.as_str().into());
-        if tracing_enabled()
-            && let Some(span) = ctx.lookup_current()
-        {
-            let context = tracing::dispatcher::get_default(|dispatch| {
-                tracing_opentelemetry::get_otel_context(&span.id(), dispatch)
-            });
-            if let Some(context) = context {
-                let span_context = context.span().span_context().clone();
-                if span_context.is_valid() {
-                    line.insert(
-                        "trace_id".into(),
-                        span_context.trace_id().to_string().into(),
-                    );
-                    line.insert("span_id".into(), span_context.span_id().to_string().into());
-                }
-            }
-        }
-        let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
-        writeln!(writer, "{text}")
-    }
-}
-
-/// An event's fields as JSON values.
-struct JsonFields<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
-
-impl Visit for JsonFields<'_> {
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0
-            .insert(field.name().to_owned(), format!("{value:?}").into());
-    }
-
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().to_owned(), value.into());
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name().to_owned(), value.into());
-    }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().to_owned(), value.into());
-    }
-
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().to_owned(), value.into());
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().to_owned(), value.into());
-    }
-
-    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0
-            .insert(field.name().to_owned(), value.to_string().into());
-    }
-}
-
-/// Standard output that drops what it cannot write. When the reader of our
-/// output is gone (`brewmesh up` killed), tracing-subscriber would report
-/// each failed write with `eprintln!`, which panics on a broken stderr, in
-/// whichever task was logging; a lost log line must not take a task down.
-struct LossyStdout;
-
-impl std::io::Write for LossyStdout {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let _ = std::io::stdout().write_all(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        let _ = std::io::stdout().flush();
-        Ok(())
     }
 }

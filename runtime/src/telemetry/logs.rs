@@ -1,0 +1,120 @@
+//! Log lines as JSON: the process's identity, the event's fields and the
+//! current trace context, one object a line, on a standard output that
+//! never fails a task.
+
+use std::fmt;
+use std::time::SystemTime;
+
+use opentelemetry::trace::TraceContextExt as _;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// JSON lines with the process's identity and the current trace context.
+pub(super) struct JsonLines {
+    pub(super) service: String,
+    pub(super) instance: String,
+    /// Whether spans are exported, so lines can carry trace ids.
+    pub(super) traced: bool,
+}
+
+impl<S, N> FormatEvent<S, N> for JsonLines
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let metadata = event.metadata();
+        let mut line = serde_json::Map::new();
+        line.insert(
+            "timestamp".into(),
+            humantime::format_rfc3339_micros(SystemTime::now())
+                .to_string()
+                .into(),
+        );
+        line.insert("level".into(), metadata.level().as_str().into());
+        line.insert("target".into(), metadata.target().into());
+        event.record(&mut JsonFields(&mut line));
+        line.insert("service".into(), self.service.as_str().into());
+        line.insert("instance".into(), self.instance.as_str().into());
+        if self.traced
+            && let Some(span) = ctx.lookup_current()
+        {
+            let context = tracing::dispatcher::get_default(|dispatch| {
+                tracing_opentelemetry::get_otel_context(&span.id(), dispatch)
+            });
+            if let Some(context) = context {
+                let span_context = context.span().span_context().clone();
+                if span_context.is_valid() {
+                    line.insert(
+                        "trace_id".into(),
+                        span_context.trace_id().to_string().into(),
+                    );
+                    line.insert("span_id".into(), span_context.span_id().to_string().into());
+                }
+            }
+        }
+        let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;
+        writeln!(writer, "{text}")
+    }
+}
+
+/// An event's fields as JSON values.
+struct JsonFields<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
+
+impl Visit for JsonFields<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.0
+            .insert(field.name().to_owned(), format!("{value:?}").into());
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.0
+            .insert(field.name().to_owned(), value.to_string().into());
+    }
+}
+
+/// Standard output that drops what it cannot write. When the reader of our
+/// output is gone (`brewmesh up` killed), tracing-subscriber would report
+/// each failed write with `eprintln!`, which panics on a broken stderr, in
+/// whichever task was logging; a lost log line must not take a task down.
+pub(super) struct LossyStdout;
+
+impl std::io::Write for LossyStdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stdout().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stdout().flush();
+        Ok(())
+    }
+}
