@@ -111,8 +111,8 @@ pub enum GatewayError {
     Invalid(String),
     /// Fields that do not fit the request message: 400 with a BadRequest.
     BadRequest(Vec<Violation>),
-    /// No backend is configured for the route's service: 503.
-    NoBackend(String),
+    /// No instance of the route's service is known: 503, at once.
+    NoInstance(String),
     /// The backend's own status, with its details as JSON when their
     /// types are known, and its trailers.
     Upstream {
@@ -142,7 +142,7 @@ impl GatewayError {
             | GatewayError::TooLarge { .. }
             | GatewayError::Invalid(_)
             | GatewayError::BadRequest(_) => Code::InvalidArgument,
-            GatewayError::NoBackend(_) => Code::Unavailable,
+            GatewayError::NoInstance(_) => Code::Unavailable,
             GatewayError::Upstream { status, .. } => status.code(),
         }
     }
@@ -175,7 +175,7 @@ impl GatewayError {
                 .map(|v| format!("{}: {}", v.field, v.description))
                 .collect::<Vec<_>>()
                 .join("; "),
-            GatewayError::NoBackend(service) => format!("no backend for {service}"),
+            GatewayError::NoInstance(service) => format!("no instance of {service} is known"),
             GatewayError::Upstream { status, .. } => status.message().to_owned(),
         }
     }

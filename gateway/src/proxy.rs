@@ -3,7 +3,7 @@
 //! document, newline-delimited JSON or Server-Sent Events.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -63,8 +63,10 @@ async fn respond(
         return Ok(cached(&parts.headers, &entry, "HIT"));
     }
 
-    let Some(upstream) = gateway.upstreams.get(&route.rpc.service) else {
-        return Err(GatewayError::NoBackend(route.rpc.service.clone()));
+    let upstream = match gateway.upstreams.get(&route.rpc.service) {
+        // A second for the first instance to be found (just after start).
+        Some(upstream) if upstream.known(Duration::from_secs(1)).await => upstream,
+        _ => return Err(GatewayError::NoInstance(route.rpc.service.clone())),
     };
     let mut grpc = tonic::client::Grpc::new(upstream.clone());
     let streaming = route.rpc.method.is_server_streaming();

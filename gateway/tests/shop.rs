@@ -353,3 +353,36 @@ async fn gateway_replicas_share_the_cache_in_redis_and_survive_its_loss() {
     assert_eq!(without.status, 200, "{}", without.text());
     assert_eq!(without.body, first.body);
 }
+
+/// A service with no instance known (a registry that knows no payment) is
+/// answered 503 UNAVAILABLE at once, not 504 after the gateway's timeout.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_with_no_instance_known_is_unavailable_at_once() {
+    let registry_config = brewmesh_registry::Config {
+        serve: ServeArgs {
+            listen: None,
+            drain_timeout: Duration::from_secs(5),
+            inject_latency: None,
+        },
+        token: "test-token".parse().unwrap(),
+        default_ttl: Duration::from_secs(10),
+        max_ttl: Duration::from_secs(60),
+        health_retry: Duration::from_millis(100),
+    };
+    let registry = spawn(|l, s| brewmesh_registry::run(l, registry_config, s)).await;
+    let (_gateway, http) = gateway(brewmesh_gateway::Config {
+        registries: vec![registry.addr.to_string()],
+        timeout: Duration::from_secs(60),
+        ..Default::default()
+    })
+    .await;
+    let answer = http.get("/v1/payments/pay_0123456789abcdef").await;
+    let body = answer.assert_status(503, Code::Unavailable);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("no instance of brewmesh.payment.v1.Payments"),
+        "{body}"
+    );
+}

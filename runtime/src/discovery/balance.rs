@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::WatchStream;
 use tonic::body::Body;
@@ -35,9 +36,11 @@ use super::resolve::{Addresses, Source, resolve};
 /// `BoxError`: tonic clients over a `Box<dyn Error>` error leave the
 /// compiler unable to prove their futures `Send` in generic code.
 #[derive(Clone)]
-pub struct Balanced(
-    BoxCloneSyncService<http::Request<Body>, http::Response<Body>, tower::BoxError>,
-);
+pub struct Balanced {
+    inner: BoxCloneSyncService<http::Request<Body>, http::Response<Body>, tower::BoxError>,
+    /// The addresses known now, as the resolver tells them.
+    addresses: watch::Receiver<Addresses>,
+}
 
 impl std::fmt::Debug for Balanced {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -68,12 +71,28 @@ impl tower::Service<http::Request<Body>> for Balanced {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, CallError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), CallError>> {
-        self.0.poll_ready(cx).map_err(CallError)
+        self.inner.poll_ready(cx).map_err(CallError)
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let call = self.0.call(request);
+        let call = self.inner.call(request);
         Box::pin(async move { call.await.map_err(CallError) })
+    }
+}
+
+impl Balanced {
+    /// Whether any address is known, waiting up to `patience` for the
+    /// first one: a caller with none answers UNAVAILABLE at once instead
+    /// of waiting out its deadline for an instance that may never come.
+    pub async fn known(&self, patience: Duration) -> bool {
+        let mut addresses = self.addresses.clone();
+        if !addresses.borrow().is_empty() {
+            return true;
+        }
+        matches!(
+            tokio::time::timeout(patience, addresses.wait_for(|set| !set.is_empty())).await,
+            Ok(Ok(_))
+        )
     }
 }
 
@@ -98,6 +117,7 @@ pub fn balanced(source: Source) -> Result<Balanced, InvalidAddress> {
 /// Must be called inside a Tokio runtime.
 pub fn balanced_with(source: Source, balancing: Balancing) -> Result<Balanced, InvalidAddress> {
     let addresses = resolve(source)?;
+    let known = addresses.clone();
     let changes = Changes {
         updates: WatchStream::new(addresses),
         current: BTreeSet::new(),
@@ -110,9 +130,10 @@ pub fn balanced_with(source: Source, balancing: Balancing) -> Result<Balanced, I
             endpoints: Vec::new(),
             next: 0,
         };
-        return Ok(Balanced(BoxCloneSyncService::new(
-            ClientLayer.layer(Buffer::new(round_robin, 1024)),
-        )));
+        return Ok(Balanced {
+            inner: BoxCloneSyncService::new(ClientLayer.layer(Buffer::new(round_robin, 1024))),
+            addresses: known,
+        });
     }
     // A new endpoint's first guess is optimistic (1 ms): P2C compares loads,
     // so a pessimistic guess would starve a new replica of the very traffic
@@ -130,9 +151,10 @@ pub fn balanced_with(source: Source, balancing: Balancing) -> Result<Balanced, I
     // Requests beyond this many queue in callers instead of here.
     // Traced outside the buffer: the client span covers the wait for an
     // endpoint, as the caller sees it.
-    Ok(Balanced(BoxCloneSyncService::new(
-        ClientLayer.layer(Buffer::new(balance, 1024)),
-    )))
+    Ok(Balanced {
+        inner: BoxCloneSyncService::new(ClientLayer.layer(Buffer::new(balance, 1024))),
+        addresses: known,
+    })
 }
 
 /// Round robin over the discovered endpoints.
