@@ -1,15 +1,22 @@
 //! Outlier ejection: an endpoint that keeps failing is taken out of the
 //! balancer for a while, as Envoy's outlier detection does.
 //!
-//! Five consecutive failures (a transport error, or `UNAVAILABLE`) eject an
-//! endpoint for one second, doubling with each ejection in a row up to 30 s;
+//! Five consecutive failures eject an endpoint for one second, doubling with each ejection in a row up to 30 s;
 //! a success resets both. An ejected endpoint reports not-ready, so P2C
 //! picks among the others; when the time is up it is ready again and its
 //! next call decides. At most half of a balancer's endpoints are ejected at
 //! once: a caller whose every endpoint fails keeps trying them rather than
 //! ejecting itself into a stall. The registry takes dead instances out
 //! within about a second; ejection covers what it cannot see (an instance
-//! this caller cannot reach while the registry can) and the time before.
+//! this caller cannot reach while the registry can, or one too slow for
+//! the caller's deadline while its health check still answers) and the
+//! time before.
+//!
+//! A failure is a transport error; `UNAVAILABLE`, `DEADLINE_EXCEEDED` or
+//! `CANCELLED` in a trailers-only answer (tonic's server ends an expired
+//! call with CANCELLED "Timeout expired"); or a call the caller gave up
+//! on (its future dropped) once its `grpc-timeout` had passed. A call
+//! dropped before its deadline (a caller that went away) says nothing.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -140,26 +147,67 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let deadline = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| grpc_timeout(v.to_str().ok()?))
+            .map(|timeout| Instant::now() + timeout);
         let call = self.inner.call(request);
-        let (outcomes, shared, address) = (
-            Arc::clone(&self.outcomes),
-            Arc::clone(&self.shared),
-            self.address.clone(),
-        );
+        let mut pending = Pending {
+            outcomes: Arc::clone(&self.outcomes),
+            shared: Arc::clone(&self.shared),
+            address: self.address.clone(),
+            deadline,
+            done: false,
+        };
         Box::pin(async move {
             let result = call.await;
             let failed = match &result {
                 Err(_) => true,
-                // A trailers-only UNAVAILABLE carries its status in the headers.
+                // A trailers-only answer carries its status in the headers.
                 Ok(response) => response
                     .headers()
                     .get("grpc-status")
-                    .is_some_and(|s| s == "14"),
+                    .is_some_and(|s| s == "14" || s == "4" || s == "1"),
             };
-            record(&outcomes, &shared, &address, failed);
+            pending.done = true;
+            record(&pending.outcomes, &pending.shared, &pending.address, failed);
             result
         })
     }
+}
+
+/// A call on its way: if it is dropped unanswered past its deadline, the
+/// endpoint was too slow, and that counts as a failure.
+struct Pending {
+    outcomes: Arc<Outcomes>,
+    shared: Arc<Ejections>,
+    address: String,
+    deadline: Option<Instant>,
+    done: bool,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.done && self.deadline.is_some_and(|d| Instant::now() >= d) {
+            record(&self.outcomes, &self.shared, &self.address, true);
+        }
+    }
+}
+
+/// A `grpc-timeout` header's value (`100m`, `10S`): digits and a unit.
+fn grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 fn record(outcomes: &Outcomes, shared: &Ejections, address: &str, failed: bool) {
@@ -278,6 +326,106 @@ mod tests {
             0,
             "a success resets"
         );
+    }
+
+    /// An endpoint that never answers.
+    #[derive(Clone)]
+    struct Hung;
+
+    impl Service<http::Request<Body>> for Hung {
+        type Response = http::Response<Body>;
+        type Error = &'static str;
+        type Future = std::future::Pending<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<Body>) -> Self::Future {
+            std::future::pending()
+        }
+    }
+
+    /// A server that ends each call as tonic ends an expired one.
+    #[derive(Clone)]
+    struct Expiring;
+
+    impl Service<http::Request<Body>> for Expiring {
+        type Response = http::Response<Body>;
+        type Error = &'static str;
+        type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<Body>) -> Self::Future {
+            let mut response = http::Response::new(Body::empty());
+            response
+                .headers_mut()
+                .insert("grpc-status", http::HeaderValue::from_static("1"));
+            std::future::ready(Ok(response))
+        }
+    }
+
+    fn with_deadline(timeout: &'static str) -> http::Request<Body> {
+        let mut request = http::Request::new(Body::empty());
+        request
+            .headers_mut()
+            .insert("grpc-timeout", http::HeaderValue::from_static(timeout));
+        request
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_slower_than_the_deadline_leaves_rotation() {
+        let shared = Arc::new(Ejections::default());
+        let mut slow = Ejecting::new(Hung, "slow".into(), shared.clone());
+        let _fast = Ejecting::new(Flaky(Arc::default()), "fast".into(), shared.clone());
+        for _ in 0..FAILURES_TO_EJECT {
+            let call = slow.ready().await.unwrap().call(with_deadline("100m"));
+            // The caller gives up at its deadline.
+            assert!(
+                tokio::time::timeout(Duration::from_millis(100), call)
+                    .await
+                    .is_err()
+            );
+        }
+        assert!(
+            !is_ready(&mut slow),
+            "ejected after {FAILURES_TO_EJECT} timeouts"
+        );
+
+        // Calls dropped before their deadline (callers gone) say nothing.
+        tokio::time::advance(BASE_EJECTION * 4).await;
+        assert!(is_ready(&mut slow));
+        for _ in 0..FAILURES_TO_EJECT {
+            let call = slow.ready().await.unwrap().call(with_deadline("10S"));
+            drop(call);
+        }
+        assert!(is_ready(&mut slow), "no deadline had passed");
+
+        // tonic's own answer to an expired call counts the same.
+        let mut expiring = Ejecting::new(Expiring, "expiring".into(), shared.clone());
+        let _third = Ejecting::new(Flaky(Arc::default()), "third".into(), shared.clone());
+        for _ in 0..FAILURES_TO_EJECT {
+            let _ = expiring
+                .ready()
+                .await
+                .unwrap()
+                .call(with_deadline("1S"))
+                .await;
+        }
+        assert!(!is_ready(&mut expiring), "CANCELLED answers eject");
+    }
+
+    #[test]
+    fn grpc_timeouts_are_read_in_every_unit() {
+        assert_eq!(grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(grpc_timeout("10S"), Some(Duration::from_secs(10)));
+        assert_eq!(grpc_timeout("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(grpc_timeout("5u"), Some(Duration::from_micros(5)));
+        assert_eq!(grpc_timeout("x"), None);
+        assert_eq!(grpc_timeout(""), None);
     }
 
     #[tokio::test(start_paused = true)]
