@@ -395,3 +395,44 @@ async fn up_killed_with_sigkill_leaves_no_role_running() {
         }
     }
 }
+
+/// A barista killed while a REST client watches an order through the
+/// gateway: the watch ends with UNAVAILABLE and a hint to resume, as a
+/// clean drain ends it — not UNKNOWN "h2 protocol error".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watch_whose_barista_dies_ends_unavailable_with_a_resume_hint() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let payment = start_payment(dir.path(), "10ms").await;
+    let mut barista = start_barista(dir.path(), &payment, "20s").await;
+    let backends = format!(
+        "brewmesh.barista.v1.Barista={};brewmesh.payment.v1.Payments={}",
+        barista.addr, payment.addr
+    );
+    let gateway = Process::start(&["gateway", "--listen", "127.0.0.1:0", "--backend", &backends]);
+    let placed = json(&curl(&[
+        "-XPOST",
+        &format!("{}/v1/orders", gateway.url()),
+        "-d",
+        r#"{"idempotencyKey":"dies-1","itemId":"espresso","customerName":"Ada","cardToken":"tok_visa"}"#,
+    ]));
+    let order_id = placed["orderId"].as_str().unwrap().to_owned();
+
+    let mut watch = std::process::Command::new("curl")
+        .args(["-sN", "--max-time", "30"])
+        .arg(format!("{}/v1/orders/{order_id}:watch", gateway.url()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(watch.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert!(first.contains("ORDER_EVENT_TYPE_ACCEPTED"), "{first}");
+
+    barista.kill9();
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    let _ = watch.wait();
+    let last = json(rest.last().expect("the watch ends with a line"));
+    assert_eq!(last["error"]["code"], 14, "UNAVAILABLE: {rest:?}");
+    let message = last["error"]["message"].as_str().unwrap();
+    assert!(message.contains("watch again"), "{message}");
+}

@@ -30,6 +30,23 @@ pub(crate) fn accepts_event_stream(headers: &HeaderMap) -> bool {
         })
 }
 
+/// A stream broken below gRPC (its backend died: the connection reset, an
+/// h2 error) is UNAVAILABLE with a hint to resume, as a backend's clean
+/// drain says; a status the backend sent stays as it is.
+fn went_away(status: tonic::Status) -> tonic::Status {
+    use std::error::Error as _;
+    let local = status.source().is_some();
+    match status.code() {
+        tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled if local => {
+            tonic::Status::unavailable(format!(
+                "the stream's backend went away ({}); watch again from the last message received",
+                status.message()
+            ))
+        }
+        _ => status,
+    }
+}
+
 /// A server stream as NDJSON (`{"result": …}` per line, `{"error": …}` at
 /// the end when it fails, as grpc-gateway writes it) or as Server-Sent
 /// Events (`data:` per message, `event: error` when it fails).
@@ -42,7 +59,17 @@ pub(crate) fn stream_response(
     let (metadata, stream, _) = response.into_parts();
     let gateway = Arc::clone(gateway);
     let route = route.clone();
-    let frames = stream.map(move |item| -> Result<Bytes, Infallible> {
+    // The first error ends the answer: tonic may yield a broken stream's
+    // error more than once.
+    let mut ended = false;
+    let items = stream
+        .take_while(move |item| {
+            let go = !ended;
+            ended |= item.is_err();
+            go
+        })
+        .map(|item| item.map_err(went_away));
+    let frames = items.map(move |item| -> Result<Bytes, Infallible> {
         let mut frame = BytesMut::with_capacity(256);
         match (item, sse) {
             (Ok(message), false) => {

@@ -12,6 +12,12 @@ use super::follow::{Ending, Entrance, Event, Events};
 pub(super) struct Grpc(pub(super) BaristaClient<Channel>);
 
 fn ending(status: tonic::Status) -> Ending {
+    use std::error::Error as _;
+    // Broken below gRPC (the barista died: a reset, an h2 error): the
+    // watch is resumed like one a draining barista ended.
+    if status.source().is_some() {
+        return Ending::Error(tonic::Code::Unavailable, status.message().to_owned());
+    }
     Ending::Error(status.code(), status.message().to_owned())
 }
 
