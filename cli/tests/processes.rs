@@ -436,3 +436,80 @@ async fn a_watch_whose_barista_dies_ends_unavailable_with_a_resume_hint() {
     let message = last["error"]["message"].as_str().unwrap();
     assert!(message.contains("watch again"), "{message}");
 }
+
+/// Two baristas share one order database; something else (a replica
+/// paused while it held the write lock, in real life) holds the lock for
+/// longer than an order lease. When it lets go, neither barista takes the
+/// other's orders: each renews its own before anyone adopts, and every
+/// order ends READY where it began.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_held_still_past_the_lease_costs_no_barista_its_orders() {
+    use sqlx::Connection as _;
+    let dir = tempfile::tempdir().unwrap();
+    let payment = start_payment(dir.path(), "10ms").await;
+    let payment_addr = payment.addr.to_string();
+    let barista_args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--payment-addr",
+        &payment_addr,
+        "--espresso-time",
+        "3s",
+        "--milk-time",
+        "3s",
+        "--order-lease",
+        "1s",
+    ];
+    let a = Process::start_role("barista", dir.path(), &barista_args).await;
+    let b = Process::start_role("barista", dir.path(), &barista_args).await;
+    let mut orders = Vec::new();
+    for (n, barista) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let placed = client(barista.url(), BaristaClient::new)
+            .place_order(PlaceOrderRequest {
+                idempotency_key: format!("still-{n}"),
+                item_id: "latte".into(),
+                customer_name: "Ada".into(),
+                card_token: "tok_visa".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        orders.push((placed.order_id, barista.url()));
+    }
+
+    // Hold the orders table still for two and a half leases.
+    let url = brewmesh_testing::database(dir.path(), "barista")
+        .await
+        .url("barista.db")
+        .unwrap();
+    sqlx::any::install_default_drivers();
+    let mut holder = sqlx::AnyConnection::connect(&url).await.unwrap();
+    if brewmesh_runtime::db::is_sqlite_url(&url) {
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+    } else {
+        sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+        sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+
+    for (order_id, url) in &orders {
+        let events = events_until(
+            &mut client(url.clone(), BaristaClient::new),
+            order_id,
+            |t| matches!(t, E::Ready | E::Failed | E::Cancelled),
+        )
+        .await;
+        assert_eq!(events.last().unwrap().r#type(), E::Ready, "{events:?}");
+    }
+    for barista in [&a, &b] {
+        let taken = barista.lines_with("taking over an unfinished order");
+        assert!(taken.is_empty(), "an order changed hands: {taken:?}");
+    }
+}

@@ -186,22 +186,77 @@ pub async fn open(
 }
 
 /// The status a database error answers with: `UNAVAILABLE` when it may pass
-/// (the pool or the connection), `INTERNAL` otherwise. Logged here, once.
+/// ([`is_transient`]), `DATA_LOSS` for a stored value this binary cannot
+/// read, `INTERNAL` otherwise. Logged here, once.
 pub fn status(error: &sqlx::Error, what: &str) -> tonic::Status {
     tracing::error!(%error, "{what} database error");
+    if is_transient(error) {
+        return tonic::Status::unavailable(format!(
+            "the {what} database is unavailable; retry with the same idempotency key"
+        ));
+    }
     match error {
-        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
-            tonic::Status::unavailable(format!(
-                "the {what} database is unavailable; retry with the same idempotency key"
-            ))
+        sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. } => {
+            tonic::Status::data_loss(format!("a stored {what} record cannot be read"))
         }
         _ => tonic::Status::internal(format!("{what} database error")),
+    }
+}
+
+/// Whether `error` may pass if the call is tried again: the pool or the
+/// connection gave out, SQLite stayed busy or locked past its busy timeout
+/// (another process holds the write lock), or PostgreSQL refused for now
+/// (serialization failure, deadlock, lock not available, too many
+/// connections, shutting down).
+pub fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(database) => {
+            let code = database.code();
+            let code = code.as_deref().unwrap_or_default();
+            // SQLite: the primary result code is the low byte of the
+            // extended one (SQLITE_BUSY_SNAPSHOT is 517).
+            let sqlite = code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
+            let postgres = matches!(
+                code,
+                "40001" | "40P01" | "55P03" | "53300" | "57P01" | "57P03"
+            );
+            sqlite || postgres
+        }
+        _ => false,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Another connection holds the write lock past the busy timeout: a
+    /// write fails, and its status is UNAVAILABLE (retry), not INTERNAL.
+    #[tokio::test]
+    async fn a_database_locked_by_another_writer_is_unavailable() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = sqlite_url(&dir.path().join("t.db"));
+        let pool = open(&url, Synchronous::Normal, &[V1]).await.unwrap();
+        let mut holder = sqlx::AnyConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        sqlx::query("PRAGMA busy_timeout = 50")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let error = sqlx::query("INSERT INTO t (a) VALUES (1)")
+            .execute(&mut *conn)
+            .await
+            .unwrap_err();
+        assert!(is_transient(&error), "{error:?}");
+        assert_eq!(status(&error, "test").code(), tonic::Code::Unavailable);
+        drop(conn);
+        sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    }
 
     const V1: Migration = &["CREATE TABLE t (a BIGINT NOT NULL)"];
     const V2: Migration = &["ALTER TABLE t ADD COLUMN b TEXT NOT NULL DEFAULT ''"];

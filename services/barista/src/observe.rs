@@ -15,9 +15,15 @@ struct OutcomeLabels {
     outcome: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TableLabels {
+    table: &'static str,
+}
+
 struct Orders {
     placed: Counter,
     finished: Family<OutcomeLabels, Counter>,
+    unreadable: Family<TableLabels, Counter>,
 }
 
 fn orders() -> &'static Orders {
@@ -26,6 +32,7 @@ fn orders() -> &'static Orders {
         let orders = Orders {
             placed: Counter::default(),
             finished: Family::default(),
+            unreadable: Family::default(),
         };
         brewmesh_runtime::metrics::register(
             "brewmesh_orders_placed",
@@ -36,6 +43,11 @@ fn orders() -> &'static Orders {
             "brewmesh_orders_finished",
             "Order sagas finished, by outcome (ready, failed, cancelled)",
             orders.finished.clone(),
+        );
+        brewmesh_runtime::metrics::register(
+            "brewmesh_unreadable_rows",
+            "Stored rows skipped because they could not be read (an unknown state, step or event type), by table",
+            orders.unreadable.clone(),
         );
         orders
     })
@@ -51,6 +63,14 @@ pub fn order_finished(outcome: &'static str) {
     orders()
         .finished
         .get_or_create(&OutcomeLabels { outcome })
+        .inc();
+}
+
+/// A row of `table` could not be read and was skipped.
+pub fn unreadable_row(table: &'static str) {
+    orders()
+        .unreadable
+        .get_or_create(&TableLabels { table })
         .inc();
 }
 

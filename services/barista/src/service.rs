@@ -119,13 +119,13 @@ impl Barista for BaristaService {
         violations.check()?;
         // The page token is the id of the last order of the previous page.
         let before = Some(request.page_token.as_str()).filter(|t| !t.is_empty());
-        let (orders, more) = self
+        let (orders, last) = self
             .shop
             .store()
             .list(state, before, limit)
             .await
             .map_err(BaristaError::from)?;
-        let next_page_token = next_page_token(more, orders.last().map(|o| o.order_id.as_str()));
+        let next_page_token = next_page_token(last.is_some(), last.as_deref());
         Ok(Response::new(ListOrdersResponse {
             orders,
             next_page_token,

@@ -211,25 +211,47 @@ impl Shop {
     /// Every third of the lease: renews this barista's leases until `stop`,
     /// and adopts orphans until `draining` (a draining barista takes on no
     /// new work).
+    ///
+    /// After a stall — a renewal that failed or came late: this process was
+    /// paused, or the database held still (another process paused with its
+    /// write lock) — it adopts nothing for a whole lease: the others'
+    /// leases ran out in the same stall, and they get a lease's time to
+    /// renew them before anyone may call their orders orphans.
     pub(crate) async fn keep_leases(
         self: Arc<Self>,
         draining: CancellationToken,
         stop: CancellationToken,
     ) {
-        let mut tick = tokio::time::interval(self.lease / 3);
+        let every = self.lease / 3;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut renewed = tokio::time::Instant::now();
+        let mut calm_from = renewed;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 () = stop.cancelled() => return,
             }
-            if let Err(error) = self
+            let renewal = self
                 .store()
                 .renew_leases(&self.owner, self.lease_until())
-                .await
-            {
-                tracing::warn!(%error, "renewing order leases failed");
+                .await;
+            let now = tokio::time::Instant::now();
+            let late = now.duration_since(renewed) > every * 2;
+            match renewal {
+                Ok(_) if !late => renewed = now,
+                Ok(_) => {
+                    tracing::warn!(since_last = ?now.duration_since(renewed), "order leases renewed late: adopting nothing for a lease");
+                    renewed = now;
+                    calm_from = now + self.lease;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "renewing order leases failed: adopting nothing for a lease");
+                    calm_from = now + self.lease;
+                }
             }
             if !draining.is_cancelled()
+                && now >= calm_from
                 && let Err(error) = self.adopt().await
             {
                 tracing::warn!(%error, "adopting orphaned orders failed");

@@ -648,3 +648,113 @@ async fn a_watch_on_either_replica_sees_what_the_other_one_writes() {
     assert!(types.contains(&E::CancelRequested), "{types:?}");
     assert_eq!(types.last(), Some(&E::Cancelled), "{types:?}");
 }
+
+/// Rows this binary cannot read (an unknown saga step on an unfinished
+/// order, an unknown state on a READY one) are skipped and reported: the
+/// barista still starts, still finishes the other orphaned orders, and
+/// still lists the page; the unfinished one is quarantined, out of every
+/// barista's way.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_row_stops_neither_the_barista_nor_a_page() {
+    use sqlx::Connection as _;
+    let (dir, payment) = payment(Duration::from_millis(10)).await;
+    let database = brewmesh_testing::database(dir.path(), "barista").await;
+    let config = barista_config(database.clone(), payment.addr.to_string());
+    let barista = spawn(|l, s| brewmesh_barista::run(l, config.clone(), s)).await;
+    let mut client = BaristaClient::new(brewmesh_runtime::client::channel(&barista.url()).unwrap());
+    let mut ids = Vec::new();
+    for key in ["bad-step", "bad-state", "orphan", "fine"] {
+        let placed = client.place_order(order(key, "espresso", "tok_visa")).await;
+        ids.push(placed.unwrap().into_inner().order_id);
+    }
+    for id in &ids {
+        let mut stream = client
+            .watch_order(WatchOrderRequest {
+                order_id: id.clone(),
+                after_sequence: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut last = E::Unspecified;
+        while let Some(event) = tokio::time::timeout(Duration::from_secs(30), stream.next())
+            .await
+            .expect("the order ends within 30s")
+        {
+            last = event.unwrap().r#type();
+        }
+        assert_eq!(last, E::Ready);
+    }
+    let _ = barista.stop().await;
+
+    // Plant: an unfinished order with a step nobody knows, a READY order
+    // with a state nobody knows, and an orphan left at step Complete.
+    sqlx::any::install_default_drivers();
+    let url = database.url("barista.db").unwrap();
+    let mut db = sqlx::AnyConnection::connect(&url).await.unwrap();
+    let plant = [
+        (
+            "UPDATE orders SET saga_step = 'bogus', lease_until = 0 WHERE order_id = $1",
+            &ids[0],
+        ),
+        ("UPDATE orders SET state = 99 WHERE order_id = $1", &ids[1]),
+        (
+            "UPDATE orders SET saga_step = 'complete', state = 2, owner = 'gone', lease_until = 0 WHERE order_id = $1",
+            &ids[2],
+        ),
+    ];
+    for (sql, id) in plant {
+        sqlx::query(sql).bind(id).execute(&mut db).await.unwrap();
+    }
+
+    let barista = spawn(|l, s| brewmesh_barista::run(l, config, s)).await;
+    let mut client = BaristaClient::new(brewmesh_runtime::client::channel(&barista.url()).unwrap());
+    // The orphan is taken over and finished again: READY.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = client
+            .get_order(GetOrderRequest {
+                order_id: ids[2].clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if got.state() == OrderState::Ready {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the orphan is finished: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The page lists every readable order.
+    let page = client
+        .list_orders(ListOrdersRequest {
+            page_size: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("one bad row does not fail the page")
+        .into_inner();
+    let listed: Vec<&str> = page.orders.iter().map(|o| o.order_id.as_str()).collect();
+    assert!(
+        listed.contains(&ids[3].as_str()) && listed.contains(&ids[2].as_str()),
+        "{listed:?}"
+    );
+    assert!(!listed.contains(&ids[1].as_str()), "{listed:?}");
+    // The unreadable order answers DATA_LOSS, and is quarantined.
+    let status = client
+        .get_order(GetOrderRequest {
+            order_id: ids[1].clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+    let owner: String = sqlx::query_scalar("SELECT owner FROM orders WHERE order_id = $1")
+        .bind(&ids[0])
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(owner, brewmesh_barista::store::QUARANTINED);
+}

@@ -24,6 +24,11 @@ use brewmesh::pb::payment::v1::Money;
 use schema::{COLUMNS, MIGRATIONS};
 use writer::{InsertOrder, Job, MAX_BATCH, Queued, Update};
 
+/// The owner of an unfinished order no barista could read: claimed by
+/// nobody until an operator mends the row and sets its owner back
+/// (`UPDATE orders SET owner = '', lease_until = 0 WHERE order_id = …`).
+pub const QUARANTINED: &str = "quarantined";
+
 /// Where an order's saga is: what is left to do, also after a crash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -229,13 +234,14 @@ impl OrderStore {
     }
 
     /// Up to `limit` orders older than `before`, newest first, only those in
-    /// `state` unless it is UNSPECIFIED; and whether more follow.
+    /// `state` unless it is UNSPECIFIED (an unreadable one skipped); and,
+    /// when more follow, the id to continue before.
     pub async fn list(
         &self,
         state: OrderState,
         before: Option<&str>,
         limit: u32,
-    ) -> Result<(Vec<Order>, bool), sqlx::Error> {
+    ) -> Result<(Vec<Order>, Option<String>), sqlx::Error> {
         let rows = sqlx::query(&format!(
             "SELECT {COLUMNS} FROM orders WHERE ($1 = 0 OR state = $1) AND ($2 = '' OR order_id < $2) \
              ORDER BY order_id DESC LIMIT $3"
@@ -246,12 +252,14 @@ impl OrderStore {
         .fetch_all(&self.pool)
         .await?;
         let more = rows.len() > limit as usize;
-        let orders = rows
-            .iter()
-            .take(limit as usize)
-            .map(|row| rows::record(row).map(|r| r.order))
-            .collect::<Result<_, _>>()?;
-        Ok((orders, more))
+        let page = &rows[..rows.len().min(limit as usize)];
+        // The next page starts after this page's last row, read or not.
+        let last = match page.last() {
+            Some(row) if more => Some(row.try_get("order_id")?),
+            _ => None,
+        };
+        let orders = rows::readable(page, "orders", |row| rows::record(row).map(|r| r.order));
+        Ok((orders, last))
     }
 
     /// The order's events after sequence `after`, in order.
@@ -268,7 +276,7 @@ impl OrderStore {
         .bind(after)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(rows::event).collect()
+        Ok(rows::readable(&rows, "order_events", rows::event))
     }
 
     /// The highest event sequence of each of `order_ids` that has events.
@@ -312,7 +320,8 @@ impl OrderStore {
     /// then returns every unfinished order `owner` holds, oldest first.
     ///
     /// The claim is one conditional UPDATE: of several baristas claiming at
-    /// once, each order goes to exactly one.
+    /// once, each order goes to exactly one. An order that cannot be read
+    /// is quarantined (its owner becomes [`QUARANTINED`]) and skipped.
     pub async fn claim_orphans(
         &self,
         owner: &str,
@@ -320,11 +329,13 @@ impl OrderStore {
         until: i64,
     ) -> Result<Vec<OrderRecord>, sqlx::Error> {
         sqlx::query(
-            "UPDATE orders SET owner = $1, lease_until = $2 WHERE saga_step <> 'done' AND lease_until < $3",
+            "UPDATE orders SET owner = $1, lease_until = $2 \
+             WHERE saga_step <> 'done' AND lease_until < $3 AND owner <> $4",
         )
         .bind(owner)
         .bind(until)
         .bind(now)
+        .bind(QUARANTINED)
         .execute(&self.pool)
         .await?;
         let rows = sqlx::query(&format!(
@@ -333,7 +344,29 @@ impl OrderStore {
         .bind(owner)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(rows::record).collect()
+        let (mut held, mut unreadable) = (Vec::with_capacity(rows.len()), Vec::new());
+        for row in &rows {
+            match rows::record(row) {
+                Ok(record) => held.push(record),
+                Err(error) => {
+                    let order_id: String = row.try_get("order_id")?;
+                    tracing::warn!(%order_id, %error, owner = QUARANTINED, "unreadable unfinished order: quarantined");
+                    crate::observe::unreadable_row("orders");
+                    unreadable.push(order_id);
+                }
+            }
+        }
+        // Out of every barista's way until an operator mends it and sets
+        // its owner back: nobody renews, claims or runs it.
+        for order_id in unreadable {
+            sqlx::query("UPDATE orders SET owner = $1 WHERE order_id = $2 AND owner = $3")
+                .bind(QUARANTINED)
+                .bind(&order_id)
+                .bind(owner)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(held)
     }
 
     /// Gives up `owner`'s leases at once, so another barista takes its

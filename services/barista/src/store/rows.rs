@@ -1,5 +1,7 @@
 //! Rows into the saga's and the API's types; a value the code does not know
-//! (a state, a step, an event type) is a decode error naming it.
+//! (a state, a step, an event type) is a decode error naming it, and
+//! [`readable`] reads a set of rows past the ones that fail: one bad row
+//! must stop neither a replica nor a page.
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -12,6 +14,26 @@ use super::{Inserted, OrderRecord, Step};
 
 fn corrupt(what: String) -> sqlx::Error {
     sqlx::Error::Decode(what.into())
+}
+
+/// The rows `read` can read; each one it cannot is reported (a warning
+/// naming the order and why, and `brewmesh_unreadable_rows`) and skipped.
+pub(super) fn readable<T>(
+    rows: &[AnyRow],
+    table: &'static str,
+    read: impl Fn(&AnyRow) -> Result<T, sqlx::Error>,
+) -> Vec<T> {
+    rows.iter()
+        .filter_map(|row| match read(row) {
+            Ok(value) => Some(value),
+            Err(error) => {
+                let order_id: String = row.try_get("order_id").unwrap_or_default();
+                tracing::warn!(table, %order_id, %error, "unreadable row: skipped");
+                crate::observe::unreadable_row(table);
+                None
+            }
+        })
+        .collect()
 }
 
 /// The state stored as `value`.
