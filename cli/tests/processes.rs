@@ -513,3 +513,77 @@ async fn a_database_held_still_past_the_lease_costs_no_barista_its_orders() {
         assert!(taken.is_empty(), "an order changed hands: {taken:?}");
     }
 }
+
+/// The failure issue's first finding, with real replicas: a barista paused
+/// (SIGSTOP) mid-brew past its lease, while another takes its order over
+/// and finishes it, wakes and writes nothing: the order stays READY with
+/// one capture and no void, never FAILED with a made drink.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_barista_paused_past_its_lease_leaves_the_order_to_its_new_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let payment = start_payment(dir.path(), "10ms").await;
+    let payment_addr = payment.addr.to_string();
+    let barista_args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--payment-addr",
+        &payment_addr,
+        "--espresso-time",
+        "2s",
+        "--milk-time",
+        "2s",
+        "--order-lease",
+        "1s",
+    ];
+    let sleeper = Process::start_role("barista", dir.path(), &barista_args).await;
+    let other = Process::start_role("barista", dir.path(), &barista_args).await;
+    let mut via_sleeper = client(sleeper.url(), BaristaClient::new);
+    let order = via_sleeper
+        .place_order(PlaceOrderRequest {
+            idempotency_key: "paused-1".into(),
+            item_id: "latte".into(),
+            customer_name: "Ada".into(),
+            card_token: "tok_visa".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    events_until(&mut via_sleeper, &order.order_id, |e| {
+        e == E::EspressoStarted
+    })
+    .await;
+
+    sleeper.signal(Signal::SIGSTOP);
+    let mut via_other = client(other.url(), BaristaClient::new);
+    let events = events_until(&mut via_other, &order.order_id, |e| {
+        matches!(e, E::Ready | E::Failed | E::Cancelled)
+    })
+    .await;
+    sleeper.signal(Signal::SIGCONT);
+    let kinds: Vec<E> = events.iter().map(|e| e.r#type()).collect();
+    assert!(kinds.contains(&E::Resumed), "taken over: {kinds:?}");
+    assert_eq!(kinds.last(), Some(&E::Ready), "{kinds:?}");
+
+    // Past the sleeper's own brew and capture attempt: its saga wakes to
+    // an order that is no longer its own.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let got = via_other
+        .get_order(brewmesh::pb::barista::v1::GetOrderRequest {
+            order_id: order.order_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state(), OrderState::Ready, "{got:?}");
+    let payments = client(payment.url(), PaymentsClient::new)
+        .list_payments(ListPaymentsRequest {
+            order_id: order.order_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .payments;
+    assert_eq!(payments.len(), 1, "{payments:?}");
+    assert_eq!(payments[0].state(), PaymentState::Captured, "{payments:?}");
+}
