@@ -69,35 +69,50 @@ where
 /// An event's fields as JSON values.
 struct JsonFields<'a>(&'a mut serde_json::Map<String, serde_json::Value>);
 
+impl JsonFields<'_> {
+    /// Sets field `name`, never over what the line itself says: a field
+    /// named like one of the line's own keys (`service`, `level`, …), or a
+    /// second `message`, is kept as `field.<name>`.
+    fn put(&mut self, name: &str, value: serde_json::Value) {
+        let own = matches!(
+            name,
+            "timestamp" | "level" | "target" | "service" | "instance" | "trace_id" | "span_id"
+        );
+        if own || (name == "message" && self.0.contains_key("message")) {
+            self.0.insert(format!("field.{name}"), value);
+        } else {
+            self.0.insert(name.to_owned(), value);
+        }
+    }
+}
+
 impl Visit for JsonFields<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0
-            .insert(field.name().to_owned(), format!("{value:?}").into());
+        self.put(field.name(), format!("{value:?}").into());
     }
 
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().to_owned(), value.into());
+        self.put(field.name(), value.into());
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name().to_owned(), value.into());
+        self.put(field.name(), value.into());
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().to_owned(), value.into());
+        self.put(field.name(), value.into());
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().to_owned(), value.into());
+        self.put(field.name(), value.into());
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().to_owned(), value.into());
+        self.put(field.name(), value.into());
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0
-            .insert(field.name().to_owned(), value.to_string().into());
+        self.put(field.name(), value.to_string().into());
     }
 }
 
@@ -116,5 +131,57 @@ impl std::io::Write for LossyStdout {
     fn flush(&mut self) -> std::io::Result<()> {
         let _ = std::io::stdout().flush();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn no_field_shadows_the_message_or_the_lines_own_keys() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .event_format(JsonLines {
+                    service: "payment".into(),
+                    instance: "payment-1".into(),
+                    traced: false,
+                })
+                .with_writer(move || writer.clone()),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(service = "other", error = "boom", "payment call failed");
+            tracing::warn!(message = "the status's message", "payment call failed");
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let (line, second) = (&lines[0], &lines[1]);
+        assert_eq!(second["message"], "payment call failed", "{second}");
+        assert_eq!(second["field.message"], "the status's message", "{second}");
+        assert_eq!(line["message"], "payment call failed", "{line}");
+        assert_eq!(line["service"], "payment", "{line}");
+        assert_eq!(line["field.service"], "other", "{line}");
+        assert_eq!(line["error"], "boom", "{line}");
     }
 }
