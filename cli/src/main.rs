@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+mod audit;
 mod load;
 mod up;
 
@@ -53,6 +54,9 @@ enum Command {
     Load(load::Args),
     /// Run the whole mesh on 127.0.0.1 as child processes, with one log.
     Up(up::Args),
+    /// Check every order against the payment ledger: exit 1 on any
+    /// mismatch.
+    Audit(audit::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,6 +77,12 @@ fn main() -> anyhow::Result<()> {
                 up::run(args, format).await
             }
             Command::Load(args) => load::run(args).await,
+            Command::Audit(args) => {
+                if !audit::run(args).await? {
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
             Command::Registry(config) => {
                 let addr = config.serve.listen.unwrap_or(default_addr(REGISTRY_ADDR));
                 serve("registry", cli.log_format, addr, |listener, shutdown| {
