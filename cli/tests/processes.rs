@@ -587,3 +587,78 @@ async fn a_barista_paused_past_its_lease_leaves_the_order_to_its_new_owner() {
     assert_eq!(payments.len(), 1, "{payments:?}");
     assert_eq!(payments[0].state(), PaymentState::Captured, "{payments:?}");
 }
+
+/// `brewmesh up` supervises its children: a barista killed with SIGKILL is
+/// started again on its address, and the order it was brewing is finished
+/// (READY, charged once) while the mesh serves new ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn up_restarts_a_killed_child_and_loses_no_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = Process::up_args(
+        dir.path(),
+        &[
+            "--barista-arg=--espresso-time=1500ms",
+            "--barista-arg=--milk-time=1500ms",
+            "--barista-arg=--order-lease=1s",
+            "--payment-arg=--processing-delay=0s",
+        ],
+    );
+    let up = Process::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let gateway = format!("http://{}", up.instance("gateway"));
+    let barista_addr = up.instance("barista-1");
+    let placed = json(&curl(&[
+        "-XPOST",
+        &format!("{gateway}/v1/orders"),
+        "-d",
+        r#"{"idempotencyKey":"supervised-1","itemId":"latte","customerName":"Ada","cardToken":"tok_visa"}"#,
+    ]));
+    let order_id = placed["orderId"].as_str().unwrap().to_owned();
+
+    let ready_file = dir.path().join("ready").join("barista-1.json");
+    let pid_of = || -> Option<i64> {
+        let ready: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&ready_file).ok()?).ok()?;
+        ready["pid"].as_i64()
+    };
+    let first = pid_of().expect("barista-1 wrote its ready file");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
+
+    // Started again, on the same address.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while pid_of().is_none_or(|pid| pid == first) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "barista-1 was not restarted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut barista = client(format!("http://{barista_addr}"), BaristaClient::new);
+    let events = events_until(&mut barista, &order_id, |e| {
+        matches!(e, E::Ready | E::Failed | E::Cancelled)
+    })
+    .await;
+    assert_eq!(events.last().unwrap().r#type(), E::Ready, "{events:?}");
+    let payments = client(
+        format!("http://{}", up.instance("payment-1")),
+        PaymentsClient::new,
+    )
+    .list_payments(ListPaymentsRequest {
+        order_id: order_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .payments;
+    assert_eq!(payments.len(), 1, "{payments:?}");
+    assert_eq!(payments[0].state(), PaymentState::Captured);
+
+    // And the mesh takes new orders through the gateway.
+    let again = json(&curl(&[
+        "-XPOST",
+        &format!("{gateway}/v1/orders"),
+        "-d",
+        r#"{"idempotencyKey":"supervised-2","itemId":"espresso","customerName":"Ada","cardToken":"tok_visa"}"#,
+    ]));
+    assert_eq!(again["state"], "ORDER_STATE_ACCEPTED", "{again}");
+}

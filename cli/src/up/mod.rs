@@ -5,28 +5,26 @@
 //! stream: the centralized log, on a laptop. Each role is started with
 //! `--ready-file` (see `brewmesh_runtime::ready`), which tells its real
 //! address, so a role started on port 0 is still found; `up`'s own ready
-//! file lists them all. Ctrl-C (or
-//! SIGTERM) stops the roles callers first — the barista drains its sagas
-//! while payment still answers — each with SIGTERM, then SIGKILL if it
-//! outlives its drain.
+//! file lists them all ([`child`]). A child that dies is started again on
+//! its address, with backoff, and a restart storm stops the mesh
+//! ([`supervise`]). Ctrl-C (or SIGTERM) stops the roles callers first —
+//! the barista drains its sagas while payment still answers — each with
+//! SIGTERM, then SIGKILL if it outlives its drain.
+
+mod child;
+mod supervise;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use anyhow::Context as _;
 use serde_json::{Map, Value};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::Command;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use brewmesh_runtime::telemetry::LogFormat;
 
-/// How long a role may take to start serving.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
+use child::{Instance, Launch, print_lines, start, stop};
 
 /// `brewmesh up` flags.
 #[derive(Debug, clap::Args)]
@@ -84,23 +82,15 @@ pub struct Args {
     drain_timeout: Duration,
 }
 
-/// One child process running a role.
-struct Instance {
-    label: String,
-    pid: u32,
-    addr: SocketAddr,
-    /// How the process exited, once it has.
-    exited: watch::Receiver<Option<String>>,
-}
-
-/// Runs the mesh until Ctrl-C/SIGTERM or until a role dies.
+/// Runs the mesh until Ctrl-C/SIGTERM, restarting a child that dies, or
+/// until a role keeps dying.
 pub async fn run(args: Args, format: LogFormat) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the brewmesh executable")?;
     let (lines_tx, lines_rx) = mpsc::channel::<String>(1024);
     let (exits_tx, mut exits) = mpsc::channel(4);
     let printer = tokio::spawn(print_lines(lines_rx));
     let drain = format!("{}ms", args.drain_timeout.as_millis());
-    let signal = tokio::spawn(brewmesh_runtime::shutdown::wait_for_signal());
+    let mut signal = tokio::spawn(brewmesh_runtime::shutdown::wait_for_signal());
 
     // A fresh token per run, handed to the children through the
     // environment (never on a command line, where `ps` would show it).
@@ -179,7 +169,7 @@ pub async fn run(args: Args, format: LogFormat) -> anyhow::Result<()> {
         Ok(()) => {
             print_banner(&instances);
             ready(&instances)?;
-            wait_for_stop(&mut exits, signal).await
+            supervise::supervise(&launch, &mut instances, &mut exits, &mut signal).await
         }
         Err(error) => Err(error),
     };
@@ -209,173 +199,6 @@ fn random_token() -> std::io::Result<String> {
 
 fn flag(name: &str, value: impl std::fmt::Display) -> [String; 2] {
     [name.to_owned(), value.to_string()]
-}
-
-/// What every child is started with.
-struct Launch<'a> {
-    exe: PathBuf,
-    env: [(&'a str, &'a str); 1],
-    format: LogFormat,
-    /// Where their lines go.
-    lines: mpsc::Sender<String>,
-    /// Where their exits are told.
-    exits: mpsc::Sender<(String, String)>,
-    /// Where their ready files are written.
-    ready_dir: PathBuf,
-}
-
-/// Starts `brewmesh <args>` and waits for its ready file.
-async fn start(launch: &Launch<'_>, label: &str, args: &[String]) -> anyhow::Result<Instance> {
-    let Launch {
-        exe,
-        env,
-        format,
-        lines,
-        exits,
-        ready_dir,
-    } = launch;
-    let format = *format;
-    let ready = ready_dir.join(format!("{label}.json"));
-    match std::fs::remove_file(&ready) {
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-            return Err(error).with_context(|| format!("removing {}", ready.display()));
-        }
-        _ => {}
-    }
-    let mut child = Command::new(exe)
-        .args(["--log-format", "json"])
-        .arg("--ready-file")
-        .arg(&ready)
-        .args(args)
-        .envs(env.iter().copied())
-        // Each child its own name in traces and logs, whatever `up` got.
-        .env(
-            "OTEL_SERVICE_NAME",
-            args.first().map_or("brewmesh", String::as_str),
-        )
-        .env("BREWMESH_INSTANCE", label)
-        // The child drains and exits when this pipe closes, which happens
-        // however `up` ends, even by SIGKILL: no orphans.
-        .env(brewmesh_runtime::shutdown::EXIT_WITH_PARENT, "1")
-        .env_remove("BREWMESH_READY_FILE")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {label}"))?;
-    // Held open (and never written) for the child's lifetime.
-    let stdin = child.stdin.take().context("child stdin")?;
-    let stdout = child.stdout.take().context("child stdout")?;
-    let stderr = child.stderr.take().context("child stderr")?;
-    tokio::spawn(relay(stdout, label.to_owned(), format, lines.clone()));
-    tokio::spawn(relay(stderr, label.to_owned(), format, lines.clone()));
-
-    let pid = child.id().context("a just-started child has a pid")?;
-    // The watcher owns the child: it reaps it, says how it exited, and kills
-    // it (kill_on_drop) if `up` itself goes away.
-    let (exited_tx, mut exited) = watch::channel(None);
-    let (watcher_label, watcher_exits) = (label.to_owned(), exits.clone());
-    tokio::spawn(async move {
-        let _stdin = stdin;
-        let status = match child.wait().await {
-            Ok(status) => status.to_string(),
-            Err(error) => error.to_string(),
-        };
-        let _ = exited_tx.send(Some(status.clone()));
-        let _ = watcher_exits.send((watcher_label, status)).await;
-    });
-
-    let addr = tokio::select! {
-        addr = ready_addr(&ready) => Some(addr),
-        status = exited.wait_for(Option::is_some) => {
-            let status = status.map(|s| s.clone().unwrap_or_default()).unwrap_or_default();
-            bail!("{label} exited before serving ({status})")
-        }
-        () = tokio::time::sleep(START_TIMEOUT) => None,
-    };
-    let Some(addr) = addr else {
-        stop_process(label, pid, &mut exited, Duration::ZERO).await;
-        bail!("{label} did not start serving within {START_TIMEOUT:?}")
-    };
-    Ok(Instance {
-        label: label.to_owned(),
-        pid,
-        addr,
-        exited,
-    })
-}
-
-/// The address in the ready file at `path`, once it is written.
-async fn ready_addr(path: &std::path::Path) -> SocketAddr {
-    loop {
-        let addr = brewmesh_runtime::ready::read(path)
-            .and_then(|ready| ready["addr"].as_str().and_then(|a| a.parse().ok()));
-        if let Some(addr) = addr {
-            return addr;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Reads a child's output, labels each line and sends it on.
-async fn relay(
-    output: impl AsyncRead + Unpin,
-    label: String,
-    format: LogFormat,
-    lines: mpsc::Sender<String>,
-) {
-    let mut reader = BufReader::new(output).lines();
-    while let Ok(Some(line)) = reader.next_line().await {
-        let parsed = serde_json::from_str::<Value>(&line).ok();
-        let mut object = match parsed {
-            Some(Value::Object(object)) => object,
-            _ => Map::from_iter([("message".to_owned(), Value::String(line))]),
-        };
-        object.insert("instance".to_owned(), Value::String(label.clone()));
-        let out = match format {
-            LogFormat::Json => Value::Object(object).to_string(),
-            LogFormat::Text => text_line(&object),
-        };
-        if lines.send(out).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// `12:00:01.234 payment-1  INFO payment authorize payment_id=…`
-fn text_line(object: &Map<String, Value>) -> String {
-    let field = |name: &str| object.get(name).and_then(Value::as_str).unwrap_or("");
-    let time = field("timestamp").get(11..23).unwrap_or("");
-    let mut line = format!(
-        "{time} {:<10} {:>5} {}",
-        field("instance"),
-        field("level"),
-        field("message")
-    );
-    for (key, value) in object {
-        if matches!(
-            key.as_str(),
-            "timestamp" | "level" | "target" | "message" | "instance" | "service" | "span_id"
-        ) {
-            continue;
-        }
-        match value {
-            Value::String(text) => line.push_str(&format!(" {key}={text}")),
-            other => line.push_str(&format!(" {key}={other}")),
-        }
-    }
-    line
-}
-
-async fn print_lines(mut lines: mpsc::Receiver<String>) {
-    use std::io::Write as _;
-    let stdout = std::io::stdout();
-    while let Some(line) = lines.recv().await {
-        let mut out = stdout.lock();
-        // A closed stdout (`| head`) must not stop the mesh.
-        let _ = writeln!(out, "{line}");
-    }
 }
 
 /// `up`'s own ready file, when asked for: the gateway's address, and every
@@ -423,48 +246,4 @@ fn print_banner(instances: &[Instance]) {
            grpcurl -plaintext -d '{{\"payment_id\":\"PAYMENT_ID\"}}' {payment} brewmesh.payment.v1.Payments/GetPayment\n  \
            grpcurl -plaintext {registry} brewmesh.registry.v1.Registry/ListServices\n"
     );
-}
-
-/// Waits for a signal (a clean stop) or for a role to die (an error).
-async fn wait_for_stop(
-    exits: &mut mpsc::Receiver<(String, String)>,
-    signal: tokio::task::JoinHandle<&'static str>,
-) -> anyhow::Result<()> {
-    tokio::select! {
-        name = signal => {
-            eprintln!("\n{} received: stopping the mesh", name.unwrap_or("signal"));
-            Ok(())
-        }
-        Some((label, status)) = exits.recv() => bail!("{label} exited unexpectedly ({status}); stopping the mesh"),
-    }
-}
-
-/// SIGTERM, then SIGKILL if the role is still running after `grace`.
-async fn stop(instance: &mut Instance, grace: Duration) {
-    stop_process(&instance.label, instance.pid, &mut instance.exited, grace).await;
-}
-
-async fn stop_process(
-    label: &str,
-    pid: u32,
-    exited: &mut watch::Receiver<Option<String>>,
-    grace: Duration,
-) {
-    if exited.borrow().is_some() {
-        return;
-    }
-    let signal = |signal| {
-        if let Ok(pid) = i32::try_from(pid) {
-            let _ = kill(Pid::from_raw(pid), signal);
-        }
-    };
-    signal(Signal::SIGTERM);
-    let stopped = tokio::time::timeout(grace, exited.wait_for(Option::is_some))
-        .await
-        .is_ok();
-    if !stopped {
-        eprintln!("{label} did not stop within {grace:?}: killing it");
-        signal(Signal::SIGKILL);
-        let _ = exited.wait_for(Option::is_some).await;
-    }
 }
