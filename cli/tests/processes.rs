@@ -484,12 +484,18 @@ async fn a_database_held_still_past_the_lease_costs_no_barista_its_orders() {
         .unwrap();
     sqlx::any::install_default_drivers();
     let mut holder = sqlx::AnyConnection::connect(&url).await.unwrap();
-    if brewmesh_runtime::db::is_sqlite_url(&url) {
+    let sqlite = brewmesh_runtime::db::is_sqlite_url(&url);
+    if sqlite {
         sqlx::query("BEGIN IMMEDIATE")
             .execute(&mut holder)
             .await
             .unwrap();
     } else {
+        // A barista's own session, as `db::open` sets it up.
+        sqlx::raw_sql(brewmesh_runtime::db::POSTGRES_SESSION)
+            .execute(&mut holder)
+            .await
+            .unwrap();
         sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
         sqlx::query("LOCK TABLE orders IN ACCESS EXCLUSIVE MODE")
             .execute(&mut holder)
@@ -497,7 +503,11 @@ async fn a_database_held_still_past_the_lease_costs_no_barista_its_orders() {
             .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    if sqlite {
+        sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    }
+    // PostgreSQL: the holder never lets go, as a process paused inside its
+    // transaction would not; the server ends that session on its own.
 
     for (order_id, url) in &orders {
         let events = events_until(
@@ -512,6 +522,7 @@ async fn a_database_held_still_past_the_lease_costs_no_barista_its_orders() {
         let taken = barista.lines_with("taking over an unfinished order");
         assert!(taken.is_empty(), "an order changed hands: {taken:?}");
     }
+    drop(holder);
 }
 
 /// The failure issue's first finding, with real replicas: a barista paused

@@ -97,6 +97,12 @@ pub fn is_sqlite_url(url: &str) -> bool {
 /// ones, never edit an old one.
 pub type Migration = &'static [&'static str];
 
+/// Set on every PostgreSQL connection (see [`open`]): a session idle inside
+/// a transaction for 2 s is ended by the server, a lock waited for 3 s is
+/// given up.
+pub const POSTGRES_SESSION: &str =
+    "SET idle_in_transaction_session_timeout = '2s'; SET lock_timeout = '3s'";
+
 /// Opens a pool on `url` and brings the schema up to date: every migration
 /// after the version recorded in `schema_migrations` is applied, in order,
 /// in one transaction. A database whose version is newer than the binary's
@@ -135,6 +141,14 @@ pub async fn open(
                 if sqlite {
                     conn.execute(pragmas).await?;
                 }
+                if postgres {
+                    // A process paused inside a transaction (SIGSTOP, a
+                    // hung VM) must not hold its row locks over everyone:
+                    // the server ends its session, and a statement waiting
+                    // on a lock gives up (lock_not_available: UNAVAILABLE,
+                    // retried) instead of waiting for ever.
+                    conn.execute(POSTGRES_SESSION).await?;
+                }
                 Ok(())
             })
         })
@@ -145,6 +159,8 @@ pub async fn open(
     if postgres {
         // Replicas starting together migrate one at a time (PostgreSQL
         // can also fail concurrent CREATE ... IF NOT EXISTS on pg_type).
+        // However long the other replica's migration takes.
+        tx.execute("SET LOCAL lock_timeout = 0").await?;
         tx.execute("SELECT pg_advisory_xact_lock(7205759403792793)")
             .await?;
     }
@@ -230,6 +246,27 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On PostgreSQL (when the suite runs against one), every pooled
+    /// session ends an idle transaction and gives up a lock wait.
+    #[tokio::test]
+    async fn postgres_sessions_bound_idle_transactions_and_lock_waits() {
+        let Ok(server) = std::env::var("BREWMESH_TEST_POSTGRES_URL") else {
+            return;
+        };
+        let url = format!("{}/postgres", server.trim_end_matches('/'));
+        let pool = open(&url, Synchronous::Normal, &[]).await.unwrap();
+        let lock: String = sqlx::query_scalar("SELECT current_setting('lock_timeout')")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let idle: String =
+            sqlx::query_scalar("SELECT current_setting('idle_in_transaction_session_timeout')")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert_eq!((lock.as_str(), idle.as_str()), ("3s", "2s"));
+    }
 
     /// Another connection holds the write lock past the busy timeout: a
     /// write fails, and its status is UNAVAILABLE (retry), not INTERNAL.
