@@ -36,6 +36,7 @@ fn serve_args() -> ServeArgs {
         listen: None,
         drain_timeout: Duration::from_secs(5),
         inject_latency: None,
+        faults: Vec::new(),
     }
 }
 
@@ -363,6 +364,7 @@ async fn a_service_with_no_instance_known_is_unavailable_at_once() {
             listen: None,
             drain_timeout: Duration::from_secs(5),
             inject_latency: None,
+            faults: Vec::new(),
         },
         token: "test-token".parse().unwrap(),
         default_ttl: Duration::from_secs(10),

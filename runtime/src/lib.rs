@@ -8,6 +8,8 @@
 //! - [`secret`]: the registry token, never printed.
 //! - [`shutdown`]: SIGTERM/SIGINT (or a parent gone) turned into a
 //!   cancellation token.
+//! - [`fault`]: faults injected per RPC (delay, abort), from flags or
+//!   switched at run time at `/admin/faults`.
 //! - [`ready`]: the `serving` line and the `--ready-file`, readiness as a
 //!   contract.
 //! - [`validate`]: `INVALID_ARGUMENT` with `google.rpc.BadRequest` field
@@ -36,6 +38,7 @@ pub mod db;
 pub mod defaults;
 pub mod discovery;
 pub mod ejection;
+pub mod fault;
 pub mod health;
 pub mod idempotency;
 pub mod ids;

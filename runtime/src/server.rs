@@ -33,9 +33,16 @@ pub struct ServeArgs {
     pub listen: Option<SocketAddr>,
 
     /// Fault injection: delay every call by this much before handling it
-    /// (e.g. `50ms`, to play a slow replica).
+    /// (e.g. `50ms`, to play a slow replica); short for `--fault '*=delay:50ms'`.
     #[arg(long, env = "BREWMESH_INJECT_LATENCY", value_parser = parse_duration)]
     pub inject_latency: Option<Duration>,
+
+    /// Fault injection per RPC, from the start (repeat the flag; `;`
+    /// between specs in the variable): `package.Service/Method=abort:CODE`
+    /// or `=delay:50ms`, `@PERCENT%` for a share of the calls. Switched
+    /// while running at `/admin/faults` (see `brewmesh_runtime::fault`).
+    #[arg(long = "fault", env = "BREWMESH_FAULTS", value_delimiter = ';')]
+    pub faults: Vec<crate::fault::Fault>,
 
     /// How long calls in flight may take to finish once draining starts.
     #[arg(long, env = "BREWMESH_DRAIN_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
@@ -115,11 +122,25 @@ pub async fn serve_registered(
         .add_service(health_service)
         .add_service(reflection(services).build_v1()?)
         .add_service(reflection(services).build_v1alpha()?);
-    // Prometheus scrapes the same port, over HTTP/1.1.
+    let mut faults = args.faults.clone();
+    if let Some(by) = args.inject_latency {
+        faults.push(crate::fault::Fault {
+            method: "*".to_owned(),
+            action: crate::fault::Action::Delay(by),
+            percent: 100.0,
+        });
+    }
+    let faults = crate::fault::Faults::new(faults);
+    // Prometheus scrapes the same port, over HTTP/1.1; faults are switched
+    // there too.
     let routes = Routes::from(
         routes
             .into_axum_router()
-            .route("/metrics", axum::routing::get(crate::metrics::scrape)),
+            .route("/metrics", axum::routing::get(crate::metrics::scrape))
+            .merge(crate::fault::admin(
+                std::sync::Arc::clone(&faults),
+                registry.token.clone(),
+            )),
     );
 
     // tonic leaves Nagle on for a listener handed to it; small gRPC frames
@@ -128,11 +149,9 @@ pub async fn serve_registered(
     let stop_accepting = CancellationToken::new();
     let server = Server::builder()
         .accept_http1(true)
-        // Outermost: the span and the latency include injected delays.
+        // Outermost: the span and the latency include injected faults.
         .layer(crate::instrument::ServerLayer)
-        .layer(tower::util::option_layer(
-            args.inject_latency.map(|by| DelayLayer { by }),
-        ))
+        .layer(crate::fault::FaultLayer(faults))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
     tokio::pin!(server);
@@ -173,55 +192,6 @@ pub async fn serve_registered(
             tracing::warn!("drain deadline passed; dropping the calls still open");
             Ok(Drained::AtDeadline)
         }
-    }
-}
-
-/// Delays every call (fault injection: a slow replica).
-#[derive(Debug, Clone, Copy)]
-struct DelayLayer {
-    by: Duration,
-}
-
-impl<S> tower::Layer<S> for DelayLayer {
-    type Service = Delay<S>;
-
-    fn layer(&self, inner: S) -> Delay<S> {
-        Delay { inner, by: self.by }
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Delay<S> {
-    inner: S,
-    by: Duration,
-}
-
-impl<S, R> tower::Service<R> for Delay<S>
-where
-    S: tower::Service<R> + Clone + Send + 'static,
-    S::Future: Send,
-    R: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = std::pin::Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: R) -> Self::Future {
-        // Take the service that was polled ready; leave a fresh clone.
-        let mut ready = self.inner.clone();
-        std::mem::swap(&mut ready, &mut self.inner);
-        let by = self.by;
-        Box::pin(async move {
-            tokio::time::sleep(by).await;
-            ready.call(request).await
-        })
     }
 }
 

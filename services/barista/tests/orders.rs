@@ -36,6 +36,7 @@ fn serve_args() -> ServeArgs {
         listen: None,
         drain_timeout: Duration::from_secs(5),
         inject_latency: None,
+        faults: Vec::new(),
     }
 }
 

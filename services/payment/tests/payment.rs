@@ -26,6 +26,7 @@ async fn config(data_dir: &Path, processing_delay: Duration) -> Config {
             listen: None,
             drain_timeout: Duration::from_secs(5),
             inject_latency: None,
+            faults: Vec::new(),
         },
         database: brewmesh_testing::database(data_dir, "payment").await,
         processing_delay,

@@ -35,6 +35,7 @@ async fn registry() -> (
             listen: None,
             drain_timeout: Duration::from_secs(5),
             inject_latency: None,
+            faults: Vec::new(),
         },
         token: TOKEN.parse().unwrap(),
         default_ttl: Duration::from_secs(10),
@@ -53,6 +54,7 @@ fn instance_on(listener: TcpListener) -> Running<Result<Drained, ServeError>> {
             listen: None,
             drain_timeout: Duration::from_secs(5),
             inject_latency: None,
+            faults: Vec::new(),
         };
         brewmesh_runtime::server::serve(listener, Routes::default(), &[SERVICE], &args, shutdown)
             .await
