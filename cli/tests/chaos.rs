@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use brewmesh::pb::barista::v1::barista_client::BaristaClient;
 use brewmesh::pb::barista::v1::ListOrdersRequest;
+use brewmesh::pb::barista::v1::barista_client::BaristaClient;
 use support::Process;
 
 /// How long the customers keep coming, and when the fault strikes.
@@ -265,7 +265,12 @@ async fn chaos_the_registry_killed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn chaos_the_registry_hung() {
     let hang = Duration::from_secs(3);
-    scenario("registry-1 SIGSTOP 3 s", Fault::Hang("registry-1", hang), &[]).await;
+    scenario(
+        "registry-1 SIGSTOP 3 s",
+        Fault::Hang("registry-1", hang),
+        &[],
+    )
+    .await;
 }
 
 /// The one gateway gone: customers' calls fail UNAVAILABLE until `up`

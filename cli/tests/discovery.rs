@@ -424,3 +424,148 @@ async fn either_barista_replica_serves_any_order_and_one_takes_over_from_a_kille
     charged_once(&payment, &[order_id]).await;
     drop(via_doomed);
 }
+
+/// A network namespace of the test's own, joined to the host by a veth
+/// pair: `host` on this side, `inside` on the other. Removed when dropped.
+struct Netns {
+    name: String,
+    veth: String,
+    host: String,
+    inside: String,
+}
+
+fn ip(args: &[&str]) -> bool {
+    std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Netns {
+    /// `None` where namespaces cannot be made (not root); a failure to make
+    /// one as root fails the test.
+    fn create() -> Option<Netns> {
+        let uid = std::process::Command::new("id").arg("-u").output().ok()?;
+        if uid.stdout.trim_ascii() != b"0" {
+            return None;
+        }
+        let id = std::process::id() % 200 + 20;
+        let ns = Netns {
+            name: format!("bmtest{id}"),
+            veth: format!("bmv{id}"),
+            host: format!("10.213.{id}.1"),
+            inside: format!("10.213.{id}.2"),
+        };
+        // A namespace left by a killed run of this test, if any.
+        ip(&["link", "del", &ns.veth]);
+        ip(&["netns", "del", &ns.name]);
+        let peer = format!("{}p", ns.veth);
+        let (host_cidr, inside_cidr) = (format!("{}/30", ns.host), format!("{}/30", ns.inside));
+        let made = ip(&["netns", "add", &ns.name])
+            && ip(&[
+                "link", "add", &ns.veth, "type", "veth", "peer", "name", &peer,
+            ])
+            && ip(&["link", "set", &peer, "netns", &ns.name])
+            && ip(&["addr", "add", &host_cidr, "dev", &ns.veth])
+            && ip(&["link", "set", &ns.veth, "up"])
+            && ns.exec(&["ip", "addr", "add", &inside_cidr, "dev", &peer])
+            && ns.exec(&["ip", "link", "set", &peer, "up"])
+            && ns.exec(&["ip", "link", "set", "lo", "up"]);
+        assert!(made, "making the network namespace {}", ns.name);
+        Some(ns)
+    }
+
+    fn exec(&self, command: &[&str]) -> bool {
+        let mut args = vec!["netns", "exec", self.name.as_str()];
+        args.extend(command);
+        ip(&args)
+    }
+
+    /// Drops every packet in and out of the namespace but its own loopback:
+    /// a silent partition, as a failed switch makes one.
+    fn cut(&self) {
+        for chain in ["INPUT", "OUTPUT"] {
+            let side = if chain == "INPUT" { "-i" } else { "-o" };
+            assert!(self.exec(&["iptables", "-A", chain, "!", side, "lo", "-j", "DROP"]));
+        }
+    }
+
+    fn heal(&self) {
+        for chain in ["INPUT", "OUTPUT"] {
+            let side = if chain == "INPUT" { "-i" } else { "-o" };
+            assert!(self.exec(&["iptables", "-D", chain, "!", side, "lo", "-j", "DROP"]));
+        }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        ip(&["link", "del", &self.veth]);
+        ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// A payment replica in a network namespace is cut off from everything: the
+/// registry takes it out of rotation, orders keep being served by the other
+/// replica and none gets stuck; when the partition heals it rejoins.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_payment_replica_leaves_rotation_and_rejoins() {
+    let Some(ns) = Netns::create() else {
+        eprintln!("SKIPPED: network namespaces need root");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // On the veth's host address: reachable from inside the namespace.
+    let registry = registry(&format!("{}:0", ns.host));
+    let registries = registry.addr.to_string();
+    // Both payments share a SQLite file (the namespace cannot reach the
+    // suite's PostgreSQL on 127.0.0.1).
+    let data = dir.path().join("payment").display().to_string();
+    let payment_args = |listen: &str| -> Vec<String> {
+        [
+            "payment",
+            "--listen",
+            listen,
+            "--registry",
+            &registries,
+            "--registry-token",
+            TOKEN,
+            "--processing-delay",
+            "50ms",
+            "--lease-ttl",
+            "3s",
+            "--data-dir",
+            &data,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let inside = payment_args(&format!("{}:0", ns.inside));
+    let inside: Vec<&str> = inside.iter().map(String::as_str).collect();
+    let cut_off = Process::start_wrapped(&["ip", "netns", "exec", &ns.name], &inside, &[]);
+    let outside = payment_args("127.0.0.1:0");
+    let outside: Vec<&str> = outside.iter().map(String::as_str).collect();
+    let kept = Process::start(&outside);
+    resolves_to(&registry, PAYMENTS, &[&cut_off, &kept]).await;
+    let barista = barista(dir.path(), &registries, "100ms").await;
+    caller_uses(&barista, &[&cut_off, &kept]).await;
+
+    ns.cut();
+    let out = resolves_to(&registry, PAYMENTS, &[&kept]).await;
+    caller_uses(&barista, &[&kept]).await;
+    println!("partition: out of the registry's rotation {out:?} after the cut");
+
+    let mut client_b = client(barista.url(), BaristaClient::new);
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        let (id, state) = order(&mut client_b, &format!("partition-{n}")).await;
+        assert_eq!(state, OrderState::Ready, "{id}");
+        ids.push(id);
+    }
+    charged_once(&kept, &ids).await;
+
+    ns.heal();
+    let back = resolves_to(&registry, PAYMENTS, &[&cut_off, &kept]).await;
+    caller_uses(&barista, &[&cut_off, &kept]).await;
+    println!("partition: back in rotation {back:?} after the heal");
+}

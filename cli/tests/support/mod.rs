@@ -37,9 +37,24 @@ impl Process {
 
     /// [`Process::start`] with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Process {
+        Process::start_wrapped(&[], args, env)
+    }
+
+    /// [`Process::start_with_env`] under `wrapper` (`ip netns exec NAME`),
+    /// which must exec the binary in its place.
+    pub fn start_wrapped(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Process {
         let ready_dir = tempfile::tempdir().expect("a directory for the ready file");
         let ready_file = ready_dir.path().join("ready.json");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_brewmesh"))
+        let binary = env!("CARGO_BIN_EXE_brewmesh");
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let mut child = command
             .args(["--log-format", "json"])
             .arg("--ready-file")
             .arg(&ready_file)
