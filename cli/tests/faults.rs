@@ -146,7 +146,16 @@ async fn a_delay_shows_in_the_trace_of_the_call_it_hit() {
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            // `up` hands this token to its roles instead of a fresh one.
+            ("BREWMESH_REGISTRY_TOKEN", TOKEN),
         ],
+    );
+    let barista_faults = format!("http://{}/admin/faults", up.instance("barista-1"));
+    let (status, body) = admin("GET", &barista_faults, Some(TOKEN), "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["faults"],
+        serde_json::json!(["brewmesh.barista.v1.Barista/GetMenu=delay:50ms"])
     );
     let trace_id = "5bf92f3577b34da6a3ce929d0e0e4737";
     let traceparent = format!("traceparent: 00-{trace_id}-00f067aa0ba902b8-01");

@@ -94,7 +94,11 @@ pub async fn run(args: Args, format: LogFormat) -> anyhow::Result<()> {
 
     // A fresh token per run, handed to the children through the
     // environment (never on a command line, where `ps` would show it).
-    let token = random_token().context("making the registry token")?;
+    // Yours if the environment has one (to reach `/admin/faults`).
+    let token = match std::env::var("BREWMESH_REGISTRY_TOKEN") {
+        Ok(token) if !token.is_empty() => token,
+        _ => random_token().context("making the registry token")?,
+    };
     let ready_dir = args.data_dir.join("ready");
     std::fs::create_dir_all(&ready_dir)
         .with_context(|| format!("creating {}", ready_dir.display()))?;
