@@ -87,6 +87,37 @@ fn strike(dir: &Path, fault: Fault) {
     }
 }
 
+/// From the fault on, one probe customer after another (each given 2 s)
+/// through the gateway until one is served: how long after `struck`.
+fn first_served(gateway: &str, struck: Instant) -> Duration {
+    for n in 0.. {
+        let body = format!(
+            r#"{{"idempotencyKey":"probe-{n}","itemId":"espresso","customerName":"Probe","cardToken":"tok_visa"}}"#
+        );
+        let placed = Command::new("curl")
+            .args(["-s", "--max-time", "2", "-XPOST", "-d", &body])
+            .arg(format!("{gateway}/v1/orders"))
+            .output()
+            .unwrap();
+        let placed: serde_json::Value = serde_json::from_slice(&placed.stdout).unwrap_or_default();
+        if let Some(id) = placed["orderId"].as_str() {
+            let watched = Command::new("curl")
+                .args(["-sN", "--max-time", "2"])
+                .arg(format!("{gateway}/v1/orders/{id}:watch"))
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&watched.stdout).contains("ORDER_EVENT_TYPE_READY") {
+                return struck.elapsed();
+            }
+        }
+        assert!(
+            struck.elapsed() < Duration::from_secs(30),
+            "no probe served after the fault"
+        );
+    }
+    unreachable!("the loop returns or fails")
+}
+
 /// `brewmesh audit`, again until it is clean or 20 s have passed (a hung
 /// replica's last writes land when it wakes): its last report.
 fn audit(up: &Process, dir: &Path) -> (bool, serde_json::Value) {
@@ -164,10 +195,12 @@ async fn scenario(name: &str, fault: Fault, allowed: &[&str]) {
     tokio::time::sleep(FAULT_AT).await;
     let struck = Instant::now();
     let dir_path = dir.path().to_owned();
-    tokio::task::spawn_blocking(move || strike(&dir_path, fault))
-        .await
-        .unwrap();
+    let striking = tokio::task::spawn_blocking(move || strike(&dir_path, fault));
+    let probe_gateway = gateway.clone();
+    let first_success = tokio::task::spawn_blocking(move || first_served(&probe_gateway, struck));
+    striking.await.unwrap();
     let fault_took = struck.elapsed();
+    let first_success = first_success.await.unwrap();
     let output = tokio::task::spawn_blocking(move || load.wait_with_output())
         .await
         .unwrap()
@@ -195,10 +228,12 @@ async fn scenario(name: &str, fault: Fault, allowed: &[&str]) {
         serde_json::from_value(load["errors_by_code"].clone()).unwrap();
     println!(
         "chaos | {name} | attempted {} | served {} | failed {} | errors {errors:?} | final {states:?} | \
-         served in seconds {first}-{last}: {served_during} | p99 then {p99_during:.0} ms | p99 overall {:.0} ms | audit {}",
+         served in seconds {first}-{last}: {served_during} | first served after the fault {:.2} s | \
+         p99 then {p99_during:.0} ms | p99 overall {:.0} ms | audit {}",
         load["customers"],
         load["served"],
         load["failed"],
+        first_success.as_secs_f64(),
         load["latency_ms"]["p99"].as_f64().unwrap(),
         if clean { "clean" } else { "FINDINGS" },
     );
