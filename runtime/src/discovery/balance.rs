@@ -76,7 +76,20 @@ impl tower::Service<http::Request<Body>> for Balanced {
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let call = self.inner.call(request);
-        Box::pin(async move { call.await.map_err(CallError) })
+        Box::pin(async move {
+            match call.await {
+                Ok(response) => Ok(response),
+                // Failed below gRPC (the endpoint died mid-call, a reset):
+                // UNAVAILABLE, as gRPC names a connection failure, never
+                // the UNKNOWN a boxed error would become; the caller may
+                // retry an idempotent call.
+                Err(error) => Ok(tonic::Status::unavailable(format!(
+                    "the call's endpoint failed: {}",
+                    CallError(error)
+                ))
+                .into_http()),
+            }
+        })
     }
 }
 
