@@ -233,10 +233,22 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
             // SQLite: the primary result code is the low byte of the
             // extended one (SQLITE_BUSY_SNAPSHOT is 517).
             let sqlite = code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6));
+            // Serialization failure, deadlock, lock not available, too
+            // many connections, shutting down, a session ended for idling
+            // in its transaction (this process was paused), a cancelled
+            // statement, and every connection exception (class 08).
             let postgres = matches!(
                 code,
-                "40001" | "40P01" | "55P03" | "53300" | "57P01" | "57P03"
-            );
+                "40001"
+                    | "40P01"
+                    | "55P03"
+                    | "53300"
+                    | "57P01"
+                    | "57P02"
+                    | "57P03"
+                    | "25P03"
+                    | "57014"
+            ) || code.starts_with("08");
             sqlite || postgres
         }
         _ => false,
