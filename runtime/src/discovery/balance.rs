@@ -79,15 +79,23 @@ impl tower::Service<http::Request<Body>> for Balanced {
         Box::pin(async move {
             match call.await {
                 Ok(response) => Ok(response),
-                // Failed below gRPC (the endpoint died mid-call, a reset):
+                // Failed below gRPC: tonic's own reading of the error (an
+                // expired deadline, a refused connection), except that what
+                // it cannot name (the endpoint died mid-call, a reset) is
                 // UNAVAILABLE, as gRPC names a connection failure, never
-                // the UNKNOWN a boxed error would become; the caller may
-                // retry an idempotent call.
-                Err(error) => Ok(tonic::Status::unavailable(format!(
-                    "the call's endpoint failed: {}",
-                    CallError(error)
-                ))
-                .into_http()),
+                // UNKNOWN; the caller may retry an idempotent call.
+                Err(error) => {
+                    let status = tonic::Status::from_error(error);
+                    let status = if status.code() == tonic::Code::Unknown {
+                        tonic::Status::unavailable(format!(
+                            "the call's endpoint failed: {}",
+                            status.message()
+                        ))
+                    } else {
+                        status
+                    };
+                    Ok(status.into_http())
+                }
             }
         })
     }
