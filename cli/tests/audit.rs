@@ -12,7 +12,7 @@ use nix::sys::signal::Signal;
 use sqlx::Connection as _;
 
 use brewmesh::pb::barista::v1::barista_client::BaristaClient;
-use brewmesh::pb::barista::v1::{GetOrderRequest, OrderState, PlaceOrderRequest};
+use brewmesh::pb::barista::v1::{OrderState, PlaceOrderRequest};
 use support::Process;
 
 async fn payment(dir: &Path) -> Process {
@@ -108,21 +108,7 @@ async fn audit_is_clean_on_a_consistent_shop_and_finds_each_planted_mismatch() {
         } else {
             OrderState::Ready
         };
-        let deadline = std::time::Instant::now() + support::PATIENCE;
-        loop {
-            let got = client
-                .get_order(GetOrderRequest {
-                    order_id: id.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            if got.state() == want {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "{got:?}");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        support::wait_for_state(&mut client, id, want).await;
     }
     let (clean, report) = audit(&bar, &pay, dir.path());
     assert!(clean, "{report}");

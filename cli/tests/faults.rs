@@ -9,7 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use brewmesh::pb::barista::v1::barista_client::BaristaClient;
-use brewmesh::pb::barista::v1::{GetOrderRequest, OrderState, PlaceOrderRequest};
+use brewmesh::pb::barista::v1::{OrderState, PlaceOrderRequest};
 use brewmesh_testing::Collector;
 use support::{PATIENCE, Process, curl, sample};
 
@@ -98,22 +98,7 @@ async fn a_replica_failing_every_authorize_is_routed_around() {
         ids.push(placed.order_id);
     }
     for id in &ids {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let got = client
-                .get_order(GetOrderRequest {
-                    order_id: id.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            if got.state() == OrderState::Ready {
-                break;
-            }
-            assert_ne!(got.state(), OrderState::Failed, "{got:?}");
-            assert!(Instant::now() < deadline, "{got:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        support::wait_for_state(&mut client, id, OrderState::Ready).await;
     }
     // The faulty replica was hit, and counted it.
     let metrics = curl(&[&format!("{}/metrics", faulty.url())]);

@@ -437,6 +437,26 @@ async fn a_watch_whose_barista_dies_ends_unavailable_with_a_resume_hint() {
     assert!(message.contains("watch again"), "{message}");
 }
 
+/// The arguments of a barista that shares its order database with
+/// another: steps of `step`, a 1 s lease.
+fn sharing_barista(payment: &Process, step: &str) -> Vec<String> {
+    let payment = payment.addr.to_string();
+    [
+        "--listen",
+        "127.0.0.1:0",
+        "--payment-addr",
+        &payment,
+        "--espresso-time",
+        step,
+        "--milk-time",
+        step,
+        "--order-lease",
+        "1s",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// Two baristas share one order database; something else (a replica
 /// paused while it held the write lock, in real life) holds the lock for
 /// longer than an order lease. When it lets go, neither barista takes the
@@ -447,19 +467,8 @@ async fn a_database_held_still_past_the_lease_costs_no_barista_its_orders() {
     use sqlx::Connection as _;
     let dir = tempfile::tempdir().unwrap();
     let payment = start_payment(dir.path(), "10ms").await;
-    let payment_addr = payment.addr.to_string();
-    let barista_args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--payment-addr",
-        &payment_addr,
-        "--espresso-time",
-        "3s",
-        "--milk-time",
-        "3s",
-        "--order-lease",
-        "1s",
-    ];
+    let barista_args = sharing_barista(&payment, "3s");
+    let barista_args: Vec<&str> = barista_args.iter().map(String::as_str).collect();
     let a = Process::start_role("barista", dir.path(), &barista_args).await;
     let b = Process::start_role("barista", dir.path(), &barista_args).await;
     let mut orders = Vec::new();
@@ -533,19 +542,8 @@ async fn a_database_held_still_past_the_lease_costs_no_barista_its_orders() {
 async fn a_barista_paused_past_its_lease_leaves_the_order_to_its_new_owner() {
     let dir = tempfile::tempdir().unwrap();
     let payment = start_payment(dir.path(), "10ms").await;
-    let payment_addr = payment.addr.to_string();
-    let barista_args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--payment-addr",
-        &payment_addr,
-        "--espresso-time",
-        "2s",
-        "--milk-time",
-        "2s",
-        "--order-lease",
-        "1s",
-    ];
+    let barista_args = sharing_barista(&payment, "2s");
+    let barista_args: Vec<&str> = barista_args.iter().map(String::as_str).collect();
     let sleeper = Process::start_role("barista", dir.path(), &barista_args).await;
     let other = Process::start_role("barista", dir.path(), &barista_args).await;
     let mut via_sleeper = client(sleeper.url(), BaristaClient::new);

@@ -230,3 +230,38 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .map(|(_, value)| value.parse::<f64>().unwrap())
         .sum()
 }
+
+/// Waits (bounded) until order `order_id` is in state `want`; an order that
+/// ends in another final state fails the test.
+pub async fn wait_for_state(
+    client: &mut brewmesh::pb::barista::v1::barista_client::BaristaClient<
+        tonic::transport::Channel,
+    >,
+    order_id: &str,
+    want: brewmesh::pb::barista::v1::OrderState,
+) {
+    use brewmesh::pb::barista::v1::{GetOrderRequest, OrderState};
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let got = client
+            .get_order(GetOrderRequest {
+                order_id: order_id.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if got.state() == want {
+            return;
+        }
+        let done = matches!(
+            got.state(),
+            OrderState::Ready | OrderState::Failed | OrderState::Cancelled
+        );
+        assert!(!done, "{order_id} ended {:?}, not {want:?}", got.state());
+        assert!(
+            Instant::now() < deadline,
+            "{order_id} not {want:?} in time: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
