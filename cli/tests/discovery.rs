@@ -16,11 +16,9 @@ use brewmesh::pb::barista::v1::barista_client::BaristaClient;
 use brewmesh::pb::barista::v1::{
     GetOrderRequest, OrderEventType as E, OrderState, PlaceOrderRequest, WatchOrderRequest,
 };
-use brewmesh::pb::payment::v1::payments_client::PaymentsClient;
-use brewmesh::pb::payment::v1::{ListPaymentsRequest, PaymentState};
 use brewmesh::pb::registry::v1::ResolveRequest;
 use brewmesh::pb::registry::v1::registry_client::RegistryClient;
-use support::{PATIENCE, Process};
+use support::{PATIENCE, Process, charged_once};
 
 const TOKEN: &str = "discovery-test-token";
 const PAYMENTS: &str = "brewmesh.payment.v1.Payments";
@@ -202,24 +200,6 @@ async fn finish(barista: &mut BaristaClient<Channel>, order_id: &str) -> (String
     (order.order_id.clone(), order.state())
 }
 
-/// Every order was charged exactly once.
-async fn charged_once(payment: &Process, order_ids: &[String]) {
-    let mut payments = client(payment.url(), PaymentsClient::new);
-    for order_id in order_ids {
-        let found = payments
-            .list_payments(ListPaymentsRequest {
-                order_id: order_id.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .payments;
-        assert_eq!(found.len(), 1, "{order_id}: {found:?}");
-        assert_eq!(found[0].state(), PaymentState::Captured, "{order_id}");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_payment_replica_gets_traffic_without_restarting_its_callers() {
     let dir = tempfile::tempdir().unwrap();
@@ -278,7 +258,7 @@ async fn killing_one_of_two_payment_replicas_under_load_fails_no_order_and_charg
         assert_eq!(state, OrderState::Ready, "{order_id}");
         order_ids.push(order_id);
     }
-    charged_once(&survivor, &order_ids).await;
+    charged_once(&survivor.url(), &order_ids).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -329,7 +309,7 @@ async fn with_every_registry_stopped_orders_flow_and_registration_resumes_when_o
         assert_eq!(state, OrderState::Ready);
         order_ids.push(order_id);
     }
-    charged_once(&payment, &order_ids).await;
+    charged_once(&payment.url(), &order_ids).await;
 
     // A new, empty registry on the same address is refilled by the instances.
     let returned = registry(&address);
@@ -421,7 +401,7 @@ async fn either_barista_replica_serves_any_order_and_one_takes_over_from_a_kille
             .is_empty(),
         "the survivor took it over"
     );
-    charged_once(&payment, &[order_id]).await;
+    charged_once(&payment.url(), &[order_id]).await;
     drop(via_doomed);
 }
 
@@ -562,7 +542,7 @@ async fn a_partitioned_payment_replica_leaves_rotation_and_rejoins() {
         assert_eq!(state, OrderState::Ready, "{id}");
         ids.push(id);
     }
-    charged_once(&kept, &ids).await;
+    charged_once(&kept.url(), &ids).await;
 
     ns.heal();
     let back = resolves_to(&registry, PAYMENTS, &[&cut_off, &kept]).await;

@@ -18,7 +18,7 @@ use brewmesh::pb::payment::v1::payments_client::PaymentsClient;
 use brewmesh::pb::payment::v1::{
     AuthorizeRequest, GetPaymentRequest, ListPaymentsRequest, Money, PaymentState,
 };
-use support::{PATIENCE, Process, curl};
+use support::{PATIENCE, Process, charged_once, curl};
 
 fn client<T>(url: String, new: fn(Channel) -> T) -> T {
     new(brewmesh_runtime::client::channel(&url).expect("valid url"))
@@ -584,17 +584,7 @@ async fn a_barista_paused_past_its_lease_leaves_the_order_to_its_new_owner() {
         .unwrap()
         .into_inner();
     assert_eq!(got.state(), OrderState::Ready, "{got:?}");
-    let payments = client(payment.url(), PaymentsClient::new)
-        .list_payments(ListPaymentsRequest {
-            order_id: order.order_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .payments;
-    assert_eq!(payments.len(), 1, "{payments:?}");
-    assert_eq!(payments[0].state(), PaymentState::Captured, "{payments:?}");
+    charged_once(&payment.url(), std::slice::from_ref(&order.order_id)).await;
 }
 
 /// `brewmesh up` supervises its children: a barista killed with SIGKILL is
@@ -647,20 +637,8 @@ async fn up_restarts_a_killed_child_and_loses_no_order() {
     })
     .await;
     assert_eq!(events.last().unwrap().r#type(), E::Ready, "{events:?}");
-    let payments = client(
-        format!("http://{}", up.instance("payment-1")),
-        PaymentsClient::new,
-    )
-    .list_payments(ListPaymentsRequest {
-        order_id: order_id.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .payments;
-    assert_eq!(payments.len(), 1, "{payments:?}");
-    assert_eq!(payments[0].state(), PaymentState::Captured);
+    let payment = format!("http://{}", up.instance("payment-1"));
+    charged_once(&payment, std::slice::from_ref(&order_id)).await;
 
     // And the mesh takes new orders through the gateway.
     let again = json(&curl(&[

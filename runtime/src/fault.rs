@@ -139,27 +139,43 @@ impl FromStr for Fault {
 
 /// The faults in force on this instance.
 #[derive(Debug, Default)]
-pub struct Faults(RwLock<Vec<Fault>>);
+pub struct Faults {
+    faults: RwLock<Vec<Fault>>,
+    /// Whether there are any: every call reads this, and only this, when
+    /// there are none.
+    any: std::sync::atomic::AtomicBool,
+}
 
 impl Faults {
     /// Faults `initial` in force.
     pub fn new(initial: Vec<Fault>) -> Arc<Self> {
-        Arc::new(Faults(RwLock::new(initial)))
+        let faults = Arc::new(Faults::default());
+        faults.set(initial);
+        faults
     }
 
     /// The faults in force.
     pub fn list(&self) -> Vec<Fault> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.faults
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Replaces the faults in force.
     pub fn set(&self, faults: Vec<Fault>) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = faults;
+        let mut current = self.faults.write().unwrap_or_else(|e| e.into_inner());
+        self.any
+            .store(!faults.is_empty(), std::sync::atomic::Ordering::Relaxed);
+        *current = faults;
     }
 
     /// The first fault covering `path` that hits this call (by its share).
     fn pick(&self, path: &str) -> Option<Fault> {
-        let faults = self.0.read().unwrap_or_else(|e| e.into_inner());
+        if !self.any.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let faults = self.faults.read().unwrap_or_else(|e| e.into_inner());
         faults
             .iter()
             .find(|f| f.covers(path) && fastrand::f64() * 100.0 < f.percent)

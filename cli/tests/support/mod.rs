@@ -265,3 +265,25 @@ pub async fn wait_for_state(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Every order of `order_ids` was charged exactly once, by the ledger of
+/// the payment service at `payment` (a URL): one payment, captured.
+pub async fn charged_once(payment: &str, order_ids: &[String]) {
+    use brewmesh::pb::payment::v1::payments_client::PaymentsClient;
+    use brewmesh::pb::payment::v1::{ListPaymentsRequest, PaymentState};
+    let channel = brewmesh_runtime::client::channel(payment).unwrap();
+    let mut payments = PaymentsClient::new(channel);
+    for order_id in order_ids {
+        let found = payments
+            .list_payments(ListPaymentsRequest {
+                order_id: order_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .payments;
+        assert_eq!(found.len(), 1, "{order_id}: {found:?}");
+        assert_eq!(found[0].state(), PaymentState::Captured, "{order_id}");
+    }
+}
