@@ -4,7 +4,10 @@
 //!
 //! - [`server`]: serves a service's routes with health, reflection,
 //!   TCP_NODELAY and a graceful drain under a deadline. Start here.
-//! - [`health`]: grpc.health.v1 whose watchers do not hold up a drain.
+//! - [`health`]: grpc.health.v1 as the protocol has it (SERVICE_UNKNOWN
+//!   watches stay open), whose watchers do not hold up a drain.
+//! - [`reflection`]: server reflection v1 and v1alpha; a failed question is
+//!   an `error_response` on the stream, which goes on.
 //! - [`secret`]: the registry token, never printed.
 //! - [`shutdown`]: SIGTERM/SIGINT (or a parent gone) turned into a
 //!   cancellation token.
@@ -45,6 +48,7 @@ pub mod ids;
 pub mod instrument;
 pub mod metrics;
 pub mod ready;
+pub mod reflection;
 pub mod secret;
 pub mod server;
 pub mod shutdown;

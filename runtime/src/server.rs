@@ -14,13 +14,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-use tonic_health::ServingStatus;
-use tonic_health::pb::health_server::HealthServer;
-use tonic_health::server::HealthReporter;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::discovery::{Registration, RegistrationError, RegistryArgs};
-use crate::health::DrainingHealth;
-use brewmesh::FILE_DESCRIPTOR_SET;
+use crate::health::HealthStatuses;
 
 /// Parses flag durations such as `2s`, `150ms` or `1m 30s`.
 pub use humantime::parse_duration;
@@ -63,7 +60,7 @@ pub enum Drained {
 pub enum ServeError {
     /// The descriptor set could not be loaded into reflection.
     #[error("building the reflection service")]
-    Reflection(#[from] tonic_reflection::server::Error),
+    Reflection(#[from] prost_reflect::DescriptorError),
     /// The listener or a connection failed.
     #[error("serving gRPC")]
     Transport(#[from] tonic::transport::Error),
@@ -113,15 +110,14 @@ pub async fn serve_registered(
     let addr = listener.local_addr()?;
     // The RPC families exist (at 0) from the start, not from the first call.
     let _ = crate::metrics::rpc();
-    let health = HealthReporter::new();
-    set_health(&health, services, ServingStatus::Serving).await;
+    let health = HealthStatuses::new();
+    set_health(&health, services, ServingStatus::Serving);
     let draining = CancellationToken::new();
-    let health_service = HealthServer::new(DrainingHealth::new(health.clone(), draining.clone()));
-
+    let (reflection_v1, reflection_v1alpha) = crate::reflection::services(services)?;
     let routes = routes
-        .add_service(health_service)
-        .add_service(reflection(services).build_v1()?)
-        .add_service(reflection(services).build_v1alpha()?);
+        .add_service(health.service(draining.clone()))
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
     let mut faults = args.faults.clone();
     if let Some(by) = args.inject_latency {
         faults.push(crate::fault::Fault {
@@ -176,7 +172,7 @@ pub async fn serve_registered(
 
     draining.cancel();
     maintenance.abort();
-    set_health(&health, services, ServingStatus::NotServing).await;
+    set_health(&health, services, ServingStatus::NotServing);
     if let Some(registration) = registration {
         registration.deregister().await;
     }
@@ -200,7 +196,7 @@ pub async fn serve_registered(
 /// rotation while it keeps answering the calls that still reach it;
 /// SIGUSR2 turns it SERVING again. Ends when draining starts.
 async fn maintenance_mode(
-    health: HealthReporter,
+    health: HealthStatuses,
     services: Vec<String>,
     draining: CancellationToken,
 ) {
@@ -219,27 +215,12 @@ async fn maintenance_mode(
             () = draining.cancelled() => return,
         };
         tracing::info!(?status, "maintenance mode: health changed by signal");
-        set_health(&health, &names, status).await;
+        set_health(&health, &names, status);
     }
 }
 
-/// Reflection that lists what this server serves — its own services, health
-/// and reflection — rather than every service in the descriptor set.
-fn reflection(services: &[&str]) -> tonic_reflection::server::Builder<'static> {
-    let mut builder = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .with_service_name("grpc.health.v1.Health")
-        .with_service_name("grpc.reflection.v1.ServerReflection")
-        .with_service_name("grpc.reflection.v1alpha.ServerReflection");
-    for name in services {
-        builder = builder.with_service_name(*name);
-    }
-    builder
-}
-
-async fn set_health(health: &HealthReporter, services: &[&str], status: ServingStatus) {
+fn set_health(health: &HealthStatuses, services: &[&str], status: ServingStatus) {
     for name in services.iter().copied().chain([""]) {
-        health.set_service_status(name, status).await;
+        health.set(name, status);
     }
 }
