@@ -5,6 +5,9 @@
 //!
 //! - [`pb`]: the generated messages, clients and servers, one module per
 //!   proto package.
+//! - [`validate`]: the request rules written in the protos
+//!   (`(brewmesh.validate.v1.rules)`), checked by a `Validate` impl that
+//!   build.rs generates for each message with rules.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors (with their
 //!   `google.api.http` options) that reflection and the gateway read.
 //!
@@ -14,6 +17,14 @@
 //! them. ARCHITECTURE.md has the map.
 
 pub mod pb;
+pub mod validate;
+
+/// The generated `Validate` impls (an int64 field goes through the same
+/// `i64::from` as an int32 one).
+#[allow(missing_docs, clippy::useless_conversion)]
+mod rules {
+    include!(concat!(env!("OUT_DIR"), "/validate_rules.rs"));
+}
 
 /// The encoded `google.protobuf.FileDescriptorSet` of every proto in
 /// `proto/` and its imports, with source info and custom options kept.

@@ -19,6 +19,13 @@ pub mod brewmesh {
             tonic::include_proto!("brewmesh.barista.v1");
         }
     }
+    /// `brewmesh.validate.*`.
+    pub mod validate {
+        /// `brewmesh.validate.v1`: the request rules written beside the fields.
+        pub mod v1 {
+            tonic::include_proto!("brewmesh.validate.v1");
+        }
+    }
     /// `brewmesh.registry.*`.
     pub mod registry {
         /// `brewmesh.registry.v1`: registration and discovery.

@@ -12,6 +12,20 @@ pub fn fingerprint(method: &str, request: &impl prost::Message) -> String {
     format!("{method}:{}", to_hex(&request.encode_to_vec()))
 }
 
+/// The answer to a request that reuses a key another request was stored
+/// under: ALREADY_EXISTS (409 through the gateway), as the request is well
+/// formed but conflicts with what the key already names — the IETF
+/// Idempotency-Key draft's "conflict" — with the field named in an ErrorInfo.
+pub fn reused(message: String) -> tonic::Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    let details = ErrorDetails::with_error_info(
+        "IDEMPOTENCY_KEY_REUSED",
+        "brewmesh",
+        [("field".to_owned(), "idempotency_key".to_owned())],
+    );
+    tonic::Status::with_error_details(tonic::Code::AlreadyExists, message, details)
+}
+
 /// Lower-case hex of `bytes`, for storing bytes in a portable TEXT column.
 pub fn to_hex(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len() * 2);

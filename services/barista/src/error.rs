@@ -13,6 +13,10 @@ pub enum BaristaError {
     #[error("order {0} not found")]
     NotFound(String),
 
+    /// The menu has no item with this id.
+    #[error("{0:?} is not on the menu (see GetMenu)")]
+    NotOnTheMenu(String),
+
     /// A station and its queue are full.
     #[error("the shop is full: every {station} machine is busy and its queue is full; retry later")]
     ShopFull {
@@ -44,14 +48,24 @@ impl From<BaristaError> for Status {
     fn from(error: BaristaError) -> Self {
         match &error {
             BaristaError::NotFound(_) => Status::not_found(error.to_string()),
+            // The item a request names does not exist, as AIP-193 has it:
+            // NOT_FOUND with the resource named, not a malformed request.
+            BaristaError::NotOnTheMenu(item_id) => Status::with_error_details(
+                Code::NotFound,
+                error.to_string(),
+                ErrorDetails::with_resource_info(
+                    "brewmesh.barista.v1.MenuItem",
+                    item_id,
+                    "",
+                    "not on the menu; GetMenu lists what is",
+                ),
+            ),
             BaristaError::ShopFull { retry_after, .. } => Status::with_error_details(
                 Code::ResourceExhausted,
                 error.to_string(),
                 ErrorDetails::with_retry_info(Some(*retry_after)),
             ),
-            BaristaError::KeyReused => {
-                brewmesh_runtime::validate::invalid_argument("idempotency_key", error.to_string())
-            }
+            BaristaError::KeyReused => brewmesh_runtime::idempotency::reused(error.to_string()),
             BaristaError::NotCancellable { order_id, why } => Status::with_error_details(
                 Code::FailedPrecondition,
                 error.to_string(),

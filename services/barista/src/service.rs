@@ -18,7 +18,7 @@ use brewmesh::pb::barista::v1::{
     WatchOrderRequest,
 };
 use brewmesh_runtime::idempotency::fingerprint;
-use brewmesh_runtime::validate::{Violations, invalid_argument, next_page_token, page_size};
+use brewmesh_runtime::validate::{Validate as _, Violations, next_page_token, page_size};
 
 use crate::error::BaristaError;
 use crate::journal::{OrderWatch, Written};
@@ -26,10 +26,6 @@ use crate::menu;
 use crate::saga::Orders as _;
 use crate::shop::Shop;
 use crate::store::{Change, NewOrder, Step};
-
-const MAX_NAME_LEN: usize = 100;
-const MAX_CARD_TOKEN_LEN: usize = 64;
-const MAX_REASON_LEN: usize = 512;
 
 /// The gRPC face of the [`Shop`].
 #[derive(Debug, Clone)]
@@ -70,17 +66,9 @@ impl Barista for BaristaService {
         request: Request<PlaceOrderRequest>,
     ) -> Result<Response<Order>, Status> {
         let request = request.into_inner();
-        let mut violations = Violations::new();
-        violations.idempotency_key("idempotency_key", &request.idempotency_key);
-        violations.required("item_id", &request.item_id, MAX_NAME_LEN);
-        violations.required("customer_name", &request.customer_name, MAX_NAME_LEN);
-        violations.required("card_token", &request.card_token, MAX_CARD_TOKEN_LEN);
-        violations.check()?;
+        request.validate()?;
         let Some(item) = menu::find(&request.item_id) else {
-            return Err(invalid_argument(
-                "item_id",
-                format!("{:?} is not on the menu (see GetMenu)", request.item_id),
-            ));
+            return Err(BaristaError::NotOnTheMenu(request.item_id).into());
         };
 
         let fingerprint = fingerprint("PlaceOrder", &request);
@@ -100,7 +88,7 @@ impl Barista for BaristaService {
         request: Request<GetOrderRequest>,
     ) -> Result<Response<Order>, Status> {
         let request = request.into_inner();
-        order_id(&request.order_id)?;
+        request.validate()?;
         Ok(Response::new(self.order(&request.order_id).await?))
     }
 
@@ -110,13 +98,13 @@ impl Barista for BaristaService {
     ) -> Result<Response<ListOrdersResponse>, Status> {
         let request = request.into_inner();
         let mut violations = Violations::new();
-        let limit = page_size(&mut violations, "page_size", request.page_size, 50, 1000);
+        request.validate_at("", &mut violations);
         let state = S::try_from(request.state).unwrap_or_else(|_| {
             violations.add("state", "is not an OrderState");
             S::Unspecified
         });
-        violations.page_token("page_token", "ord", &request.page_token);
         violations.check()?;
+        let limit = page_size(request.page_size, 50, 1000);
         // The page token is the id of the last order of the previous page.
         let before = Some(request.page_token.as_str()).filter(|t| !t.is_empty());
         let (orders, last) = self
@@ -137,10 +125,7 @@ impl Barista for BaristaService {
         request: Request<CancelOrderRequest>,
     ) -> Result<Response<Order>, Status> {
         let request = request.into_inner();
-        let mut violations = Violations::new();
-        violations.at_most("reason", &request.reason, MAX_REASON_LEN);
-        violations.check()?;
-        order_id(&request.order_id)?;
+        request.validate()?;
         let order_id = request.order_id.as_str();
         let reason = if request.reason.is_empty() {
             "cancelled by the customer".to_owned()
@@ -197,10 +182,7 @@ impl Barista for BaristaService {
         request: Request<WatchOrderRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let request = request.into_inner();
-        order_id(&request.order_id)?;
-        if request.after_sequence < 0 {
-            return Err(invalid_argument("after_sequence", "must not be negative"));
-        }
+        request.validate()?;
         // Subscribe before the first read, so no event falls between the two.
         let changes = self.shop.journal().watch(&request.order_id);
         self.order(&request.order_id).await?;
@@ -290,10 +272,4 @@ async fn ended(shop: &Shop, order_id: &str) -> bool {
         shop.store().get(order_id).await,
         Ok(Some(record)) if matches!(record.order.state(), S::Ready | S::Failed | S::Cancelled)
     )
-}
-
-fn order_id(value: &str) -> Result<(), Status> {
-    let mut violations = Violations::new();
-    violations.id("order_id", "ord", value);
-    violations.check()
 }

@@ -419,11 +419,10 @@ async fn a_repeated_order_with_one_key_is_made_and_charged_once() {
         .place_order(order("same-key", "espresso", "tok_visa"))
         .await
         .expect_err("same key, different drink");
-    assert_eq!(status.code(), Code::InvalidArgument);
-    assert_eq!(
-        status.get_details_bad_request().unwrap().field_violations[0].field,
-        "idempotency_key"
-    );
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    let info = status.get_details_error_info().unwrap();
+    assert_eq!(info.reason, "IDEMPOTENCY_KEY_REUSED");
+    assert_eq!(info.metadata["field"], "idempotency_key");
 }
 
 #[tokio::test]
@@ -449,12 +448,16 @@ async fn bad_requests_are_invalid_argument_naming_the_field() {
         fields(status),
         ["idempotency_key", "item_id", "customer_name", "card_token"]
     );
+    // A well-formed id that names no drink: NOT_FOUND, naming the item.
     let status = mesh
         .barista
         .place_order(order("k1", "tea", "tok_visa"))
         .await
         .unwrap_err();
-    assert_eq!(fields(status), ["item_id"]);
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let resource = status.get_details_resource_info().unwrap();
+    assert_eq!(resource.resource_type, "brewmesh.barista.v1.MenuItem");
+    assert_eq!(resource.resource_name, "tea");
     let status = mesh
         .barista
         .get_order(GetOrderRequest {
@@ -472,7 +475,7 @@ async fn bad_requests_are_invalid_argument_naming_the_field() {
         })
         .await
         .unwrap_err();
-    assert_eq!(fields(status), ["page_size", "state", "page_token"]);
+    assert_eq!(fields(status), ["page_size", "page_token", "state"]);
     let status = mesh
         .barista
         .watch_order(WatchOrderRequest {

@@ -59,9 +59,7 @@ impl From<PaymentError> for Status {
                     error.to_string(),
                 ),
             ),
-            PaymentError::KeyReused => {
-                brewmesh_runtime::validate::invalid_argument("idempotency_key", error.to_string())
-            }
+            PaymentError::KeyReused => brewmesh_runtime::idempotency::reused(error.to_string()),
             PaymentError::Corrupt(_) => {
                 tracing::error!(%error, "corrupt ledger record");
                 Status::internal(error.to_string())

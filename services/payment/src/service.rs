@@ -9,18 +9,15 @@ use tracing::Instrument as _;
 use brewmesh::pb::payment::v1::payments_server::Payments;
 use brewmesh::pb::payment::v1::{
     AuthorizeRequest, CaptureRequest, GetPaymentRequest, ListPaymentsRequest, ListPaymentsResponse,
-    Money, Payment, PaymentState, RefundRequest, VoidRequest,
+    Payment, PaymentState, RefundRequest, VoidRequest,
 };
 use brewmesh_runtime::idempotency::fingerprint;
-use brewmesh_runtime::validate::{MAX_KEY_LEN, Violations, next_page_token, page_size};
+use brewmesh_runtime::validate::{Validate as _, next_page_token, page_size};
 
 use crate::ledger::{Ledger, NewPayment, Transition};
 
 /// The card token that is always declined, for exercising failure paths.
 pub const DECLINED_CARD_TOKEN: &str = "tok_declined";
-
-const MAX_CARD_TOKEN_LEN: usize = 64;
-const MAX_REASON_LEN: usize = 512;
 
 /// The gRPC face of the [`Ledger`].
 #[derive(Debug, Clone)]
@@ -39,19 +36,15 @@ impl PaymentService {
         }
     }
 
-    /// Capture, Void and Refund: check the payment id and key (plus what
-    /// `violations` already holds), then move the payment under the key.
+    /// Capture, Void and Refund, their requests checked: move the payment
+    /// under the key.
     async fn transition(
         &self,
         method: &str,
         request: &impl prost::Message,
         (payment_id, key): (&str, &str),
-        mut violations: Violations,
         transition: Transition<'_>,
     ) -> Result<Response<Payment>, Status> {
-        violations.id("payment_id", "pay", payment_id);
-        violations.idempotency_key("idempotency_key", key);
-        violations.check()?;
         let fingerprint = fingerprint(method, request);
         if let Some(payment) = self.ledger.replay(key, &fingerprint).await? {
             return Ok(Response::new(payment));
@@ -77,12 +70,7 @@ impl Payments for PaymentService {
         request: Request<AuthorizeRequest>,
     ) -> Result<Response<Payment>, Status> {
         let request = request.into_inner();
-        let mut violations = Violations::new();
-        violations.idempotency_key("idempotency_key", &request.idempotency_key);
-        violations.required("order_id", &request.order_id, MAX_KEY_LEN);
-        money(&mut violations, "amount", request.amount.as_ref());
-        violations.required("card_token", &request.card_token, MAX_CARD_TOKEN_LEN);
-        violations.check()?;
+        request.validate()?;
 
         let fingerprint = fingerprint("Authorize", &request);
         let key = &request.idempotency_key;
@@ -125,46 +113,35 @@ impl Payments for PaymentService {
 
     async fn capture(&self, request: Request<CaptureRequest>) -> Result<Response<Payment>, Status> {
         let request = request.into_inner();
+        request.validate()?;
         let ids = (
             request.payment_id.as_str(),
             request.idempotency_key.as_str(),
         );
-        self.transition(
-            "Capture",
-            &request,
-            ids,
-            Violations::new(),
-            Transition::Capture,
-        )
-        .await
+        self.transition("Capture", &request, ids, Transition::Capture)
+            .await
     }
 
     async fn void(&self, request: Request<VoidRequest>) -> Result<Response<Payment>, Status> {
         let request = request.into_inner();
+        request.validate()?;
         let ids = (
             request.payment_id.as_str(),
             request.idempotency_key.as_str(),
         );
-        self.transition("Void", &request, ids, Violations::new(), Transition::Void)
+        self.transition("Void", &request, ids, Transition::Void)
             .await
     }
 
     async fn refund(&self, request: Request<RefundRequest>) -> Result<Response<Payment>, Status> {
         let request = request.into_inner();
-        let mut violations = Violations::new();
-        violations.at_most("reason", &request.reason, MAX_REASON_LEN);
+        request.validate()?;
         let ids = (
             request.payment_id.as_str(),
             request.idempotency_key.as_str(),
         );
-        self.transition(
-            "Refund",
-            &request,
-            ids,
-            violations,
-            Transition::Refund(&request.reason),
-        )
-        .await
+        self.transition("Refund", &request, ids, Transition::Refund(&request.reason))
+            .await
     }
 
     async fn get_payment(
@@ -172,9 +149,7 @@ impl Payments for PaymentService {
         request: Request<GetPaymentRequest>,
     ) -> Result<Response<Payment>, Status> {
         let request = request.into_inner();
-        let mut violations = Violations::new();
-        violations.id("payment_id", "pay", &request.payment_id);
-        violations.check()?;
+        request.validate()?;
         Ok(Response::new(self.ledger.get(&request.payment_id).await?))
     }
 
@@ -183,11 +158,8 @@ impl Payments for PaymentService {
         request: Request<ListPaymentsRequest>,
     ) -> Result<Response<ListPaymentsResponse>, Status> {
         let request = request.into_inner();
-        let mut violations = Violations::new();
-        let limit = page_size(&mut violations, "page_size", request.page_size, 50, 1000);
-        violations.at_most("order_id", &request.order_id, MAX_KEY_LEN);
-        violations.page_token("page_token", "pay", &request.page_token);
-        violations.check()?;
+        request.validate()?;
+        let limit = page_size(request.page_size, 50, 1000);
         let before = Some(request.page_token.as_str()).filter(|t| !t.is_empty());
         let (payments, more) = self.ledger.list(&request.order_id, before, limit).await?;
         let next_page_token = next_page_token(more, payments.last().map(|p| p.payment_id.as_str()));
@@ -195,22 +167,5 @@ impl Payments for PaymentService {
             payments,
             next_page_token,
         }))
-    }
-}
-
-fn money(violations: &mut Violations, field: &str, value: Option<&Money>) {
-    let Some(money) = value else {
-        violations.add(field, "is required");
-        return;
-    };
-    let code = &money.currency_code;
-    if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_uppercase()) {
-        violations.add(
-            format!("{field}.currency_code"),
-            "must be an ISO 4217 code: three upper-case letters",
-        );
-    }
-    if money.amount_minor <= 0 {
-        violations.add(format!("{field}.amount_minor"), "must be positive");
     }
 }

@@ -116,8 +116,9 @@ async fn reusing_a_key_for_a_different_request_is_refused_naming_the_key() {
         .authorize(authorize("key-1", "ord-1", 999, "tok_visa"))
         .await
         .expect_err("same key, different amount");
-    assert_eq!(status.code(), Code::InvalidArgument);
-    assert_eq!(violated_fields(&status), ["idempotency_key"]);
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    let info = status.get_details_error_info().unwrap();
+    assert_eq!(info.metadata["field"], "idempotency_key");
     assert_eq!(payments_of(&mut client, "ord-1").await.len(), 1);
 }
 

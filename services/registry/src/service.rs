@@ -22,7 +22,7 @@ use brewmesh::pb::registry::v1::{
     RegisterResponse, ResolveRequest, ResolveResponse, WatchRequest, WatchResponse,
 };
 use brewmesh_runtime::secret::Secret;
-use brewmesh_runtime::validate::{MAX_KEY_LEN, Violations};
+use brewmesh_runtime::validate::Validate as _;
 
 use crate::registry::Registry;
 
@@ -94,26 +94,12 @@ impl RegistryApi for RegistryService {
     ) -> Result<Response<RegisterResponse>, Status> {
         self.authorize(&request)?;
         let request = request.into_inner();
-        let mut violations = Violations::new();
+        request.validate()?;
         let instance = request.instance.unwrap_or_default();
-        violations.required("instance.instance_id", &instance.instance_id, MAX_KEY_LEN);
-        violations.required("instance.service", &instance.service, 256);
-        violations.required("instance.address", &instance.address, 256);
-        if !instance.address.is_empty() && !valid_address(&instance.address) {
-            violations.add("instance.address", "must be host:port");
-        }
-        let asked = match request.ttl {
-            None => self.ttl.default,
-            Some(ttl) => match Duration::try_from(ttl) {
-                Ok(ttl) if !ttl.is_zero() => ttl,
-                Ok(_) => self.ttl.default,
-                Err(_) => {
-                    violations.add("ttl", "must not be negative");
-                    self.ttl.default
-                }
-            },
-        };
-        violations.check()?;
+        // Unset or zero asks for the default; a negative one was refused.
+        let asked = (request.ttl.and_then(|ttl| Duration::try_from(ttl).ok()))
+            .filter(|ttl| !ttl.is_zero())
+            .unwrap_or(self.ttl.default);
         let ttl = asked.clamp(self.ttl.min, self.ttl.max);
         let instance = Instance {
             health: HealthStatus::Unspecified as i32,
@@ -177,13 +163,9 @@ impl RegistryApi for RegistryService {
         request: Request<DeregisterRequest>,
     ) -> Result<Response<DeregisterResponse>, Status> {
         self.authorize(&request)?;
-        let lease_id = request.into_inner().lease_id;
-        if lease_id.is_empty() {
-            return Err(brewmesh_runtime::validate::invalid_argument(
-                "lease_id",
-                "is required",
-            ));
-        }
+        let request = request.into_inner();
+        request.validate()?;
+        let lease_id = request.lease_id;
         // Removing a lease that is already gone is what the caller wanted.
         if self.registry.deregister(&lease_id) {
             tracing::info!(%lease_id, "deregistered");
@@ -195,8 +177,9 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<ResolveRequest>,
     ) -> Result<Response<ResolveResponse>, Status> {
-        let service = request.into_inner().service;
-        required_service(&service)?;
+        let request = request.into_inner();
+        request.validate()?;
+        let service = request.service;
         Ok(Response::new(ResolveResponse {
             instances: self.registry.resolve(&service),
         }))
@@ -208,8 +191,9 @@ impl RegistryApi for RegistryService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let service = request.into_inner().service;
-        required_service(&service)?;
+        let request = request.into_inner();
+        request.validate()?;
+        let service = request.service;
         let mut snapshots = self.registry.watch(&service);
         let (tx, rx) = mpsc::channel(4);
         let shutdown = self.shutdown.clone();
@@ -245,18 +229,6 @@ impl RegistryApi for RegistryService {
             services: self.registry.services(),
         }))
     }
-}
-
-fn required_service(service: &str) -> Result<(), Status> {
-    let mut violations = Violations::new();
-    violations.required("service", service, 256);
-    violations.check()
-}
-
-fn valid_address(address: &str) -> bool {
-    address
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
 }
 
 /// Follows one instance's `grpc.health.v1` status until its lease ends.
