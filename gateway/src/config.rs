@@ -55,6 +55,13 @@ pub struct Config {
     #[arg(long, env = "BREWMESH_GATEWAY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
 
+    /// How long a server stream (WatchOrder, a registry Watch) may last when
+    /// the client sends no `Grpc-Timeout`; it then ends with
+    /// DEADLINE_EXCEEDED in its last line, and the client watches again from
+    /// where it was. A client that wants longer sends a longer Grpc-Timeout.
+    #[arg(long, env = "BREWMESH_GATEWAY_STREAM_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub stream_timeout: Duration,
+
     /// Largest request body accepted; larger ones get 413.
     #[arg(long, env = "BREWMESH_GATEWAY_MAX_BODY", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
@@ -103,6 +110,7 @@ impl Default for Config {
             reflect: Vec::new(),
             no_builtin: false,
             timeout: Duration::from_secs(30),
+            stream_timeout: Duration::from_secs(300),
             max_body_bytes: 1 << 20,
             created: vec!["brewmesh.barista.v1.Barista.PlaceOrder".to_owned()],
             cached: vec![(

@@ -2,6 +2,7 @@
 //! descriptors they are built from; proto comments become descriptions.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use prost_reflect::{
     DescriptorPool, EnumDescriptor, FieldDescriptor, FileDescriptor, Kind, MessageDescriptor,
@@ -13,8 +14,9 @@ use crate::routes::{BodyRule, Route, is_scalar_wrapper};
 /// How deep query parameters reach into nested messages.
 const QUERY_DEPTH: usize = 3;
 
-/// The document for `routes`.
-pub fn document(pool: &DescriptorPool, routes: &[Route]) -> Value {
+/// The document for `routes`; a server stream lasts `stream_timeout` unless
+/// the client sends a longer `Grpc-Timeout`.
+pub fn document(pool: &DescriptorPool, routes: &[Route], stream_timeout: Duration) -> Value {
     let mut schemas = Schemas::default();
     let status = schemas.message_ref("google.rpc.Status", pool);
     let mut paths: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
@@ -66,12 +68,22 @@ pub fn document(pool: &DescriptorPool, routes: &[Route]) -> Value {
         if let Some(first) = description.lines().next().filter(|l| !l.is_empty()) {
             operation.insert("summary".into(), json!(first));
         }
+        let description = if method.is_server_streaming() {
+            format!(
+                "{description}\n\nA stream: one line per message (NDJSON, or Server-Sent Events with `Accept: text/event-stream`). It ends after {} unless the request's `Grpc-Timeout` header asks for another deadline; then its last line is an error with code 4 (DEADLINE_EXCEEDED), and the client asks again from where it was.",
+                humantime::format_duration(stream_timeout)
+            )
+        } else {
+            description
+        };
         operation.insert("description".into(), json!(description));
         if !parameters.is_empty() {
             operation.insert("parameters".into(), Value::Array(parameters));
         }
         let body_schema = match &route.body {
-            BodyRule::All => Some(schemas.message(&input, pool)),
+            BodyRule::All if bound.is_empty() => Some(schemas.message(&input, pool)),
+            // What the path binds is not in the body.
+            BodyRule::All => Some(schemas.object(&input, &bound, pool)),
             BodyRule::Field(field) => Some(schemas.field(field, pool)),
             BodyRule::None => None,
         };
@@ -101,10 +113,15 @@ pub fn document(pool: &DescriptorPool, routes: &[Route]) -> Value {
             json!({"application/json": {"schema": output}})
         };
         let code = if route.rpc.created { "201" } else { "200" };
+        let links = links(route, routes);
+        let mut success = json!({"description": "A successful response.", "content": content});
+        if !links.is_empty() {
+            success["links"] = Value::Object(links);
+        }
         operation.insert(
             "responses".into(),
             json!({
-                code: {"description": "A successful response.", "content": content},
+                code: success,
                 "default": {
                     "description": "An error: a google.rpc.Status.",
                     "content": {"application/json": {"schema": status}},
@@ -141,6 +158,46 @@ pub fn document(pool: &DescriptorPool, routes: &[Route]) -> Value {
         "paths": paths,
         "components": {"schemas": schemas.done},
     })
+}
+
+/// OpenAPI links from a method that creates a resource (a POST whose body
+/// is the whole request, nothing bound in its path) to every route that
+/// binds, as its one path variable, a field of the created resource:
+/// PlaceOrder's `orderId` to GetOrder, CancelOrder and WatchOrder.
+fn links(route: &Route, routes: &[Route]) -> Map<String, Value> {
+    let mut links = Map::new();
+    let creates = route.method == http::Method::POST
+        && matches!(route.body, BodyRule::All)
+        && route.template.field_paths().next().is_none()
+        && route.response_body.is_none()
+        && !route.rpc.method.is_server_streaming();
+    if !creates {
+        return links;
+    }
+    let output = route.rpc.method.output();
+    for other in routes {
+        let bound: Vec<&str> = other.template.field_paths().collect();
+        let [field] = bound.as_slice() else { continue };
+        let Some(source) = output.get_field_by_name(field) else {
+            continue;
+        };
+        if other.rpc.method.parent_service() != route.rpc.method.parent_service() {
+            continue;
+        }
+        let target = format!(
+            "{}_{}",
+            other.rpc.method.parent_service().name(),
+            other.rpc.method.name()
+        );
+        links.insert(
+            target.clone(),
+            json!({
+                "operationId": target,
+                "parameters": {*field: format!("$response.body#/{}", source.json_name())},
+            }),
+        );
+    }
+    links
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -180,7 +237,16 @@ fn query_parameters(
                 "in": "query",
                 "required": false,
                 "description": comment(&field.parent_file(), field.path()),
-                "schema": schemas.field(&field, pool),
+                "schema": match field.kind() {
+                    // A query value is text: an enum's name or its number.
+                    Kind::Enum(e) if !field.is_list() => json!({
+                        "type": "string",
+                        "enum": e.values().map(|v| v.name().to_owned())
+                            .chain(e.values().map(|v| v.number().to_string()))
+                            .collect::<Vec<_>>(),
+                    }),
+                    _ => schemas.field(&field, pool),
+                },
                 "explode": true,
             })),
         }
@@ -231,24 +297,51 @@ impl Schemas {
         if !self.done.contains_key(&name) {
             // Placeholder first: recursive messages refer to themselves.
             self.done.insert(name.clone(), Value::Null);
-            let mut properties = Map::new();
-            for field in message.fields() {
-                let mut schema = self.field(&field, pool);
-                let description = comment(&field.parent_file(), field.path());
-                if !description.is_empty() {
-                    schema = with_description(schema, description);
-                }
-                properties.insert(field.json_name().to_owned(), schema);
-            }
-            let schema = json!({
-                "type": "object",
-                "description": comment(&message.parent_file(), message.path()),
-                "properties": properties,
-                "additionalProperties": false,
-            });
+            let schema = self.object(message, &[], pool);
             self.done.insert(name.clone(), schema);
         }
         Self::reference(&name)
+    }
+
+    /// `message` as an object schema, without the fields named in `skip`
+    /// (those a route binds in its path); `required` lists the fields whose
+    /// rules require them.
+    fn object(
+        &mut self,
+        message: &MessageDescriptor,
+        skip: &[&str],
+        pool: &DescriptorPool,
+    ) -> Value {
+        let mut properties = Map::new();
+        let mut required = Vec::new();
+        for field in message.fields() {
+            if skip.contains(&field.name()) {
+                continue;
+            }
+            let mut schema = self.field(&field, pool);
+            let description = comment(&field.parent_file(), field.path());
+            if !description.is_empty() {
+                schema = with_description(schema, description);
+            }
+            // A least value above 0 rules out the unset field (0) too.
+            if Rules::of(&field, pool).is_some_and(|r| r.required || r.min.is_some_and(|m| m > 0)) {
+                required.push(field.json_name().to_owned());
+            } else {
+                // proto3 JSON reads null as the field left unset.
+                schema = or_null(schema);
+            }
+            properties.insert(field.json_name().to_owned(), schema);
+        }
+        let mut schema = json!({
+            "type": "object",
+            "description": comment(&message.parent_file(), message.path()),
+            "properties": properties,
+            "additionalProperties": false,
+        });
+        if !required.is_empty() {
+            schema["required"] = json!(required);
+        }
+        schema
     }
 
     fn enumeration(&mut self, e: &EnumDescriptor) -> Value {
@@ -262,9 +355,12 @@ impl Schemas {
             let mut description = comment(&e.parent_file(), e.path());
             description.push_str("\n\n");
             description.push_str(&descriptions.join("\n"));
+            // proto3 JSON takes an enum by name or by number.
+            let mut accepted: Vec<Value> = values.iter().map(|v| json!(v)).collect();
+            accepted.extend(e.values().map(|v| json!(v.number())));
             self.done.insert(
                 name.clone(),
-                json!({"type": "string", "enum": values, "description": description}),
+                json!({"type": ["string", "integer"], "enum": accepted, "description": description}),
             );
         }
         Self::reference(&name)
@@ -280,15 +376,19 @@ impl Schemas {
         let single = match field.kind() {
             Kind::Double | Kind::Float => json!({"type": "number"}),
             Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 => {
-                json!({"type": "integer", "format": "int32"})
+                json!({"type": "integer", "format": "int32", "minimum": i32::MIN, "maximum": i32::MAX})
             }
             Kind::Uint32 | Kind::Fixed32 => {
-                json!({"type": "integer", "format": "int64", "minimum": 0})
+                json!({"type": "integer", "format": "int64", "minimum": 0, "maximum": u32::MAX})
             }
-            Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => {
-                json!({"type": "string", "format": "int64"})
-            }
-            Kind::Uint64 | Kind::Fixed64 => json!({"type": "string", "format": "uint64"}),
+            Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 => int64(None),
+            Kind::Uint64 | Kind::Fixed64 => json!({
+                "type": ["string", "integer"],
+                "format": "uint64",
+                "pattern": format!("^(0|{})$", at_most(&u64::MAX.to_string())),
+                "minimum": 0,
+                "maximum": u64::MAX,
+            }),
             Kind::Bool => json!({"type": "boolean"}),
             Kind::String => json!({"type": "string"}),
             Kind::Bytes => json!({"type": "string", "contentEncoding": "base64"}),
@@ -298,9 +398,162 @@ impl Schemas {
         if field.is_list() {
             json!({"type": "array", "items": single})
         } else {
-            single
+            match Rules::of(field, pool) {
+                Some(rules) => rules.apply(field, single),
+                None => single,
+            }
         }
     }
+}
+
+/// An int64 in proto3 JSON: a string of digits or a number, in range; with
+/// a least value of 0 or 1 (all the rules use), no minus sign or no zero.
+fn int64(min: Option<i64>) -> Value {
+    let positive = at_most(&i64::MAX.to_string());
+    let pattern = match min {
+        Some(0) => format!("^(0|{positive})$"),
+        Some(1) => format!("^({positive})$"),
+        _ => format!("^(0|{positive}|-({}))$", at_most("9223372036854775808")),
+    };
+    json!({
+        "type": ["string", "integer"],
+        "format": "int64",
+        "pattern": pattern,
+        "minimum": min.unwrap_or(i64::MIN),
+        "maximum": i64::MAX,
+    })
+}
+
+/// A regular expression for the decimal numbers from 1 to `max` (digits,
+/// no leading zero), exactly: shorter numbers, then for each digit of `max`
+/// the numbers that share its prefix and are smaller there.
+fn at_most(max: &str) -> String {
+    let digits: Vec<u32> = max.chars().filter_map(|c| c.to_digit(10)).collect();
+    let n = digits.len();
+    let mut alternatives = vec![format!("[1-9][0-9]{{0,{}}}", n.saturating_sub(2))];
+    for (i, &d) in digits.iter().enumerate() {
+        let low = if i == 0 { 1 } else { 0 };
+        if d > low {
+            let prefix: String = digits[..i].iter().map(|d| d.to_string()).collect();
+            let rest = n - i - 1;
+            alternatives.push(format!("{prefix}[{low}-{}][0-9]{{{rest}}}", d - 1));
+        }
+    }
+    alternatives.push(max.to_owned());
+    alternatives.join("|")
+}
+
+/// A field's `(brewmesh.validate.v1.rules)`, as the services enforce them
+/// (build.rs generates their checks from the same options).
+#[derive(Debug, Default)]
+struct Rules {
+    required: bool,
+    max_len: u32,
+    id_prefix: String,
+    pattern: String,
+    min: Option<i64>,
+    output_only: bool,
+}
+
+/// The blank characters a required string must hold more than.
+const NOT_BLANK: &str = "[^ \\t\\n\\r\\f\\v]";
+
+impl Rules {
+    fn of(field: &FieldDescriptor, pool: &DescriptorPool) -> Option<Self> {
+        let extension = pool.get_extension_by_name("brewmesh.validate.v1.rules")?;
+        let options = field.options();
+        if !options.has_extension(&extension) {
+            return None;
+        }
+        let rules = options.get_extension(&extension);
+        let rules = rules.as_message()?;
+        let get = |name: &str| rules.get_field_by_name(name).map(|v| v.into_owned());
+        let text = |name: &str| get(name).and_then(|v| v.as_str().map(str::to_owned));
+        Some(Self {
+            required: get("required").and_then(|v| v.as_bool()).unwrap_or(false),
+            max_len: get("max_len").and_then(|v| v.as_u32()).unwrap_or(0),
+            id_prefix: text("id_prefix").unwrap_or_default(),
+            pattern: text("pattern").unwrap_or_default(),
+            min: (rules.has_field_by_name("min"))
+                .then(|| get("min").and_then(|v| v.as_i64()))
+                .flatten(),
+            output_only: get("output_only")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+        })
+    }
+
+    /// `schema`, the field's plain one, narrowed to what the rules accept.
+    fn apply(&self, field: &FieldDescriptor, schema: Value) -> Value {
+        let Value::Object(mut schema) = schema else {
+            return schema;
+        };
+        if self.output_only {
+            schema.insert("readOnly".into(), json!(true));
+        }
+        match field.kind() {
+            Kind::String => {
+                let pattern = if !self.id_prefix.is_empty() {
+                    Some(format!("^{}_[0-9a-f]{{32}}$", self.id_prefix))
+                } else if !self.pattern.is_empty() {
+                    Some(self.pattern.clone())
+                } else if self.required {
+                    Some(NOT_BLANK.to_owned())
+                } else {
+                    None
+                };
+                if self.max_len > 0 {
+                    schema.insert("maxLength".into(), json!(self.max_len));
+                }
+                match pattern {
+                    Some(pattern) if self.required => {
+                        schema.insert("minLength".into(), json!(1));
+                        schema.insert("pattern".into(), json!(pattern));
+                    }
+                    // Empty is allowed beside what the pattern matches.
+                    Some(pattern) => {
+                        schema.insert(
+                            "anyOf".into(),
+                            json!([{"maxLength": 0}, {"pattern": pattern}]),
+                        );
+                    }
+                    None => {}
+                }
+            }
+            Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 if self.min.is_some() => {
+                let narrowed = int64(self.min);
+                if let Value::Object(narrowed) = narrowed {
+                    schema.extend(narrowed);
+                }
+            }
+            Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 | Kind::Uint32 if self.min.is_some() => {
+                schema.insert("minimum".into(), json!(self.min));
+            }
+            Kind::Message(m)
+                if m.full_name() == "google.protobuf.Duration" && self.min == Some(0) =>
+            {
+                schema.insert("pattern".into(), json!(DURATION_NOT_NEGATIVE));
+            }
+            _ => {}
+        }
+        Value::Object(schema)
+    }
+}
+
+/// A Duration in proto3 JSON within its range (±315,576,000,000 s): at most
+/// 11 digits of seconds, at most 9 of fractions.
+const DURATION: &str = "^-?[0-9]{1,11}(\\.[0-9]{1,9})?s$";
+const DURATION_NOT_NEGATIVE: &str = "^[0-9]{1,11}(\\.[0-9]{1,9})?s$";
+
+/// `schema`, or null; the description stays outside.
+fn or_null(schema: Value) -> Value {
+    let mut schema = schema;
+    let description = schema.as_object_mut().and_then(|m| m.remove("description"));
+    let mut wrapped = json!({"anyOf": [schema, {"type": "null"}]});
+    if let Some(description) = description {
+        wrapped["description"] = description;
+    }
+    wrapped
 }
 
 fn with_description(schema: Value, description: String) -> Value {
@@ -318,9 +571,7 @@ fn with_description(schema: Value, description: String) -> Value {
 fn well_known(name: &str) -> Option<Value> {
     Some(match name {
         "google.protobuf.Timestamp" => json!({"type": "string", "format": "date-time"}),
-        "google.protobuf.Duration" => {
-            json!({"type": "string", "pattern": "^-?[0-9]+(\\.[0-9]+)?s$"})
-        }
+        "google.protobuf.Duration" => json!({"type": "string", "pattern": DURATION}),
         "google.protobuf.FieldMask" => json!({"type": "string"}),
         "google.protobuf.Empty" => json!({"type": "object", "additionalProperties": false}),
         "google.protobuf.Struct" => json!({"type": "object"}),

@@ -73,16 +73,14 @@ async fn respond(
     let mut call = tonic::Request::new(message);
     forward_headers(&parts.headers, call.metadata_mut()).map_err(GatewayError::Invalid)?;
     let timeout = match deadline(&parts.headers).map_err(GatewayError::Invalid)? {
-        Some(timeout) => Some(timeout),
-        // Streams (WatchOrder) last as long as the client wants.
-        None if !streaming => Some(gateway.timeout),
-        None => None,
+        Some(timeout) => timeout,
+        None if streaming => gateway.stream_timeout,
+        None => gateway.timeout,
     };
-    if let Some(timeout) = timeout {
-        // Upstream as grpc-timeout; enforced here too, for the time spent
-        // waiting for a backend that never answers.
-        call.set_timeout(timeout);
-    }
+    // Upstream as grpc-timeout; enforced here too, for the time spent
+    // waiting for a backend that never answers, and on a stream's body.
+    call.set_timeout(timeout);
+    let ends = tokio::time::Instant::now() + timeout;
     let codec = DynamicCodec::new(route.rpc.method.output());
     let path = route.rpc.path.clone();
     let sse = accepts_event_stream(&parts.headers);
@@ -93,28 +91,25 @@ async fn respond(
         if streaming {
             grpc.server_streaming(call, path, codec)
                 .await
-                .map(|r| stream_response(gateway, route, r, sse))
+                .map(|r| stream_response(gateway, route, r, sse, ends))
         } else {
             let response = grpc.unary(call, path, codec).await?;
             Ok(unary_response(gateway, route, &parts.headers, cache_key, response).await)
         }
     };
     let started = Instant::now();
-    let outcome = match timeout {
-        Some(timeout) => tokio::time::timeout(timeout, exchange)
-            .await
-            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("the deadline passed")))
-            .map_err(|status| {
-                // tonic servers end an expired call with CANCELLED; past
-                // the client's deadline that is a deadline, as in grpc-go.
-                if status.code() == Code::Cancelled && started.elapsed() >= timeout {
-                    tonic::Status::deadline_exceeded(status.message())
-                } else {
-                    status
-                }
-            }),
-        None => exchange.await,
-    };
+    let outcome = tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("the deadline passed")))
+        .map_err(|status| {
+            // tonic servers end an expired call with CANCELLED; past the
+            // client's deadline that is a deadline, as in grpc-go.
+            if status.code() == Code::Cancelled && started.elapsed() >= timeout {
+                tonic::Status::deadline_exceeded(status.message())
+            } else {
+                status
+            }
+        });
     outcome.map_err(|status| GatewayError::upstream(&gateway.pool, status))
 }
 

@@ -45,6 +45,7 @@ pub struct Gateway {
     pub(crate) routes: HashMap<http::Method, Vec<Arc<Route>>>,
     pub(crate) upstreams: BTreeMap<String, Balanced>,
     pub(crate) timeout: Duration,
+    pub(crate) stream_timeout: Duration,
     pub(crate) max_body_bytes: usize,
     pub(crate) cache: cache::Store,
     pub(crate) openapi: Bytes,
@@ -111,7 +112,8 @@ impl Gateway {
             Some(url) => cache::Store::Shared(cache::Shared::connect(url).await?),
             None => cache::Store::Local(cache::Cache::new(config.cache_entries)),
         };
-        let openapi = Bytes::from(openapi::document(&pool, &table).to_string());
+        let openapi =
+            Bytes::from(openapi::document(&pool, &table, config.stream_timeout).to_string());
         let mut routes: HashMap<http::Method, Vec<Arc<Route>>> = HashMap::new();
         for route in table {
             routes
@@ -124,6 +126,7 @@ impl Gateway {
             routes,
             upstreams,
             timeout: config.timeout,
+            stream_timeout: config.stream_timeout,
             max_body_bytes: config.max_body_bytes,
             cache,
             openapi,
@@ -142,6 +145,9 @@ impl Gateway {
         };
         self.routes.get(method)?.iter().find_map(|route| {
             let bound = route.template.matches(path)?;
+            if self.verb_claims(route, path) {
+                return None;
+            }
             Some(Matched {
                 route: Arc::clone(route),
                 bindings: bound
@@ -152,13 +158,29 @@ impl Gateway {
         })
     }
 
+    /// Whether `path`, which `route` (a template without a verb) matches
+    /// with a ':' inside its last variable, is another route's custom verb:
+    /// `/v1/orders/o1:cancel` is CancelOrder's, not GetOrder's with the id
+    /// `o1:cancel`. A verb template names its path exactly, so it wins; a
+    /// ':' that no route takes as its verb stays part of the variable.
+    fn verb_claims(&self, route: &Route, path: &str) -> bool {
+        let last = path.rsplit('/').next().unwrap_or_default();
+        route.template.verb().is_none()
+            && last.contains(':')
+            && (self.routes.values().flatten())
+                .any(|r| r.template.verb().is_some() && r.template.matches(path).is_some())
+    }
+
     /// Why no route answers `method` on `path`: 405 with `Allow` when the
     /// path exists under other methods, else 404.
     pub fn no_route(&self, method: &http::Method, path: &str) -> GatewayError {
         let mut allowed: Vec<&str> = self
             .routes
             .iter()
-            .filter(|(_, routes)| routes.iter().any(|r| r.template.matches(path).is_some()))
+            .filter(|(_, routes)| {
+                (routes.iter())
+                    .any(|r| r.template.matches(path).is_some() && !self.verb_claims(r, path))
+            })
             .map(|(m, _)| m.as_str())
             .collect();
         let (method, path) = (method.clone(), path.to_owned());

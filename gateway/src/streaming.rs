@@ -2,7 +2,10 @@
 //! Events when the client asks for `text/event-stream`.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::response::Response;
@@ -10,7 +13,8 @@ use bytes::{BufMut as _, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, header};
 use prost_reflect::DynamicMessage;
 use serde_json::json;
-use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::IntervalStream;
+use tokio_stream::{Stream, StreamExt as _};
 
 use crate::errors::status_json;
 use crate::metadata::add_metadata;
@@ -47,28 +51,70 @@ fn went_away(status: tonic::Status) -> tonic::Status {
     }
 }
 
+/// Messages until the backend's end (`None`) or the first error, which is
+/// the last item: tonic may yield a broken stream's error more than once,
+/// and after the deadline's error nothing else may be waited for.
+struct UntilError<S> {
+    inner: Pin<Box<S>>,
+    ended: bool,
+}
+
+impl<S, T> Stream for UntilError<S>
+where
+    S: Stream<Item = Option<Result<T, tonic::Status>>>,
+{
+    type Item = Result<T, tonic::Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match self.inner.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Some(item))) => {
+                self.ended = item.is_err();
+                Poll::Ready(Some(item))
+            }
+            Poll::Ready(Some(None) | None) => {
+                self.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
 /// A server stream as NDJSON (`{"result": …}` per line, `{"error": …}` at
 /// the end when it fails, as grpc-gateway writes it) or as Server-Sent
-/// Events (`data:` per message, `event: error` when it fails).
+/// Events (`data:` per message, `event: error` when it fails). At `ends`
+/// (the call's deadline) the stream ends with DEADLINE_EXCEEDED, whatever
+/// the backend does.
 pub(crate) fn stream_response(
     gateway: &Arc<Gateway>,
     route: &Route,
     response: tonic::Response<tonic::Streaming<DynamicMessage>>,
     sse: bool,
+    ends: tokio::time::Instant,
 ) -> Response {
     let (metadata, stream, _) = response.into_parts();
     let gateway = Arc::clone(gateway);
     let route = route.clone();
-    // The first error ends the answer: tonic may yield a broken stream's
-    // error more than once.
-    let mut ended = false;
-    let items = stream
-        .take_while(move |item| {
-            let go = !ended;
-            ended |= item.is_err();
-            go
-        })
-        .map(|item| item.map_err(went_away));
+    // `None` marks the backend's end of the stream; the deadline's tick
+    // comes in beside the messages.
+    let expired = IntervalStream::new(tokio::time::interval_at(ends, Duration::from_secs(3600)))
+        .map(|_| {
+            Some(Err(tonic::Status::deadline_exceeded(
+                "the stream's deadline passed; send a longer Grpc-Timeout, or watch again from the last message received",
+            )))
+        });
+    let stream = stream
+        .map(Some)
+        .chain(tokio_stream::once(None))
+        .merge(expired);
+    let items = UntilError {
+        inner: Box::pin(stream),
+        ended: false,
+    }
+    .map(|item| item.map_err(went_away));
     let frames = items.map(move |item| -> Result<Bytes, Infallible> {
         let mut frame = BytesMut::with_capacity(256);
         match (item, sse) {

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# schemathesis (PyPI, installed here if missing) against a real mesh: every
+# check, at least 50 examples per operation, all phases, the gateway's own
+# /openapi.json. Fails on any failure, error or warning schemathesis reports.
+#
+# The mesh is `brewmesh up` on free ports in a scratch directory, with a
+# registry token (sent as the bearer token, so the registry's writes are
+# tested past their authentication), a short stream deadline (so each
+# watch ends by itself) and a 20 ms card network instead of the seed's 2 s
+# (the drinks still take their seconds, so a fresh order can be cancelled).
+# Settings and hooks: scripts/schemathesis/.
+#
+# Usage: scripts/schemathesis.sh [extra arguments for schemathesis run]
+# With SCHEMATHESIS_WARNINGS=report, a warning is printed but does not fail
+# the run (.ci/run uses it while two heuristic warnings on CancelOrder's test
+# data remain, as README's Development section says).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
+PATH="$PATH:$(python3 -m site --user-base)/bin"
+export PATH
+if ! command -v schemathesis >/dev/null 2>&1; then
+  echo "installing schemathesis from PyPI (schemathesis==4.32.5)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check "schemathesis==4.32.5"
+  hash -r
+fi
+
+cargo build --quiet --locked -p brewmesh-cli
+scratch=$(mktemp -d)
+token="schemathesis-$RANDOM$RANDOM"
+BREWMESH_REGISTRY_TOKEN="$token" target/debug/brewmesh up \
+  --data-dir "$scratch/data" --ready-file "$scratch/ready.json" \
+  --gateway-listen 127.0.0.1:0 --registry-listen 127.0.0.1:0 \
+  --payment-listen 127.0.0.1:0 --barista-listen 127.0.0.1:0 \
+  --gateway-arg=--stream-timeout=1s --payment-arg=--processing-delay=20ms \
+  >"$scratch/up.log" 2>&1 &
+up=$!
+trap 'kill $up 2>/dev/null; wait $up 2>/dev/null; rm -rf "$scratch"' EXIT
+for _ in $(seq 600); do
+  [ -s "$scratch/ready.json" ] && break
+  kill -0 $up 2>/dev/null || { cat "$scratch/up.log" >&2; echo "brewmesh up exited" >&2; exit 1; }
+  sleep 0.1
+done
+[ -s "$scratch/ready.json" ] || { echo "the mesh was not ready within 60 s" >&2; exit 1; }
+addr=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["addr"])' "$scratch/ready.json")
+export BREWMESH_GATEWAY_URL="http://$addr"
+
+cd "$root/scripts/schemathesis"
+status=0
+SCHEMATHESIS_HOOKS=hooks PYTHONPATH="$PWD" schemathesis --no-color run \
+  "$BREWMESH_GATEWAY_URL/openapi.json" \
+  --checks all --max-examples 50 --request-timeout 10 \
+  -H "Authorization: Bearer $token" "$@" | tee "$scratch/report.txt" || status=$?
+if [ "$status" -ne 0 ]; then
+  echo "schemathesis found failures or errors (exit $status)" >&2
+  exit "$status"
+fi
+if grep -q '^=* WARNINGS =*$' "$scratch/report.txt"; then
+  if [ "${SCHEMATHESIS_WARNINGS:-fail}" = report ]; then
+    echo "schemathesis warned (see WARNINGS above); reported, not failed (SCHEMATHESIS_WARNINGS=report)" >&2
+    exit 0
+  fi
+  echo "schemathesis warned (see WARNINGS above); a warning fails this check" >&2
+  exit 1
+fi
+echo "schemathesis: no failure, no error, no warning"

@@ -1,0 +1,133 @@
+"""Schemathesis hooks for brewmesh's gateway (SCHEMATHESIS_HOOKS).
+
+- A server stream answers with NDJSON: one JSON object per line, each of
+  them the schema the document gives for application/x-ndjson. Every line
+  is checked against that schema here; the last line is handed back to
+  schemathesis, which checks it again as the response. A stream that ends
+  with no message (a watch resumed after its last event) has nothing to
+  check and is handed back as an empty object.
+- PlaceOrder names a menu item: most generated ids are on no menu (404, as
+  they should be), so half of the positive cases take a real id from
+  GET /v1/menu, and the order path behind the 404 is tested too.
+- CancelOrder needs an order still being made: half of its positive cases
+  cancel one placed just before (a generated id names no order, 404, and
+  a listed one is mostly made already, FAILED_PRECONDITION).
+- The check that a schema-valid request the server refuses with 400 (only
+  allowed for the state-changing operations, schemathesis.toml) was refused
+  for the resource's state, FAILED_PRECONDITION, not as invalid input.
+"""
+
+import json
+import os
+import random
+import re
+import urllib.request
+
+import jsonschema
+import schemathesis
+
+
+def _line_schema(ctx, response):
+    raw = ctx.operation.schema.raw_schema
+    responses = ctx.operation.definition.raw.get("responses", {})
+    chosen = responses.get(str(response.status_code)) or responses.get("default") or {}
+    media = chosen.get("content", {}).get("application/x-ndjson", {})
+    schema = dict(media.get("schema", {}))
+    # Let "#/components/..." resolve against this schema's root.
+    schema["components"] = raw.get("components", {})
+    return schema
+
+
+@schemathesis.deserializer("application/x-ndjson")
+def ndjson(ctx, response):
+    text = response.content.decode(response.encoding or "utf-8")
+    lines = [line for line in text.split("\n") if line.strip()]
+    validator = jsonschema.Draft202012Validator(_line_schema(ctx, response))
+    last = {}
+    for number, line in enumerate(lines, 1):
+        last = json.loads(line)
+        errors = sorted(validator.iter_errors(last), key=str)
+        if errors:
+            raise ValueError(f"line {number} breaks the schema: {errors[0].message}")
+    return last
+
+
+_menu = []
+
+
+def _menu_ids():
+    if not _menu:
+        base = os.environ["BREWMESH_GATEWAY_URL"]
+        with urllib.request.urlopen(f"{base}/v1/menu", timeout=10) as answer:
+            _menu.extend(item["itemId"] for item in json.load(answer)["items"])
+    return _menu
+
+
+# Only a value that is already valid is swapped for a real one: a negative
+# case must stay as invalid as it was generated.
+_ORDER_ID = re.compile(r"^ord_[0-9a-f]{32}$")
+
+
+def _valid_item_id(value):
+    return isinstance(value, str) and 0 < len(value) <= 100 and value.strip(" \t\n\r\f\v") != ""
+
+
+@schemathesis.hook
+def map_body(ctx, body):
+    operation = ctx.operation
+    if (
+        operation.method.upper() == "POST"
+        and operation.path == "/v1/orders"
+        and isinstance(body, dict)
+        and _valid_item_id(body.get("itemId"))
+        and random.random() < 0.5
+    ):
+        body["itemId"] = random.choice(_menu_ids())
+    return body
+
+
+def _fresh_order():
+    base = os.environ["BREWMESH_GATEWAY_URL"]
+    body = json.dumps({
+        "idempotencyKey": f"schemathesis-{random.getrandbits(64)}",
+        "itemId": random.choice(_menu_ids()),
+        "customerName": "schemathesis",
+        "cardToken": "tok_visa",
+    }).encode()
+    request = urllib.request.Request(
+        f"{base}/v1/orders", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.load(answer)["orderId"]
+
+
+@schemathesis.hook
+def map_path_parameters(ctx, path_parameters):
+    operation = ctx.operation
+    if (
+        operation.path == "/v1/orders/{order_id}:cancel"
+        and isinstance(path_parameters, dict)
+        and _ORDER_ID.match(str(path_parameters.get("order_id")))
+        and random.random() < 0.5
+    ):
+        path_parameters["order_id"] = _fresh_order()
+    return path_parameters
+
+
+@schemathesis.check
+def a_valid_request_refused_is_a_state_conflict(ctx, response, case):
+    if response.status_code != 400 or case.meta is None:
+        return None
+    mode = str(getattr(case.meta.generation, "mode", "")).lower()
+    if "positive" not in mode:
+        return None
+    try:
+        code = json.loads(response.content).get("code")
+    except ValueError:
+        code = None
+    if code != 9:  # FAILED_PRECONDITION
+        raise AssertionError(
+            f"a schema-valid request was refused as invalid (gRPC code {code}): "
+            "the document does not state a rule the server enforces"
+        )
+    return None
