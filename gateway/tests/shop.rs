@@ -388,3 +388,111 @@ async fn a_service_with_no_instance_known_is_unavailable_at_once() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_document_states_the_rules_the_services_enforce() {
+    let shop = shop(Duration::from_secs(60), |c| {
+        c.espresso_time = Duration::from_secs(30);
+    })
+    .await;
+    let http = &shop.http;
+    let document = http.get("/openapi.json").await.json();
+    let schemas = &document["components"]["schemas"];
+    assert_eq!(
+        schemas["brewmesh.barista.v1.PlaceOrderRequest"]["required"],
+        json!(["idempotencyKey", "itemId", "customerName", "cardToken"])
+    );
+    let key = &schemas["brewmesh.barista.v1.PlaceOrderRequest"]["properties"]["idempotencyKey"];
+    assert_eq!(key["maxLength"], 128, "{key}");
+    let get = &document["paths"]["/v1/orders/{order_id}"]["get"];
+    assert_eq!(
+        get["parameters"][0]["schema"]["pattern"],
+        "^ord_[0-9a-f]{32}$"
+    );
+    let links = &document["paths"]["/v1/orders"]["post"]["responses"]["201"]["links"];
+    assert_eq!(
+        links["Barista_CancelOrder"]["parameters"]["order_id"],
+        "$response.body#/orderId"
+    );
+
+    // A well-formed item that is not on the menu: 404; a key reused for
+    // another drink: 409.
+    http.post("/v1/orders", &order_body("k-tea", "tea", "tok_visa"))
+        .await
+        .assert_status(404, Code::NotFound);
+    let placed = http
+        .post("/v1/orders", &order_body("k-1", "latte", "tok_visa"))
+        .await;
+    assert_eq!(placed.status, 201, "{}", placed.text());
+    http.post("/v1/orders", &order_body("k-1", "espresso", "tok_visa"))
+        .await
+        .assert_status(409, Code::AlreadyExists);
+
+    // `:cancel` is CancelOrder's verb, not part of GetOrder's id.
+    let order_id = placed.json()["orderId"].as_str().unwrap().to_owned();
+    let wrong = http.get(&format!("/v1/orders/{order_id}:cancel")).await;
+    wrong.assert_status(405, Code::Unimplemented);
+    assert_eq!(wrong.header("allow"), Some("POST"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_ends_at_the_gateways_stream_deadline_or_at_the_clients() {
+    let shop = shop(Duration::from_secs(60), |c| {
+        // The drink takes far longer than the stream may last.
+        c.espresso_time = Duration::from_secs(60);
+    })
+    .await;
+    let config = brewmesh_gateway::Config {
+        stream_timeout: Duration::from_millis(300),
+        ..shop.config.clone()
+    };
+    let (_gw, http) = gateway(config).await;
+    let placed = http
+        .post("/v1/orders", &order_body("slow-1", "latte", "tok_visa"))
+        .await;
+    assert_eq!(placed.status, 201, "{}", placed.text());
+    let order_id = placed.json()["orderId"].as_str().unwrap().to_owned();
+
+    let watched = http.get(&format!("/v1/orders/{order_id}:watch")).await;
+    assert_eq!(watched.status, 200);
+    let lines: Vec<serde_json::Value> = watched
+        .text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() >= 2, "{lines:?}");
+    assert!(lines[0]["result"].is_object(), "{lines:?}");
+    let last = lines.last().unwrap();
+    assert_eq!(
+        last["error"]["code"],
+        Code::DeadlineExceeded as i32,
+        "{last}"
+    );
+
+    // The client's Grpc-Timeout governs instead: the shop's own gateway
+    // lets a stream last 5 minutes, this one asks for 300 ms.
+    let watched = shop
+        .http
+        .send(
+            Method::GET,
+            &format!("/v1/orders/{order_id}:watch"),
+            &[("grpc-timeout", "300m")],
+            Bytes::new(),
+        )
+        .await;
+    let text = watched.text();
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        last["error"]["code"],
+        Code::DeadlineExceeded as i32,
+        "{text}"
+    );
+
+    // The document says so.
+    let document = http.get("/openapi.json").await.json();
+    let watch = &document["paths"]["/v1/orders/{order_id}:watch"]["get"];
+    assert!(
+        watch["description"].as_str().unwrap().contains("300ms"),
+        "{watch}"
+    );
+}
