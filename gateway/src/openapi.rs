@@ -9,6 +9,8 @@ use prost_reflect::{
 };
 use serde_json::{Map, Value, json};
 
+use brewmesh::pb::brewmesh::validate::v1::FieldRules;
+
 use crate::routes::{BodyRule, Route, is_scalar_wrapper};
 
 /// How deep query parameters reach into nested messages.
@@ -399,7 +401,7 @@ impl Schemas {
             json!({"type": "array", "items": single})
         } else {
             match Rules::of(field, pool) {
-                Some(rules) => rules.apply(field, single),
+                Some(rules) => Rules(rules).apply(field, single),
                 None => single,
             }
         }
@@ -445,68 +447,50 @@ fn at_most(max: &str) -> String {
 
 /// A field's `(brewmesh.validate.v1.rules)`, as the services enforce them
 /// (build.rs generates their checks from the same options).
-#[derive(Debug, Default)]
-struct Rules {
-    required: bool,
-    max_len: u32,
-    id_prefix: String,
-    pattern: String,
-    min: Option<i64>,
-    output_only: bool,
-}
+struct Rules(FieldRules);
 
 /// The blank characters a required string must hold more than.
 const NOT_BLANK: &str = "[^ \\t\\n\\r\\f\\v]";
 
 impl Rules {
-    fn of(field: &FieldDescriptor, pool: &DescriptorPool) -> Option<Self> {
+    fn of(field: &FieldDescriptor, pool: &DescriptorPool) -> Option<FieldRules> {
         let extension = pool.get_extension_by_name("brewmesh.validate.v1.rules")?;
         let options = field.options();
         if !options.has_extension(&extension) {
             return None;
         }
-        let rules = options.get_extension(&extension);
-        let rules = rules.as_message()?;
-        let get = |name: &str| rules.get_field_by_name(name).map(|v| v.into_owned());
-        let text = |name: &str| get(name).and_then(|v| v.as_str().map(str::to_owned));
-        Some(Self {
-            required: get("required").and_then(|v| v.as_bool()).unwrap_or(false),
-            max_len: get("max_len").and_then(|v| v.as_u32()).unwrap_or(0),
-            id_prefix: text("id_prefix").unwrap_or_default(),
-            pattern: text("pattern").unwrap_or_default(),
-            min: (rules.has_field_by_name("min"))
-                .then(|| get("min").and_then(|v| v.as_i64()))
-                .flatten(),
-            output_only: get("output_only")
-                .and_then(|v| v.as_bool())
-                .unwrap_or(false),
-        })
+        options
+            .get_extension(&extension)
+            .as_message()?
+            .transcode_to::<FieldRules>()
+            .ok()
     }
 
     /// `schema`, the field's plain one, narrowed to what the rules accept.
     fn apply(&self, field: &FieldDescriptor, schema: Value) -> Value {
+        let rules = &self.0;
         let Value::Object(mut schema) = schema else {
             return schema;
         };
-        if self.output_only {
+        if rules.output_only {
             schema.insert("readOnly".into(), json!(true));
         }
         match field.kind() {
             Kind::String => {
-                let pattern = if !self.id_prefix.is_empty() {
-                    Some(format!("^{}_[0-9a-f]{{32}}$", self.id_prefix))
-                } else if !self.pattern.is_empty() {
-                    Some(self.pattern.clone())
-                } else if self.required {
+                let pattern = if !rules.id_prefix.is_empty() {
+                    Some(format!("^{}_[0-9a-f]{{32}}$", rules.id_prefix))
+                } else if !rules.pattern.is_empty() {
+                    Some(rules.pattern.clone())
+                } else if rules.required {
                     Some(NOT_BLANK.to_owned())
                 } else {
                     None
                 };
-                if self.max_len > 0 {
-                    schema.insert("maxLength".into(), json!(self.max_len));
+                if rules.max_len > 0 {
+                    schema.insert("maxLength".into(), json!(rules.max_len));
                 }
                 match pattern {
-                    Some(pattern) if self.required => {
+                    Some(pattern) if rules.required => {
                         schema.insert("minLength".into(), json!(1));
                         schema.insert("pattern".into(), json!(pattern));
                     }
@@ -520,17 +504,17 @@ impl Rules {
                     None => {}
                 }
             }
-            Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 if self.min.is_some() => {
-                let narrowed = int64(self.min);
+            Kind::Int64 | Kind::Sint64 | Kind::Sfixed64 if rules.min.is_some() => {
+                let narrowed = int64(rules.min);
                 if let Value::Object(narrowed) = narrowed {
                     schema.extend(narrowed);
                 }
             }
-            Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 | Kind::Uint32 if self.min.is_some() => {
-                schema.insert("minimum".into(), json!(self.min));
+            Kind::Int32 | Kind::Sint32 | Kind::Sfixed32 | Kind::Uint32 if rules.min.is_some() => {
+                schema.insert("minimum".into(), json!(rules.min));
             }
             Kind::Message(m)
-                if m.full_name() == "google.protobuf.Duration" && self.min == Some(0) =>
+                if m.full_name() == "google.protobuf.Duration" && rules.min == Some(0) =>
             {
                 schema.insert("pattern".into(), json!(DURATION_NOT_NEGATIVE));
             }
