@@ -584,3 +584,46 @@ fn well_known(name: &str) -> Option<Value> {
         _ => return None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_int64_patterns_accept_exactly_the_range() {
+        let i64_max =
+            regex::Regex::new(&format!("^(0|{})$", at_most("9223372036854775807"))).unwrap();
+        for inside in [
+            "0",
+            "1",
+            "9",
+            "10",
+            "999999999999999999",
+            "1000000000000000000",
+            "9223372036854775807",
+            "9223372036854775799",
+            "8999999999999999999",
+        ] {
+            assert!(i64_max.is_match(inside), "{inside}");
+        }
+        for outside in [
+            "00",
+            "01",
+            "-1",
+            "9223372036854775808",
+            "9223372036854775810",
+            "9300000000000000000",
+            "10000000000000000000",
+            "",
+        ] {
+            assert!(!i64_max.is_match(outside), "{outside}");
+        }
+        let signed = regex::Regex::new(int64(None)["pattern"].as_str().unwrap()).unwrap();
+        assert!(signed.is_match("-9223372036854775808"));
+        assert!(!signed.is_match("-9223372036854775809"));
+        assert!(!signed.is_match("-0"));
+        let positive = regex::Regex::new(int64(Some(1))["pattern"].as_str().unwrap()).unwrap();
+        assert!(positive.is_match("1") && !positive.is_match("0"));
+    }
+}
