@@ -11,9 +11,6 @@
 # Settings and hooks: scripts/schemathesis/.
 #
 # Usage: scripts/schemathesis.sh [extra arguments for schemathesis run]
-# With SCHEMATHESIS_WARNINGS=report, a warning is printed but does not fail
-# the run (.ci/run uses it while two heuristic warnings on CancelOrder's test
-# data remain, as README's Development section says).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -58,10 +55,6 @@ if [ "$status" -ne 0 ]; then
   exit "$status"
 fi
 if grep -q '^=* WARNINGS =*$' "$scratch/report.txt"; then
-  if [ "${SCHEMATHESIS_WARNINGS:-fail}" = report ]; then
-    echo "schemathesis warned (see WARNINGS above); reported, not failed (SCHEMATHESIS_WARNINGS=report)" >&2
-    exit 0
-  fi
   echo "schemathesis warned (see WARNINGS above); a warning fails this check" >&2
   exit 1
 fi
