@@ -41,8 +41,17 @@ pub struct StringRules {
 #[must_use = "call check() to turn violations into a status"]
 pub struct Violations(Vec<FieldViolation>);
 
-/// The white space a required string must hold more than: ASCII only, as
-/// the OpenAPI pattern `[^ \t\n\r\f\v]` reads in every regex dialect.
+/// The pattern (unanchored) of a string that [`blank`] is not, as the
+/// OpenAPI document states a required string: ASCII white space only, which
+/// every regex dialect reads alike.
+pub const NOT_BLANK_PATTERN: &str = "[^ \\t\\n\\r\\f\\v]";
+
+/// The pattern of the ids [`is_id`] accepts for `prefix`.
+pub fn id_pattern(prefix: &str) -> String {
+    format!("^{prefix}_[0-9a-f]{{32}}$")
+}
+
+/// The white space a required string must hold more than.
 fn blank(value: &str) -> bool {
     value
         .bytes()
@@ -248,6 +257,28 @@ mod tests {
         v.duration("", "ttl", Some(&ttl), 0);
         let fields: Vec<String> = v.0.iter().map(|f| f.field.clone()).collect();
         assert_eq!(fields, ["page_token", "page_size", "ttl"]);
+    }
+
+    #[test]
+    fn the_documented_patterns_say_what_the_checks_accept() {
+        let not_blank = regex::Regex::new(NOT_BLANK_PATTERN).expect("pattern");
+        let id = regex::Regex::new(&id_pattern("ord")).expect("pattern");
+        for value in [
+            "",
+            " ",
+            " \t\r\n\x0c\x0b",
+            "a",
+            " a ",
+            "\u{a0}",
+            "ord_0190b2c3d4e5f60718293a4b5c6d7e8f",
+            "ord_0190B2C3D4E5F60718293A4B5C6D7E8F",
+            "ord_1",
+            "pay_0190b2c3d4e5f60718293a4b5c6d7e8f",
+            "ord_0190b2c3d4e5f60718293a4b5c6d7e8f\n",
+        ] {
+            assert_eq!(not_blank.is_match(value), !blank(value), "{value:?}");
+            assert_eq!(id.is_match(value), is_id("ord", value), "{value:?}");
+        }
     }
 
     #[test]

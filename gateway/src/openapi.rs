@@ -449,9 +449,6 @@ fn at_most(max: &str) -> String {
 /// (build.rs generates their checks from the same options).
 struct Rules(FieldRules);
 
-/// The blank characters a required string must hold more than.
-const NOT_BLANK: &str = "[^ \\t\\n\\r\\f\\v]";
-
 impl Rules {
     fn of(field: &FieldDescriptor, pool: &DescriptorPool) -> Option<FieldRules> {
         let extension = pool.get_extension_by_name("brewmesh.validate.v1.rules")?;
@@ -478,11 +475,11 @@ impl Rules {
         match field.kind() {
             Kind::String => {
                 let pattern = if !rules.id_prefix.is_empty() {
-                    Some(format!("^{}_[0-9a-f]{{32}}$", rules.id_prefix))
+                    Some(brewmesh::validate::id_pattern(&rules.id_prefix))
                 } else if !rules.pattern.is_empty() {
                     Some(rules.pattern.clone())
                 } else if rules.required {
-                    Some(NOT_BLANK.to_owned())
+                    Some(brewmesh::validate::NOT_BLANK_PATTERN.to_owned())
                 } else {
                     None
                 };

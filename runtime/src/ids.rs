@@ -8,14 +8,9 @@ pub fn new(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
 }
 
-/// Whether `id` has the shape [`new`] gives for `prefix`.
-pub fn is_valid(prefix: &str, id: &str) -> bool {
-    id.strip_prefix(prefix)
-        .and_then(|rest| rest.strip_prefix('_'))
-        .is_some_and(|hex| {
-            hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        })
-}
+/// Whether `id` has the shape [`new`] gives for `prefix` (the check the
+/// protos' `id_prefix` rule makes).
+pub use brewmesh::validate::is_id as is_valid;
 
 #[cfg(test)]
 mod tests {

@@ -8,16 +8,7 @@
 //! calls `request.validate()?` first, and one bad request reports all of its
 //! faults. What is here is for the checks a rule cannot state.
 
-use tonic::Status;
-use tonic_types::FieldViolation;
-
 pub use brewmesh::validate::{Validate, Violations, bad_request};
-
-/// A single-field `INVALID_ARGUMENT`, for faults found after the first checks
-/// (an unknown menu item, a reused idempotency key).
-pub fn invalid_argument(field: impl Into<String>, description: impl Into<String>) -> Status {
-    bad_request(vec![FieldViolation::new(field, description)])
-}
 
 /// The token of the page after one whose last item is `last`, if `more`
 /// follow; empty on the last page.
