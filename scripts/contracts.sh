@@ -10,14 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
-PATH="$PATH:$(python3 -m site --user-base)/bin"
-export PATH
-if ! command -v buf >/dev/null 2>&1; then
-  echo "installing buf from PyPI (buf-bin==1.75.0)" >&2
-  python3 -m pip install --quiet --disable-pip-version-check "buf-bin==1.75.0"
-  hash -r
-fi
+. scripts/pip-tool.sh
+pip_tool buf buf-bin==1.75.0
 echo "buf $(buf --version)" >&2
 
 echo "buf lint"

