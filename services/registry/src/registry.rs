@@ -178,6 +178,27 @@ impl Registry {
             .collect()
     }
 
+    /// Every instance (of `service` only, when given), healthy or not, with
+    /// its health and lease expiry, by service and instance id.
+    pub fn list(&self, service: Option<&str>) -> Vec<Instance> {
+        let state = self.lock();
+        let now = (Instant::now(), SystemTime::now());
+        let mut instances: Vec<Instance> = state
+            .leases
+            .values()
+            .filter(|e| service.is_none_or(|s| e.instance.service == s))
+            .map(|e| Instance {
+                health: e.health.into(),
+                lease_expire_time: Some(
+                    (now.1 + e.expires.saturating_duration_since(now.0)).into(),
+                ),
+                ..e.instance.clone()
+            })
+            .collect();
+        instances.sort_by(|a, b| (&a.service, &a.instance_id).cmp(&(&b.service, &b.instance_id)));
+        instances
+    }
+
     /// A receiver of `service`'s healthy set, starting with the current one.
     pub fn watch(&self, service: &str) -> watch::Receiver<Snapshot> {
         let mut state = self.lock();

@@ -18,8 +18,9 @@ use tonic_health::pb::health_client::HealthClient;
 use brewmesh::pb::registry::v1::registry_server::Registry as RegistryApi;
 use brewmesh::pb::registry::v1::{
     DeregisterRequest, DeregisterResponse, HealthStatus, Instance, KeepAliveRequest,
-    KeepAliveResponse, ListServicesRequest, ListServicesResponse, RegisterRequest,
-    RegisterResponse, ResolveRequest, ResolveResponse, WatchRequest, WatchResponse,
+    KeepAliveResponse, ListInstancesRequest, ListInstancesResponse, ListServicesRequest,
+    ListServicesResponse, RegisterRequest, RegisterResponse, ResolveRequest, ResolveResponse,
+    WatchRequest, WatchResponse,
 };
 use brewmesh_runtime::secret::Secret;
 use brewmesh_runtime::validate::Validate as _;
@@ -219,6 +220,18 @@ impl RegistryApi for RegistryService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_instances(
+        &self,
+        request: Request<ListInstancesRequest>,
+    ) -> Result<Response<ListInstancesResponse>, Status> {
+        let request = request.into_inner();
+        request.validate()?;
+        let service = Some(request.service.as_str()).filter(|s| !s.is_empty());
+        Ok(Response::new(ListInstancesResponse {
+            instances: self.registry.list(service),
+        }))
     }
 
     async fn list_services(

@@ -13,8 +13,8 @@ use tonic::transport::Channel;
 
 use brewmesh::pb::registry::v1::registry_client::RegistryClient;
 use brewmesh::pb::registry::v1::{
-    DeregisterRequest, Instance, KeepAliveRequest, ListServicesRequest, RegisterRequest,
-    ResolveRequest, WatchRequest, WatchResponse,
+    DeregisterRequest, HealthStatus, Instance, KeepAliveRequest, ListInstancesRequest,
+    ListServicesRequest, RegisterRequest, ResolveRequest, WatchRequest, WatchResponse,
 };
 use brewmesh_runtime::server::{Drained, ServeArgs, ServeError};
 use brewmesh_testing::{Running, spawn, spawn_on};
@@ -231,6 +231,65 @@ async fn an_unreachable_instance_is_never_resolved() {
         .unwrap();
     let mut updates = watch(&mut client).await;
     assert_eq!(until(&mut updates, |ids| !ids.is_empty()).await, ["live"]);
+}
+
+#[tokio::test]
+async fn list_instances_shows_every_instance_with_its_health() {
+    let (_registry, mut client) = registry().await;
+    let nobody = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap(); // closed again
+    let served = instance().await;
+    for (id, addr) in [("live", served.addr), ("dead", nobody)] {
+        client
+            .register(with_token(register(id, addr, 10), TOKEN))
+            .await
+            .unwrap();
+    }
+    let listed = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let listed = client
+                .list_instances(ListInstancesRequest {
+                    service: SERVICE.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .instances;
+            let health: Vec<(String, HealthStatus)> = listed
+                .iter()
+                .map(|i| (i.instance_id.clone(), i.health()))
+                .collect();
+            if health
+                == [
+                    ("dead".to_owned(), HealthStatus::Unreachable),
+                    ("live".to_owned(), HealthStatus::Serving),
+                ]
+            {
+                return listed;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("both instances listed with their health");
+    assert!(listed.iter().all(|i| i.lease_expire_time.is_some()));
+    let other = client
+        .list_instances(ListInstancesRequest {
+            service: "other.v1.Nobody".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(other.instances.is_empty());
+    let all = client
+        .list_instances(ListInstancesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.instances.len(), 2);
 }
 
 #[tokio::test]
