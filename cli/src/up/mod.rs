@@ -240,6 +240,7 @@ fn print_banner(instances: &[Instance]) {
     }
     eprintln!(
         "\nbrewmesh is up (Ctrl-C stops it):\n{listing}\n\
+         The shop's web page: http://{gateway}/\n\n\
          Try:\n  \
            curl -s {gateway}/v1/menu\n  \
            curl -s -XPOST {gateway}/v1/orders -d '{{\"idempotencyKey\":\"order-1\",\"itemId\":\"latte\",\"customerName\":\"Ada\",\"cardToken\":\"tok_visa\"}}'\n  \

@@ -129,6 +129,16 @@ impl Http {
     }
 }
 
+/// What each test server serves with: no faults, a 5 s drain.
+pub fn serve_args() -> brewmesh_runtime::server::ServeArgs {
+    brewmesh_runtime::server::ServeArgs {
+        listen: None,
+        drain_timeout: Duration::from_secs(5),
+        inject_latency: None,
+        faults: Vec::new(),
+    }
+}
+
 pub type GatewayRun = Result<brewmesh_runtime::server::Drained, brewmesh_gateway::RunError>;
 
 /// A gateway on 127.0.0.1:0 with `config`.
