@@ -7,8 +7,9 @@
 //! that the request path, not brewing, is what is measured. A closed loop of
 //! CONCURRENCY clients posts orders over HTTP/1.1 for SECONDS per round;
 //! rounds alternate off, 100%, 1% (ROUNDS times) and the medians are
-//! compared. The receiver is `brewmesh_testing::Collector`, in this
-//! process. Logs are at `warn` so that the figures are tracing's.
+//! compared, with the CPU time (user + system, from /proc) the three
+//! processes spent per order. The receiver is `brewmesh_testing::Collector`,
+//! in this process. Logs are at `warn` so that the figures are tracing's.
 //!
 //! `cargo bench -p brewmesh-cli --bench tracing`
 
@@ -74,6 +75,32 @@ struct Round {
     p50: Duration,
     p99: Duration,
     spans: usize,
+    /// CPU time of the three processes (user + system) while measured.
+    cpu: Duration,
+}
+
+/// User + system CPU time of `pid` so far, from /proc.
+fn cpu_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    let hz = 100; // USER_HZ on Linux
+    Duration::from_millis((ticks(11) + ticks(12)) * 1000 / hz)
+}
+
+/// CPU time per order served, in microseconds.
+fn cpu_per_order(round: &Round) -> f64 {
+    round.cpu.as_secs_f64() * 1e6 / round.orders.max(1) as f64
 }
 
 #[tokio::main]
@@ -109,12 +136,13 @@ async fn main() {
             )
             .await;
             println!(
-                "round {} {:>5}: {:>7.1} orders/s  p50 {:>6.2} ms  p99 {:>6.2} ms  errors {}  spans {}",
+                "round {} {:>5}: {:>7.1} orders/s  p50 {:>6.2} ms  p99 {:>6.2} ms  CPU {:>6.0} µs/order  errors {}  spans {}",
                 round + 1,
                 mode.name(),
                 result.orders as f64 / result.seconds,
                 result.p50.as_secs_f64() * 1e3,
                 result.p99.as_secs_f64() * 1e3,
+                cpu_per_order(&result),
                 result.errors,
                 result.spans,
             );
@@ -132,21 +160,33 @@ async fn main() {
     };
     let rate = |r: &Round| r.orders as f64 / r.seconds;
     let p99 = |r: &Round| r.p99.as_secs_f64() * 1e3;
-    println!("\n| tracing | orders/s | p99 ms | orders/s vs off | p99 vs off |");
-    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "\n| tracing | orders/s | p99 ms | CPU µs/order | orders/s vs off | p99 vs off | CPU/order vs off |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     if !modes.iter().any(|m| m.name() == "off") {
         return;
     }
-    let (off_rate, off_p99) = (median("off", &rate), median("off", &p99));
+    let (off_rate, off_p99, off_cpu) = (
+        median("off", &rate),
+        median("off", &p99),
+        median("off", &cpu_per_order),
+    );
     for &mode in &modes {
-        let (r, p) = (median(mode.name(), &rate), median(mode.name(), &p99));
+        let (r, p, c) = (
+            median(mode.name(), &rate),
+            median(mode.name(), &p99),
+            median(mode.name(), &cpu_per_order),
+        );
         println!(
-            "| {} | {:.0} | {:.2} | {:.3} | {:.3} |",
+            "| {} | {:.0} | {:.2} | {:.0} | {:.3} | {:.3} | {:.3} |",
             mode.name(),
             r,
             p,
+            c,
             r / off_rate,
-            p / off_p99
+            p / off_p99,
+            c / off_cpu
         );
     }
 }
@@ -221,10 +261,14 @@ async fn run(
         Duration::from_secs(1),
     )
     .await;
+    let pids = [payment.pid(), barista.pid(), gateway.pid()];
+    let cpu = || pids.iter().map(|p| cpu_of(*p)).sum::<Duration>();
+    let cpu_before = cpu();
     let started = Instant::now();
     let (mut latencies, errors) =
         drive(&client, &url, round, mode.name(), concurrency, duration).await;
     let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu().saturating_sub(cpu_before);
     latencies.sort();
     let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
     let result = Round {
@@ -234,6 +278,7 @@ async fn run(
         p50: at(0.50),
         p99: at(0.99),
         spans: 0,
+        cpu,
     };
     // SIGTERM, callers first: each process flushes its batch of spans as
     // it exits.

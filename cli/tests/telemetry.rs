@@ -454,16 +454,30 @@ async fn traces_and_logs_also_go_over_otlp_http_protobuf() {
     logs_of(&collector, trace_id, &["gateway", "barista", "payment"]);
 }
 
+/// Asserts that gateway, barista and payment each logged a line with
+/// `trace_id`.
+fn every_hop_logged(up: &Process, trace_id: &str) {
+    let lines = up.lines_with(trace_id);
+    for instance in ["gateway", "barista-1", "payment-1"] {
+        assert!(
+            lines.iter().any(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["instance"] == instance
+            }),
+            "no {instance} line with trace {trace_id}: {lines:#?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn sampling_at_zero_exports_no_span_but_keeps_the_trace_ids_in_logs() {
+async fn at_one_percent_an_unsampled_request_exports_nothing_and_every_hop_logs_its_trace_id() {
     let (collector, endpoint) = Collector::start().await;
     let dir = tempfile::tempdir().unwrap();
     let up = mesh(
         dir.path(),
         Some(&endpoint),
         &[
-            ("OTEL_TRACES_SAMPLER", "traceidratio"),
-            ("OTEL_TRACES_SAMPLER_ARG", "0"),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.01"),
         ],
     );
     let gateway = format!("http://{}", up.instance("gateway"));
@@ -477,9 +491,86 @@ async fn sampling_at_zero_exports_no_span_but_keeps_the_trace_ids_in_logs() {
     );
     // Give the batch processors (100 ms) ample time to send anything.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(collector.count(), 0, "{:?}", collector.spans().first());
     assert!(
-        !up.lines_with(trace_id).is_empty(),
-        "logs still carry the trace id"
+        !collector.spans().iter().any(|s| s.trace_id() == trace_id),
+        "a span of the unsampled trace was exported"
     );
+    every_hop_logged(&up, trace_id);
+}
+
+/// With a sampler that samples every new trace, a caller's "not sampled"
+/// must still reach every hop: had one lost it, that hop would have
+/// started a sampled trace of its own and exported it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_callers_sampled_flag_off_reaches_every_hop() {
+    flag_off_reaches_every_hop("info,brewmesh_gateway::access=debug").await;
+}
+
+/// The same with logs at warn, where no log line wants a request's span:
+/// its trace context must live on all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_logs_at_warn_the_sampled_flag_off_still_reaches_every_hop() {
+    flag_off_reaches_every_hop("warn").await;
+}
+
+async fn flag_off_reaches_every_hop(log_level: &str) {
+    let (collector, endpoint) = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let up = mesh(
+        dir.path(),
+        Some(&endpoint),
+        &[
+            ("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
+            ("RUST_LOG", log_level),
+        ],
+    );
+    let gateway = format!("http://{}", up.instance("gateway"));
+    let trace_id = "ccccccccccccccccdddddddddddddddd";
+    order(
+        &gateway,
+        "unsampled-2",
+        "tok_visa",
+        Some(&format!("00-{trace_id}-3333333333333333-00")),
+    );
+    // The control: without a traceparent, the same mesh samples the order,
+    // whole.
+    order(&gateway, "sampled-2", "tok_visa", None);
+    let complete = |spans: &[CollectedSpan]| {
+        has(spans, "gateway", "POST /v1/orders")
+            && has(spans, "payment", "brewmesh.payment.v1.Payments/Capture")
+    };
+    let started = Instant::now();
+    while !collector
+        .spans()
+        .iter()
+        .any(|s| s.service == "payment" && s.span.name == "brewmesh.payment.v1.Payments/Capture")
+    {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the control order was not traced"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let control = collector
+        .spans()
+        .into_iter()
+        .find(|s| s.service == "gateway" && s.span.name == "POST /v1/orders")
+        .expect("the control's gateway span");
+    spans_of(&collector, &control.trace_id(), complete);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let leaked: Vec<(String, String)> = collector
+        .spans()
+        .iter()
+        .filter(|s| s.trace_id() == trace_id || s.trace_id() != control.trace_id())
+        // The watches (curl, no traceparent) are traces of their own.
+        .filter(|s| !s.span.name.starts_with("brewmesh.registry") && !s.span.name.contains("atch"))
+        .map(|s| (s.service.clone(), s.span.name.clone()))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "spans outside the control's trace: {leaked:?}"
+    );
+    if log_level.starts_with("info") {
+        every_hop_logged(&up, trace_id);
+    }
 }

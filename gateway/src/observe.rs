@@ -9,8 +9,6 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use brewmesh_runtime::telemetry::tracing_enabled;
-use tracing::Instrument as _;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use brewmesh_runtime::metrics::{Red, RedHelp};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -76,22 +74,24 @@ pub async fn layer(
         method: method.as_str().to_owned(),
         route: route_name,
     };
-    let span = tracing_enabled().then(|| {
-        let route = labels.route.as_str();
-        // Attributes as fields at creation: one trip through the subscriber.
-        let span = tracing::info_span!(
-            target: "brewmesh_gateway::http",
-            "http",
-            otel.name = %format!("{method} {route}"),
-            otel.kind = "server",
-            http.request.method = method.as_str(),
-            http.route = route,
-            url.path = path.as_str(),
-            url.scheme = "http",
-            http.response.status_code = tracing::field::Empty,
-        );
-        let _ = span.set_parent(brewmesh_runtime::telemetry::extract(request.headers()));
-        span
+    // Sampled or not, decided here once, for every hop below.
+    let traced = tracing_enabled().then(|| {
+        let parent = brewmesh_runtime::telemetry::extract(request.headers());
+        brewmesh_runtime::telemetry::request_span(parent, || {
+            let route = labels.route.as_str();
+            // Attributes as fields at creation: one trip through the subscriber.
+            tracing::info_span!(
+                target: "brewmesh_gateway::http",
+                "http",
+                otel.name = %format!("{method} {route}"),
+                otel.kind = "server",
+                http.request.method = method.as_str(),
+                http.route = route,
+                url.path = path.as_str(),
+                url.scheme = "http",
+                http.response.status_code = tracing::field::Empty,
+            )
+        })
     });
     if let Some(matched) = matched {
         request.extensions_mut().insert(matched);
@@ -99,8 +99,8 @@ pub async fn layer(
 
     http().begin(&labels);
     let started = Instant::now();
-    let response = match &span {
-        Some(span) => next.run(request).instrument(span.clone()).await,
+    let response = match &traced {
+        Some(traced) => traced.clone().attach(next.run(request)).await,
         None => next.run(request).await,
     };
     let status = response.status();
@@ -121,14 +121,16 @@ pub async fn layer(
             "request"
         );
     };
-    match &span {
-        Some(span) => {
-            span.record("http.response.status_code", i64::from(status.as_u16()));
-            if status.is_server_error() {
-                brewmesh_runtime::telemetry::fail(span, status.as_str());
+    match &traced {
+        Some(traced) => {
+            if let Some(span) = traced.span() {
+                span.record("http.response.status_code", i64::from(status.as_u16()));
+                if status.is_server_error() {
+                    brewmesh_runtime::telemetry::fail(span, status.as_str());
+                }
             }
-            // In the span: the line carries the trace id.
-            span.in_scope(access);
+            // In the request's trace: the line carries the trace id.
+            traced.in_scope(access);
         }
         None => access(),
     }

@@ -266,7 +266,9 @@ where
                 Action::Abort(_) => "abort",
             };
             let described = fault.to_string();
-            tracing::info!(target: "brewmesh_runtime::fault", fault = %described, "fault injected");
+            // A warning: an injected fault is abnormal by design, and the
+            // call's span keeps it as an event (spans keep warnings only).
+            tracing::warn!(target: "brewmesh_runtime::fault", fault = %described, "fault injected");
             tracing::Span::current().set_attribute("brewmesh.fault", described.clone());
             injected()
                 .get_or_create(&FaultLabels {

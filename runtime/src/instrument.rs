@@ -18,10 +18,11 @@ use http_body_util::BodyExt as _;
 use tonic::Code;
 use tonic::body::Body;
 use tracing::Instrument as _;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::metrics::{RpcCodeLabels, RpcLabels, code_name, rpc};
-use crate::telemetry::{extract, fail, inject, semconv, tracing_enabled};
+use crate::telemetry::{
+    Traced, extract, fail, inject, request_span, semconv, tracing_enabled, unsampled,
+};
 
 /// The service and method of a gRPC path (`/package.Service/Method`).
 fn split_path(path: &str) -> (&str, &str) {
@@ -218,12 +219,14 @@ where
             service: service.to_owned(),
             method: method.to_owned(),
         };
-        let span = (tracing_enabled() && !plumbing(service)).then(|| {
-            let span = rpc_span("server", service, method);
-            // Before the span is entered, or the parent cannot change.
-            let _ = span.set_parent(extract(request.headers()));
-            span
+        // Sampled or not, decided here once; an unsampled call's span is
+        // bare and never reaches OpenTelemetry (telemetry/sampling.rs).
+        let traced = (tracing_enabled() && !plumbing(service)).then(|| {
+            request_span(extract(request.headers()), || {
+                rpc_span("server", service, method)
+            })
         });
+        let span = traced.as_ref().and_then(Traced::span).cloned();
         rpc().begin(&labels);
         let outcome = Arc::new(CallEnd {
             labels,
@@ -238,8 +241,8 @@ where
             let response = call.await?;
             Ok(watch_body(response, outcome))
         };
-        match span {
-            Some(span) => Box::pin(call.instrument(span)),
+        match traced {
+            Some(traced) => Box::pin(traced.attach(call)),
             None => Box::pin(call),
         }
     }
@@ -283,6 +286,14 @@ where
         }
         let (service, method) = split_path(request.uri().path());
         if plumbing(service) {
+            return Box::pin(self.inner.call(request));
+        }
+        // Inside a request that is not sampled: no span, only its trace
+        // context, sampled flag off, for the next hop.
+        if let Some(ids) = unsampled() {
+            if let Ok(value) = http::HeaderValue::from_str(&ids.traceparent()) {
+                request.headers_mut().insert("traceparent", value);
+            }
             return Box::pin(self.inner.call(request));
         }
         let span = rpc_span("client", service, method);

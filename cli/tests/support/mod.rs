@@ -29,6 +29,11 @@ pub struct Process {
 }
 
 impl Process {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Runs `brewmesh --log-format json <args>` and waits for its ready
     /// file (for `up`: every instance serving).
     pub fn start(args: &[&str]) -> Process {

@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use opentelemetry::trace::TraceContextExt as _;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
@@ -27,7 +28,7 @@ where
 {
     fn format_event(
         &self,
-        ctx: &FmtContext<'_, S, N>,
+        _ctx: &FmtContext<'_, S, N>,
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
@@ -44,21 +45,20 @@ where
         event.record(&mut JsonFields(&mut line));
         line.insert("service".into(), self.service.as_str().into());
         line.insert("instance".into(), self.instance.as_str().into());
-        if self.traced
-            && let Some(span) = ctx.lookup_current()
-        {
-            let context = tracing::dispatcher::get_default(|dispatch| {
-                tracing_opentelemetry::get_otel_context(&span.id(), dispatch)
-            });
-            if let Some(context) = context {
-                let span_context = context.span().span_context().clone();
-                if span_context.is_valid() {
-                    line.insert(
-                        "trace_id".into(),
-                        span_context.trace_id().to_string().into(),
-                    );
-                    line.insert("span_id".into(), span_context.span_id().to_string().into());
-                }
+        // The request's span as the registry has it, whichever layers
+        // take it: a line at warn inside a span at info still carries the
+        // ids. A sampled span has them from OpenTelemetry; an unsampled
+        // request has no span, and its ids beside the task.
+        if self.traced {
+            let current = tracing::Span::current();
+            let context = current.context();
+            let sampled = Some(context.span().span_context().clone())
+                .filter(opentelemetry::trace::SpanContext::is_valid)
+                .map(|c| (c.trace_id(), c.span_id()));
+            let ids = sampled.or_else(|| super::unsampled().map(|u| (u.trace_id, u.span_id)));
+            if let Some((trace_id, span_id)) = ids {
+                line.insert("trace_id".into(), trace_id.to_string().into());
+                line.insert("span_id".into(), span_id.to_string().into());
             }
         }
         let text = serde_json::to_string(&line).map_err(|_| fmt::Error)?;

@@ -8,7 +8,8 @@
 //! Traces go over OTLP (gRPC, or HTTP/protobuf with
 //! `OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`) through the batch processor
 //! when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `…_TRACES_ENDPOINT`) is set, sampled
-//! by `OTEL_TRACES_SAMPLER`/`_ARG`, described by `OTEL_SERVICE_NAME` and
+//! by `OTEL_TRACES_SAMPLER`/`_ARG` once per request before any span is
+//! built (`sampling.rs`), described by `OTEL_SERVICE_NAME` and
 //! `OTEL_RESOURCE_ATTRIBUTES`; `OTEL_SDK_DISABLED=true` turns it all off.
 //! With nothing set no OpenTelemetry layer is installed at all, and the RPC
 //! layers skip their spans: next to no cost. Logs also go over OTLP with
@@ -29,16 +30,18 @@ use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::Level;
-use tracing_subscriber::filter::Targets;
+use tracing_subscriber::filter::{FilterExt as _, Targets};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use tracing_subscriber::{EnvFilter, Layer as _};
 
 mod context;
 mod logs;
+mod sampling;
 
 pub use context::{HeaderExtractor, HeaderInjector, extract, fail, inject};
 use logs::{JsonLines, LossyStdout};
+pub use sampling::{Sampler, Traced, Unsampled, child_or_root, request_span, sampler, unsampled};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -218,10 +221,10 @@ pub fn init(format: LogFormat, identity: Identity) -> Result<Telemetry, Telemetr
         EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,sqlx=warn"))
     };
-    let own = || {
-        OWN_TARGETS.iter().fold(Targets::new(), |t, target| {
-            t.with_target(*target, Level::TRACE)
-        })
+    let own = |level: Level| {
+        OWN_TARGETS
+            .iter()
+            .fold(Targets::new(), |t, target| t.with_target(*target, level))
     };
 
     let mut telemetry = Telemetry::default();
@@ -237,9 +240,11 @@ pub fn init(format: LogFormat, identity: Identity) -> Result<Telemetry, Telemetr
                 .build()
         }
         .map_err(|e| TelemetryError(e.to_string()))?;
-        // The sampler comes from OTEL_TRACES_SAMPLER/_ARG, the batch
-        // settings from OTEL_BSP_*.
+        // OTEL_TRACES_SAMPLER/_ARG decide before a span is made
+        // (sampling.rs): what reaches the SDK is already sampled. The batch
+        // settings come from OTEL_BSP_*.
         let provider = SdkTracerProvider::builder()
+            .with_sampler(opentelemetry_sdk::trace::Sampler::AlwaysOn)
             .with_batch_exporter(exporter)
             .with_resource(resource(&identity))
             .build();
@@ -264,7 +269,26 @@ pub fn init(format: LogFormat, identity: Identity) -> Result<Telemetry, Telemetr
                 .with_threads(false)
                 .with_location(false)
                 .with_context_activation(logs_configured())
-                .with_filter(own()),
+                // Spans, and of events only warnings and errors (a span's
+                // failure): info lines are the logs' (with trace ids), and
+                // a filter that can say "never" per call site costs an
+                // unsampled request nothing for them.
+                // Each part says its most verbose level: with no hint the
+                // registry would ask every debug!/trace! call site of
+                // every crate (h2's, hyper's) what it wants.
+                .with_filter(
+                    own(Level::INFO)
+                        .and(
+                            tracing_subscriber::filter::filter_fn(|m| {
+                                m.is_span() || *m.level() <= Level::WARN
+                            })
+                            .with_max_level_hint(Level::INFO),
+                        )
+                        .and(
+                            tracing_subscriber::filter::dynamic_filter_fn(sampling::otel_filter)
+                                .with_max_level_hint(Level::INFO),
+                        ),
+                ),
         )
     } else {
         None
@@ -288,7 +312,7 @@ pub fn init(format: LogFormat, identity: Identity) -> Result<Telemetry, Telemetr
         let bridge =
             opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(&provider);
         telemetry.logger = Some(provider);
-        Some(bridge.with_filter(filter()).with_filter(own()))
+        Some(bridge.with_filter(filter()).with_filter(own(Level::TRACE)))
     } else {
         None
     };

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument as _;
 
 use brewmesh::pb::barista::v1::{MenuItem, Order};
 
@@ -136,27 +135,32 @@ impl Shop {
         }
         let shop = Arc::clone(self);
         let resumed = matches!(begin, Begin::Resumed);
-        // A child of the PlaceOrder call (or of nothing, for an order taken
-        // over): the saga outlives the call, as in a trace of HotROD.
-        let span = tracing::info_span!("saga", otel.name = "order saga", order_id = %record.order.order_id, resumed);
-        self.sagas.spawn(
-            async move {
-                let order_id = record.order.order_id.clone();
-                let saga = Saga {
-                    orders: &*shop.journal,
-                    payments: &*shop.payments,
-                    stations: &shop.stations,
-                    owner: &shop.owner,
-                    cancel: &cancel,
-                };
-                saga.drive(record, begin).await;
-                shop.running
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&order_id);
-            }
-            .instrument(span),
-        );
+        // A child of the PlaceOrder call, sampled or not as it is (or, for
+        // an order taken over, a trace of its own): the saga outlives the
+        // call, as in a trace of HotROD.
+        let order_id = &record.order.order_id;
+        let make =
+            || tracing::info_span!("saga", otel.name = "order saga", order_id = %order_id, resumed);
+        let traced = if brewmesh_runtime::telemetry::tracing_enabled() {
+            brewmesh_runtime::telemetry::child_or_root(make)
+        } else {
+            brewmesh_runtime::telemetry::Traced::Span(make())
+        };
+        self.sagas.spawn(traced.attach(async move {
+            let order_id = record.order.order_id.clone();
+            let saga = Saga {
+                orders: &*shop.journal,
+                payments: &*shop.payments,
+                stations: &shop.stations,
+                owner: &shop.owner,
+                cancel: &cancel,
+            };
+            saga.drive(record, begin).await;
+            shop.running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&order_id);
+        }));
     }
 
     /// Tells this process's saga of `order_id` that the order was cancelled.
