@@ -574,3 +574,84 @@ async fn flag_off_reaches_every_hop(log_level: &str) {
         every_hop_logged(&up, trace_id);
     }
 }
+
+/// The `trace_id` exemplars on `family`'s bucket lines whose labels
+/// include each of `labels`, in an OpenMetrics scrape.
+fn exemplars(openmetrics: &str, family: &str, labels: &[&str]) -> Vec<String> {
+    openmetrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{family}_bucket{{")))
+        .filter(|l| labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.split_once(" # {trace_id=\""))
+        .filter_map(|(_, rest)| rest.split_once('"').map(|(id, _)| id.to_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn latency_buckets_name_a_sampled_trace_as_their_exemplar() {
+    let (collector, endpoint) = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let up = mesh(dir.path(), Some(&endpoint), &[]);
+    let gateway = format!("http://{}", up.instance("gateway"));
+    let trace_id = "7d4a1c0e9b3f8a6d2e5c7b9a1f3d5e7c";
+    order(
+        &gateway,
+        "exemplar-1",
+        "tok_visa",
+        Some(&format!("00-{trace_id}-4444444444444444-01")),
+    );
+    let scrape = |instance: &str, accept: Option<&str>| {
+        let url = format!("http://{}/metrics", up.instance(instance));
+        let mut args = vec!["-i", url.as_str()];
+        let header;
+        if let Some(accept) = accept {
+            header = format!("Accept: {accept}");
+            args.extend(["-H", header.as_str()]);
+        }
+        curl(&args)
+    };
+    let openmetrics = "application/openmetrics-text; version=1.0.0, text/plain;q=0.5";
+    let barista = scrape("barista-1", Some(openmetrics));
+    assert!(
+        barista
+            .to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{}",
+        &barista[..200.min(barista.len())]
+    );
+    let placed = exemplars(
+        &barista,
+        "rpc_server_duration_seconds",
+        &["method=\"PlaceOrder\""],
+    );
+    assert_eq!(
+        placed,
+        [trace_id],
+        "PlaceOrder's exemplar is the order's trace"
+    );
+    let routed = exemplars(
+        &scrape("gateway", Some(openmetrics)),
+        "http_server_duration_seconds",
+        &["route=\"/v1/orders\"", "method=\"POST\""],
+    );
+    assert_eq!(routed, [trace_id]);
+    // The trace it names is one the receiver got, from that very process.
+    spans_of(&collector, trace_id, |spans| {
+        has(spans, "barista", "brewmesh.barista.v1.Barista/PlaceOrder")
+            && has(spans, "gateway", "POST /v1/orders")
+    });
+    // Asked for nothing in particular: the Prometheus text format, which
+    // has no exemplars.
+    let plain = scrape("barista-1", None);
+    assert!(
+        plain
+            .to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4")
+    );
+    assert!(
+        !plain.contains(" # {"),
+        "no exemplar in the Prometheus text"
+    );
+    assert!(!plain.contains("# EOF"));
+    assert!(plain.contains("# TYPE rpc_server_requests_total counter"));
+}

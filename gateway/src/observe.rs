@@ -2,7 +2,8 @@
 //! method, route and status, latency to the response's headers, requests
 //! in flight), its server span and its access line, all from one layer.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Instant;
 
 use axum::extract::{Request, State};
@@ -10,7 +11,8 @@ use axum::middleware::Next;
 use axum::response::Response;
 use brewmesh_runtime::telemetry::tracing_enabled;
 
-use brewmesh_runtime::metrics::{Red, RedHelp};
+use brewmesh_runtime::metrics::{Handles, Red, RedHelp};
+use brewmesh_runtime::telemetry::Traced;
 use prometheus_client::encoding::EncodeLabelSet;
 
 use crate::state::Gateway;
@@ -55,6 +57,40 @@ pub fn http() -> &'static HttpMetrics {
     })
 }
 
+/// Most (method, route) pairs whose handles are kept: routes are a fixed
+/// table, methods a handful; past it each request resolves its own.
+const MAX_ROUTES: usize = 4096;
+
+/// The metrics of `method` on `route` (a template, or `unmatched`): a
+/// look-up by borrowed strings; labels are made once per pair.
+fn handles(method: &http::Method, route: &str) -> Arc<Handles<HttpStatusLabels>> {
+    type ByRoute = HashMap<http::Method, HashMap<Box<str>, Arc<Handles<HttpStatusLabels>>>>;
+    static CACHE: OnceLock<RwLock<ByRoute>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(found) = (cache.read().unwrap_or_else(|p| p.into_inner()))
+        .get(method)
+        .and_then(|by_route| by_route.get(route))
+    {
+        return Arc::clone(found);
+    }
+    let labels = HttpLabels {
+        method: method.as_str().to_owned(),
+        route: route.to_owned(),
+    };
+    let outcome = labels.clone();
+    let made = Arc::new(http().handles(&labels, move |status| HttpStatusLabels {
+        method: outcome.method.clone(),
+        route: outcome.route.clone(),
+        status,
+    }));
+    let mut cache = cache.write().unwrap_or_else(|p| p.into_inner());
+    if cache.values().map(HashMap::len).sum::<usize>() >= MAX_ROUTES {
+        return made;
+    }
+    let by_route = cache.entry(method.clone()).or_default();
+    Arc::clone(by_route.entry(route.into()).or_insert(made))
+}
+
 /// The tower layer around the REST routes: each request in an HTTP server
 /// span (continuing the client's trace context), counted by route and
 /// status, and logged at debug in the span. The route is found here, once.
@@ -66,19 +102,15 @@ pub async fn layer(
     let matched = gateway.find(request.method(), request.uri().path());
     let route_name = matched
         .as_ref()
-        .map_or("unmatched", |m| m.route.template.source())
-        .to_owned();
+        .map_or("unmatched", |m| m.route.template.source());
     let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let labels = HttpLabels {
-        method: method.as_str().to_owned(),
-        route: route_name,
-    };
+    let metrics = handles(&method, route_name);
     // Sampled or not, decided here once, for every hop below.
     let traced = tracing_enabled().then(|| {
         let parent = brewmesh_runtime::telemetry::extract(request.headers());
         brewmesh_runtime::telemetry::request_span(parent, || {
-            let route = labels.route.as_str();
+            let route = route_name;
+            let path = request.uri().path();
             // Attributes as fields at creation: one trip through the subscriber.
             tracing::info_span!(
                 target: "brewmesh_gateway::http",
@@ -87,7 +119,7 @@ pub async fn layer(
                 otel.kind = "server",
                 http.request.method = method.as_str(),
                 http.route = route,
-                url.path = path.as_str(),
+                url.path = path,
                 url.scheme = "http",
                 http.response.status_code = tracing::field::Empty,
             )
@@ -97,20 +129,18 @@ pub async fn layer(
         request.extensions_mut().insert(matched);
     }
 
-    http().begin(&labels);
+    metrics.begin();
     let started = Instant::now();
+    let path = request.uri().path().to_owned();
     let response = match &traced {
         Some(traced) => traced.clone().attach(next.run(request)).await,
         None => next.run(request).await,
     };
     let status = response.status();
     let elapsed = started.elapsed();
-    let outcome = HttpStatusLabels {
-        method: labels.method.clone(),
-        route: labels.route.clone(),
-        status: status.as_u16(),
-    };
-    http().end(&labels, elapsed, &outcome);
+    // A sampled request's trace is its latency bucket's exemplar.
+    let trace = traced.as_ref().and_then(Traced::sampled_trace_id);
+    metrics.end(elapsed, status.as_u16(), trace);
     let access = || {
         tracing::debug!(
             target: "brewmesh_gateway::access",

@@ -19,7 +19,7 @@ use tonic::Code;
 use tonic::body::Body;
 use tracing::Instrument as _;
 
-use crate::metrics::{RpcCodeLabels, RpcLabels, code_name, rpc};
+use crate::metrics::{Handles, RpcCodeLabels, code_name, rpc_handles};
 use crate::telemetry::{
     Traced, extract, fail, inject, request_span, semconv, tracing_enabled, unsampled,
 };
@@ -133,11 +133,11 @@ pub struct Server<S> {
 /// The end of one call: metrics and span, recorded once, when the body
 /// ends or is dropped.
 struct CallEnd {
-    labels: RpcLabels,
+    /// The RPC metrics, on the server side.
+    measured: Option<Arc<Handles<RpcCodeLabels>>>,
     started: Instant,
     span: Option<tracing::Span>,
     kind: &'static str,
-    measured: bool,
     done: AtomicBool,
 }
 
@@ -146,13 +146,11 @@ impl CallEnd {
         if self.done.swap(true, Ordering::AcqRel) {
             return;
         }
-        if self.measured {
-            let outcome = RpcCodeLabels {
-                service: self.labels.service.clone(),
-                method: self.labels.method.clone(),
-                code: code_name(code).to_owned(),
-            };
-            rpc().end(&self.labels, self.started.elapsed(), &outcome);
+        if let Some(handles) = &self.measured {
+            // A sampled call's trace is its latency bucket's exemplar.
+            let trace = self.span.as_ref().map(crate::telemetry::trace_id_of);
+            #[allow(clippy::cast_sign_loss)]
+            handles.end(self.started.elapsed(), code as i32 as u16, trace);
         }
         if let Some(span) = &self.span {
             finish_span(span, self.kind, code, message);
@@ -215,25 +213,21 @@ where
         if !is_rpc {
             return Box::pin(self.inner.call(request));
         }
-        let labels = RpcLabels {
-            service: service.to_owned(),
-            method: method.to_owned(),
-        };
-        // Sampled or not, decided here once; an unsampled call's span is
-        // bare and never reaches OpenTelemetry (telemetry/sampling.rs).
+        let handles = rpc_handles(request.uri().path());
+        // Sampled or not, decided here once; an unsampled call has no span
+        // (telemetry/sampling.rs).
         let traced = (tracing_enabled() && !plumbing(service)).then(|| {
             request_span(extract(request.headers()), || {
                 rpc_span("server", service, method)
             })
         });
         let span = traced.as_ref().and_then(Traced::span).cloned();
-        rpc().begin(&labels);
+        handles.begin();
         let outcome = Arc::new(CallEnd {
-            labels,
+            measured: Some(handles),
             started: Instant::now(),
             span: span.clone(),
             kind: "server",
-            measured: true,
             done: AtomicBool::new(false),
         });
         let call = self.inner.call(request);
@@ -297,17 +291,12 @@ where
             return Box::pin(self.inner.call(request));
         }
         let span = rpc_span("client", service, method);
-        let labels = RpcLabels {
-            service: service.to_owned(),
-            method: method.to_owned(),
-        };
         inject(&span, request.headers_mut());
         let outcome = Arc::new(CallEnd {
-            labels,
+            measured: None,
             started: Instant::now(),
             span: Some(span.clone()),
             kind: "client",
-            measured: false,
             done: AtomicBool::new(false),
         });
         let call = self.inner.call(request);

@@ -5,16 +5,17 @@
 //! register their own (saga outcomes, stations, registry counts) through
 //! [`register`].
 
-use std::sync::{Mutex, OnceLock};
-
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::{Metric, Registry};
 
 fn registry() -> &'static Mutex<Registry> {
@@ -72,7 +73,7 @@ where
     }
 }
 
-/// Every metric in the Prometheus text format.
+/// Every metric in the OpenMetrics text format, exemplars included.
 pub fn render() -> String {
     let mut out = String::new();
     let registry = registry().lock().unwrap_or_else(|p| p.into_inner());
@@ -81,22 +82,89 @@ pub fn render() -> String {
     out
 }
 
-/// `/metrics`: this process's metrics in the Prometheus text format (every
-/// role's metrics server and the gateway serve this one handler).
-pub async fn scrape() -> impl axum::response::IntoResponse {
-    (
-        [(
-            http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        render(),
-    )
+/// OpenMetrics text as the Prometheus text format 0.0.4 has it: no
+/// exemplars, no `# UNIT` or `# EOF`, and a counter's `# HELP` and
+/// `# TYPE` under its `_total` name.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# EOF") || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) && !name.ends_with("_total") {
+                    out.push_str(&format!("{prefix}{name}_total {tail}"));
+                } else {
+                    out.push_str(line);
+                }
+            }
+            // A sample: its exemplar, if any, follows " # ".
+            None => out.push_str(line.split_once(" # ").map_or(line, |(sample, _)| sample)),
+        }
+        out.push('\n');
+    }
+    out
 }
 
-/// A latency histogram from 0.5 ms to about 16 s.
-pub fn latency_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+/// `/metrics`: this process's metrics (every role's gRPC port and the
+/// gateway serve this one handler) — OpenMetrics, with exemplars, when the
+/// scraper accepts `application/openmetrics-text`, as Prometheus does;
+/// else the Prometheus text format.
+pub async fn scrape(headers: http::HeaderMap) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let openmetrics = headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let text = render();
+    if openmetrics {
+        (
+            [(
+                http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response()
+    } else {
+        (
+            [(
+                http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            to_prometheus_text(&text),
+        )
+            .into_response()
+    }
 }
+
+/// A latency histogram from 0.5 ms to about 16 s, each bucket keeping the
+/// trace of its latest sampled observation as an OpenMetrics exemplar.
+pub fn latency_histogram() -> LatencyHistogram {
+    HistogramWithExemplars::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// A latency's exemplar: the trace of a sampled request, so a dashboard
+/// can go from a slow bucket to that trace.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceExemplar {
+    /// The W3C trace id, 32 hex digits.
+    pub trace_id: String,
+}
+
+/// A latency histogram with exemplars.
+pub type LatencyHistogram = HistogramWithExemplars<TraceExemplar>;
 
 /// Labels of an RPC.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -121,13 +189,14 @@ pub struct RpcCodeLabels {
 /// The three metrics of one kind of request, by the RED method: finished
 /// requests by outcome (rate and errors), time taken (duration), and the
 /// requests being answered now. gRPC calls and the gateway's HTTP
-/// requests are both measured with it.
+/// requests are both measured with it, through [`Handles`] resolved once
+/// per label set.
 #[derive(Debug, Clone)]
 pub struct Red<L, O> {
     /// Finished requests, by outcome.
     pub requests: Family<O, Counter>,
     /// Time to the answer.
-    pub duration: Family<L, Histogram>,
+    pub duration: Family<L, LatencyHistogram>,
     /// Requests being answered now.
     pub in_flight: Family<L, Gauge>,
 }
@@ -174,23 +243,116 @@ where
         red
     }
 
-    /// A request `labels` has begun.
-    pub fn begin(&self, labels: &L) {
-        self.in_flight.get_or_create(labels).inc();
+    /// The metrics of `labels`, resolved now, so that a request reaches
+    /// them without a look-up or an owned label: `outcome` makes an
+    /// outcome's labels from its number (a gRPC code, an HTTP status), the
+    /// first time that outcome is seen.
+    pub fn handles(
+        &self,
+        labels: &L,
+        outcome: impl Fn(u16) -> O + Send + Sync + 'static,
+    ) -> Handles<O> {
+        Handles {
+            in_flight: self.in_flight.get_or_create(labels).clone(),
+            duration: self.duration.get_or_create(labels).clone(),
+            outcomes: RwLock::new(Vec::new()),
+            family: self.requests.clone(),
+            outcome: Box::new(outcome),
+        }
+    }
+}
+
+/// One label set's metrics, resolved once (see [`Red::handles`]).
+pub struct Handles<O> {
+    in_flight: Gauge,
+    duration: LatencyHistogram,
+    /// The outcomes seen so far: a handful each, scanned.
+    outcomes: RwLock<Vec<(u16, Counter)>>,
+    family: Family<O, Counter>,
+    outcome: Box<dyn Fn(u16) -> O + Send + Sync>,
+}
+
+impl<O> std::fmt::Debug for Handles<O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handles").finish_non_exhaustive()
+    }
+}
+
+impl<O> Handles<O>
+where
+    O: EncodeLabelSet + Clone + std::hash::Hash + Eq + std::fmt::Debug + Send + Sync + 'static,
+{
+    /// A request has begun.
+    pub fn begin(&self) {
+        self.in_flight.inc();
     }
 
-    /// A request `labels` that began `elapsed` ago ended as `outcome`.
-    pub fn end(&self, labels: &L, elapsed: std::time::Duration, outcome: &O) {
-        self.in_flight.get_or_create(labels).dec();
-        self.duration
-            .get_or_create(labels)
-            .observe(elapsed.as_secs_f64());
-        self.requests.get_or_create(outcome).inc();
+    /// A request that began `elapsed` ago ended as `outcome`; `trace` is
+    /// its trace when it was sampled, kept as the bucket's exemplar.
+    pub fn end(
+        &self,
+        elapsed: std::time::Duration,
+        outcome: u16,
+        trace: Option<opentelemetry::trace::TraceId>,
+    ) {
+        self.in_flight.dec();
+        let exemplar = trace.map(|t| TraceExemplar {
+            trace_id: t.to_string(),
+        });
+        self.duration.observe(elapsed.as_secs_f64(), exemplar, None);
+        let seen = self.outcomes.read().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, counter)) = seen.iter().find(|(o, _)| *o == outcome) {
+            counter.inc();
+            return;
+        }
+        drop(seen);
+        let mut seen = self.outcomes.write().unwrap_or_else(|p| p.into_inner());
+        if !seen.iter().any(|(o, _)| *o == outcome) {
+            let counter = self.family.get_or_create(&(self.outcome)(outcome)).clone();
+            seen.push((outcome, counter));
+        }
+        if let Some((_, counter)) = seen.iter().find(|(o, _)| *o == outcome) {
+            counter.inc();
+        }
     }
 }
 
 /// The server side of every gRPC call this process answers.
 pub type RpcMetrics = Red<RpcLabels, RpcCodeLabels>;
+
+/// Most methods whose handles are kept; past it (a client inventing
+/// paths) each call resolves its own.
+const MAX_METHODS: usize = 4096;
+
+/// The [`Handles`] of the RPC at `path` (`/package.Service/Method`): a
+/// look-up by the borrowed path; labels are made once per method.
+pub fn rpc_handles(path: &str) -> Arc<Handles<RpcCodeLabels>> {
+    type ByPath = HashMap<Box<str>, Arc<Handles<RpcCodeLabels>>>;
+    static BY_PATH: OnceLock<RwLock<ByPath>> = OnceLock::new();
+    let by_path = BY_PATH.get_or_init(Default::default);
+    if let Some(handles) = by_path.read().unwrap_or_else(|p| p.into_inner()).get(path) {
+        return Arc::clone(handles);
+    }
+    let trimmed = path.trim_start_matches('/');
+    let (service, method) = trimmed.split_once('/').unwrap_or((trimmed, ""));
+    let labels = RpcLabels {
+        service: service.to_owned(),
+        method: method.to_owned(),
+    };
+    let made = {
+        let labels = labels.clone();
+        Arc::new(rpc().handles(&labels.clone(), move |code| RpcCodeLabels {
+            service: labels.service.clone(),
+            method: labels.method.clone(),
+            code: code_name(tonic::Code::from_i32(i32::from(code))).to_owned(),
+        }))
+    };
+    let mut by_path = by_path.write().unwrap_or_else(|p| p.into_inner());
+    if by_path.len() >= MAX_METHODS {
+        return made;
+    }
+    Arc::clone(by_path.entry(path.into()).or_insert(made))
+}
 
 /// The process's [`RpcMetrics`], registered on first use.
 pub fn rpc() -> &'static RpcMetrics {
@@ -228,5 +390,33 @@ pub fn code_name(code: tonic::Code) -> &'static str {
         Code::Unavailable => "UNAVAILABLE",
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prometheus_text_drops_exemplars_units_and_eof() {
+        let openmetrics = "# HELP rpc_server_requests gRPC calls.\n\
+# TYPE rpc_server_requests counter\n\
+rpc_server_requests_total{code=\"OK\"} 3\n\
+# HELP lat Latency.\n\
+# TYPE lat histogram\n\
+# UNIT lat seconds\n\
+lat_bucket{le=\"0.5\"} 2 # {trace_id=\"ab\"} 0.25\n\
+lat_count 2\n\
+# EOF\n";
+        assert_eq!(
+            to_prometheus_text(openmetrics),
+            "# HELP rpc_server_requests_total gRPC calls.\n\
+# TYPE rpc_server_requests_total counter\n\
+rpc_server_requests_total{code=\"OK\"} 3\n\
+# HELP lat Latency.\n\
+# TYPE lat histogram\n\
+lat_bucket{le=\"0.5\"} 2\n\
+lat_count 2\n"
+        );
     }
 }

@@ -41,7 +41,9 @@ mod sampling;
 
 pub use context::{HeaderExtractor, HeaderInjector, extract, fail, inject};
 use logs::{JsonLines, LossyStdout};
-pub use sampling::{Sampler, Traced, Unsampled, child_or_root, request_span, sampler, unsampled};
+pub use sampling::{
+    Sampler, Traced, Unsampled, child_or_root, request_span, sampler, trace_id_of, unsampled,
+};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

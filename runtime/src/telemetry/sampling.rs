@@ -161,6 +161,12 @@ impl Traced {
         }
     }
 
+    /// The trace id of a sampled span (an exemplar's): `None` when not
+    /// sampled.
+    pub fn sampled_trace_id(&self) -> Option<TraceId> {
+        self.span().map(trace_id_of)
+    }
+
     /// Runs `f` inside, as [`Traced::attach`] does for a future.
     pub fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
         match self {
@@ -177,6 +183,11 @@ impl Traced {
             Traced::Unsampled(ids) => UNSAMPLED.scope(Some(ids), work).await,
         }
     }
+}
+
+/// The trace id of a span OpenTelemetry exports (invalid for another).
+pub fn trace_id_of(span: &tracing::Span) -> TraceId {
+    span.context().span().span_context().trace_id()
 }
 
 /// The unsampled request the current task works for, if any.
