@@ -655,3 +655,64 @@ async fn latency_buckets_name_a_sampled_trace_as_their_exemplar() {
     assert!(!plain.contains("# EOF"));
     assert!(plain.contains("# TYPE rpc_server_requests_total counter"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rpc_counters_also_arrive_over_otlp() {
+    let (collector, endpoint) = Collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let up = mesh(
+        dir.path(),
+        Some(&endpoint),
+        &[
+            ("OTEL_METRICS_EXPORTER", "otlp"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "200"),
+        ],
+    );
+    let gateway = format!("http://{}", up.instance("gateway"));
+    order(&gateway, "metered-1", "tok_visa", None);
+    order(&gateway, "metered-2", "tok_visa", None);
+    // Cumulative sums: the latest export of each process says it all.
+    let latest = |service: &str, name: &str| {
+        collector
+            .metrics()
+            .into_iter()
+            .rev()
+            .find(|m| m.service == service && m.metric.name == name)
+    };
+    let started = Instant::now();
+    loop {
+        let placed = latest("barista", "rpc.server.requests").map(|m| {
+            m.sum_points()
+                .into_iter()
+                .filter(|(attributes, _)| {
+                    ["rpc.method=PlaceOrder", "rpc.grpc.status_code=0"]
+                        .iter()
+                        .all(|a| attributes.iter().any(|x| x == a))
+                })
+                .map(|(_, value)| value)
+                .sum::<i64>()
+        });
+        let posted = latest("gateway", "http.server.requests").map(|m| {
+            m.sum_points()
+                .into_iter()
+                .filter(|(attributes, _)| {
+                    ["http.route=/v1/orders", "http.response.status_code=201"]
+                        .iter()
+                        .all(|a| attributes.iter().any(|x| x == a))
+                })
+                .map(|(_, value)| value)
+                .sum::<i64>()
+        });
+        let captured = latest("payment", "rpc.server.requests").is_some();
+        if placed == Some(2) && posted == Some(2) && captured {
+            break;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "OTLP metrics: PlaceOrder {placed:?}, POST /v1/orders {posted:?}, payment {captured}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let durations = latest("barista", "rpc.server.call.duration").expect("a duration histogram");
+    assert_eq!(durations.metric.unit, "s");
+}

@@ -11,8 +11,9 @@ use axum::middleware::Next;
 use axum::response::Response;
 use brewmesh_runtime::telemetry::tracing_enabled;
 
-use brewmesh_runtime::metrics::{Handles, Red, RedHelp};
+use brewmesh_runtime::metrics::{Handles, OtelNames, Red, RedHelp};
 use brewmesh_runtime::telemetry::Traced;
+use opentelemetry::KeyValue;
 use prometheus_client::encoding::EncodeLabelSet;
 
 use crate::state::Gateway;
@@ -53,6 +54,11 @@ pub fn http() -> &'static HttpMetrics {
                 duration: "HTTP latency to the response headers, by method and route",
                 in_flight: "HTTP requests being answered",
             },
+            OtelNames {
+                duration: "http.server.request.duration",
+                requests: "http.server.requests",
+                outcome: "http.response.status_code",
+            },
         )
     })
 }
@@ -78,11 +84,21 @@ fn handles(method: &http::Method, route: &str) -> Arc<Handles<HttpStatusLabels>>
         route: route.to_owned(),
     };
     let outcome = labels.clone();
-    let made = Arc::new(http().handles(&labels, move |status| HttpStatusLabels {
-        method: outcome.method.clone(),
-        route: outcome.route.clone(),
-        status,
-    }));
+    let attributes = || {
+        vec![
+            KeyValue::new("http.request.method", labels.method.clone()),
+            KeyValue::new("http.route", labels.route.clone()),
+        ]
+    };
+    let made = Arc::new(http().handles(
+        &labels,
+        move |status| HttpStatusLabels {
+            method: outcome.method.clone(),
+            route: outcome.route.clone(),
+            status,
+        },
+        attributes,
+    ));
     let mut cache = cache.write().unwrap_or_else(|p| p.into_inner());
     if cache.values().map(HashMap::len).sum::<usize>() >= MAX_ROUTES {
         return made;

@@ -199,6 +199,27 @@ pub struct Red<L, O> {
     pub duration: Family<L, LatencyHistogram>,
     /// Requests being answered now.
     pub in_flight: Family<L, Gauge>,
+    /// The same over OTLP, when metrics are exported.
+    otel: Option<OtelRed>,
+}
+
+/// The OpenTelemetry names of a [`Red`]: its duration histogram (seconds),
+/// its request counter, and the attribute its outcome is recorded under.
+#[derive(Debug, Clone, Copy)]
+pub struct OtelNames {
+    /// E.g. `rpc.server.call.duration`.
+    pub duration: &'static str,
+    /// E.g. `rpc.server.requests`.
+    pub requests: &'static str,
+    /// E.g. `rpc.grpc.status_code`.
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone)]
+struct OtelRed {
+    duration: opentelemetry::metrics::Histogram<f64>,
+    requests: opentelemetry::metrics::Counter<u64>,
+    outcome: &'static str,
 }
 
 /// The help texts of a [`Red`]'s families.
@@ -219,11 +240,27 @@ where
 {
     /// `{prefix}_requests`, `{prefix}_duration_seconds` and
     /// `{prefix}_in_flight_requests`, registered.
-    pub fn register(prefix: &str, help: RedHelp) -> Self {
+    pub fn register(prefix: &str, help: RedHelp, otel: OtelNames) -> Self {
+        let otel = crate::telemetry::metrics_exported().then(|| {
+            let meter = opentelemetry::global::meter("brewmesh");
+            OtelRed {
+                duration: meter
+                    .f64_histogram(otel.duration)
+                    .with_unit("s")
+                    .with_description(help.duration)
+                    .build(),
+                requests: meter
+                    .u64_counter(otel.requests)
+                    .with_description(help.requests)
+                    .build(),
+                outcome: otel.outcome,
+            }
+        });
         let red = Red {
             requests: Family::default(),
             duration: Family::new_with_constructor(latency_histogram),
             in_flight: Family::default(),
+            otel,
         };
         register(
             &format!("{prefix}_requests"),
@@ -246,11 +283,13 @@ where
     /// The metrics of `labels`, resolved now, so that a request reaches
     /// them without a look-up or an owned label: `outcome` makes an
     /// outcome's labels from its number (a gRPC code, an HTTP status), the
-    /// first time that outcome is seen.
+    /// first time that outcome is seen; `attributes` are the same labels
+    /// as OpenTelemetry names them, for OTLP.
     pub fn handles(
         &self,
         labels: &L,
         outcome: impl Fn(u16) -> O + Send + Sync + 'static,
+        attributes: impl FnOnce() -> Vec<opentelemetry::KeyValue>,
     ) -> Handles<O> {
         Handles {
             in_flight: self.in_flight.get_or_create(labels).clone(),
@@ -258,6 +297,7 @@ where
             outcomes: RwLock::new(Vec::new()),
             family: self.requests.clone(),
             outcome: Box::new(outcome),
+            otel: self.otel.clone().map(|otel| (otel, attributes())),
         }
     }
 }
@@ -270,6 +310,8 @@ pub struct Handles<O> {
     outcomes: RwLock<Vec<(u16, Counter)>>,
     family: Family<O, Counter>,
     outcome: Box<dyn Fn(u16) -> O + Send + Sync>,
+    /// The OTLP instruments and this label set's attributes.
+    otel: Option<(OtelRed, Vec<opentelemetry::KeyValue>)>,
 }
 
 impl<O> std::fmt::Debug for Handles<O> {
@@ -300,6 +342,15 @@ where
             trace_id: t.to_string(),
         });
         self.duration.observe(elapsed.as_secs_f64(), exemplar, None);
+        if let Some((otel, attributes)) = &self.otel {
+            otel.duration.record(elapsed.as_secs_f64(), attributes);
+            let mut with_outcome = attributes.clone();
+            with_outcome.push(opentelemetry::KeyValue::new(
+                otel.outcome,
+                i64::from(outcome),
+            ));
+            otel.requests.add(1, &with_outcome);
+        }
         let seen = self.outcomes.read().unwrap_or_else(|p| p.into_inner());
         if let Some((_, counter)) = seen.iter().find(|(o, _)| *o == outcome) {
             counter.inc();
@@ -341,11 +392,22 @@ pub fn rpc_handles(path: &str) -> Arc<Handles<RpcCodeLabels>> {
     };
     let made = {
         let labels = labels.clone();
-        Arc::new(rpc().handles(&labels.clone(), move |code| RpcCodeLabels {
-            service: labels.service.clone(),
-            method: labels.method.clone(),
-            code: code_name(tonic::Code::from_i32(i32::from(code))).to_owned(),
-        }))
+        let (service, method) = (labels.service.clone(), labels.method.clone());
+        Arc::new(rpc().handles(
+            &labels.clone(),
+            move |code| RpcCodeLabels {
+                service: labels.service.clone(),
+                method: labels.method.clone(),
+                code: code_name(tonic::Code::from_i32(i32::from(code))).to_owned(),
+            },
+            || {
+                vec![
+                    opentelemetry::KeyValue::new("rpc.system", "grpc"),
+                    opentelemetry::KeyValue::new("rpc.service", service),
+                    opentelemetry::KeyValue::new("rpc.method", method),
+                ]
+            },
+        ))
     };
     let mut by_path = by_path.write().unwrap_or_else(|p| p.into_inner());
     if by_path.len() >= MAX_METHODS {
@@ -364,6 +426,11 @@ pub fn rpc() -> &'static RpcMetrics {
                 requests: "gRPC calls answered, by service, method and status code",
                 duration: "gRPC call latency, request to the end of the response",
                 in_flight: "gRPC calls being answered",
+            },
+            OtelNames {
+                duration: "rpc.server.call.duration",
+                requests: "rpc.server.requests",
+                outcome: "rpc.grpc.status_code",
             },
         )
     })

@@ -181,12 +181,64 @@ pub struct CollectedLog {
     pub record: opentelemetry_proto::tonic::logs::v1::LogRecord,
 }
 
+/// A metric as an OTLP receiver got it (one export's data points).
+#[derive(Debug, Clone)]
+pub struct CollectedMetric {
+    /// `service.name` of the process that sent it.
+    pub service: String,
+    /// The metric.
+    pub metric: opentelemetry_proto::tonic::metrics::v1::Metric,
+}
+
+impl CollectedMetric {
+    /// The data points of a sum (a counter), each as its attributes
+    /// (`key=value`, strings and integers) and value.
+    pub fn sum_points(&self) -> Vec<(Vec<String>, i64)> {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+        use opentelemetry_proto::tonic::metrics::v1::number_data_point::Value as Number;
+        let Some(Data::Sum(sum)) = &self.metric.data else {
+            return Vec::new();
+        };
+        sum.data_points
+            .iter()
+            .map(|point| {
+                let attributes = point
+                    .attributes
+                    .iter()
+                    .map(|a| {
+                        let value = match a.value.as_ref().and_then(|v| v.value.as_ref()) {
+                            Some(Value::StringValue(s)) => s.clone(),
+                            Some(Value::IntValue(i)) => i.to_string(),
+                            other => format!("{other:?}"),
+                        };
+                        format!("{}={value}", a.key)
+                    })
+                    .collect();
+                let value = match point.value {
+                    Some(Number::AsInt(i)) => i,
+                    #[allow(clippy::cast_possible_truncation)]
+                    Some(Number::AsDouble(d)) => d as i64,
+                    None => 0,
+                };
+                (attributes, value)
+            })
+            .collect()
+    }
+}
+
 mod otlp {
     pub use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
         LogsService, LogsServiceServer,
     };
     pub use opentelemetry_proto::tonic::collector::logs::v1::{
         ExportLogsServiceRequest, ExportLogsServiceResponse,
+    };
+    pub use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+        MetricsService, MetricsServiceServer,
+    };
+    pub use opentelemetry_proto::tonic::collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
     };
     pub use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
         TraceService, TraceServiceServer,
@@ -197,13 +249,15 @@ mod otlp {
     pub use opentelemetry_proto::tonic::resource::v1::Resource;
 }
 
-/// An OTLP receiver on 127.0.0.1:0 (gRPC, and HTTP/protobuf at
-/// `/v1/traces` and `/v1/logs` on the same port) that keeps what it gets:
+/// An OTLP receiver on 127.0.0.1:0 (gRPC for traces, logs and metrics, and
+/// HTTP/protobuf at `/v1/traces` and `/v1/logs` on the same port) that
+/// keeps what it gets:
 /// the test collector, and the benchmarks' local receiver.
 #[derive(Debug, Clone, Default)]
 pub struct Collector {
     spans: std::sync::Arc<std::sync::Mutex<Vec<CollectedSpan>>>,
     logs: std::sync::Arc<std::sync::Mutex<Vec<CollectedLog>>>,
+    metrics: std::sync::Arc<std::sync::Mutex<Vec<CollectedMetric>>>,
 }
 
 fn service_name(resource: Option<&otlp::Resource>) -> String {
@@ -237,6 +291,9 @@ impl Collector {
         )
         .add_service(
             otlp::LogsServiceServer::new(collector.clone()).max_decoding_message_size(64 << 20),
+        )
+        .add_service(
+            otlp::MetricsServiceServer::new(collector.clone()).max_decoding_message_size(64 << 20),
         );
         let (traces, logs) = (collector.clone(), collector.clone());
         let router = routes
@@ -312,6 +369,33 @@ impl Collector {
             .extend(received);
     }
 
+    fn keep_metrics(&self, request: otlp::ExportMetricsServiceRequest) {
+        let mut received = Vec::new();
+        for resource_metrics in request.resource_metrics {
+            let service = service_name(resource_metrics.resource.as_ref());
+            for scope in resource_metrics.scope_metrics {
+                for metric in scope.metrics {
+                    received.push(CollectedMetric {
+                        service: service.clone(),
+                        metric,
+                    });
+                }
+            }
+        }
+        self.metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(received);
+    }
+
+    /// Every metric export received so far, in order.
+    pub fn metrics(&self) -> Vec<CollectedMetric> {
+        self.metrics
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Every span received so far.
     pub fn spans(&self) -> Vec<CollectedSpan> {
         self.spans.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -349,6 +433,19 @@ impl otlp::LogsService for Collector {
     ) -> Result<tonic::Response<otlp::ExportLogsServiceResponse>, tonic::Status> {
         self.keep_logs(request.into_inner());
         Ok(tonic::Response::new(otlp::ExportLogsServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl otlp::MetricsService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<otlp::ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<otlp::ExportMetricsServiceResponse>, tonic::Status> {
+        self.keep_metrics(request.into_inner());
+        Ok(tonic::Response::new(otlp::ExportMetricsServiceResponse {
             partial_success: None,
         }))
     }

@@ -55,7 +55,8 @@ where
             let sampled = Some(context.span().span_context().clone())
                 .filter(opentelemetry::trace::SpanContext::is_valid)
                 .map(|c| (c.trace_id(), c.span_id()));
-            let ids = sampled.or_else(|| super::unsampled().map(|u| (u.trace_id, u.span_id)));
+            let ids =
+                sampled.or_else(|| super::sampling::unsampled().map(|u| (u.trace_id, u.span_id)));
             if let Some((trace_id, span_id)) = ids {
                 line.insert("trace_id".into(), trace_id.to_string().into());
                 line.insert("span_id".into(), span_id.to_string().into());

@@ -13,7 +13,9 @@
 //! `OTEL_RESOURCE_ATTRIBUTES`; `OTEL_SDK_DISABLED=true` turns it all off.
 //! With nothing set no OpenTelemetry layer is installed at all, and the RPC
 //! layers skip their spans: next to no cost. Logs also go over OTLP with
-//! `OTEL_LOGS_EXPORTER=otlp`.
+//! `OTEL_LOGS_EXPORTER=otlp`, and the RPC and HTTP metrics with
+//! `OTEL_METRICS_EXPORTER=otlp` (beside `/metrics`, every
+//! `OTEL_METRIC_EXPORT_INTERVAL`).
 //!
 //! Only brewmesh's own spans are exported: h2, hyper and tonic internals
 //! would cost more CPU than the requests they describe.
@@ -66,6 +68,14 @@ const OWN_TARGETS: &[&str] = &[
 ];
 
 static TRACING: AtomicBool = AtomicBool::new(false);
+static METRICS: AtomicBool = AtomicBool::new(false);
+
+/// Whether metrics also go over OTLP (`OTEL_METRICS_EXPORTER=otlp`): the
+/// RED metrics then record into OpenTelemetry instruments beside the
+/// Prometheus ones.
+pub fn metrics_exported() -> bool {
+    METRICS.load(Ordering::Relaxed)
+}
 
 /// Whether spans are exported: the RPC layers skip their spans when not.
 pub fn tracing_enabled() -> bool {
@@ -148,6 +158,7 @@ impl Identity {
 pub struct Telemetry {
     tracer: Option<SdkTracerProvider>,
     logger: Option<SdkLoggerProvider>,
+    meter: Option<opentelemetry_sdk::metrics::SdkMeterProvider>,
 }
 
 impl Telemetry {
@@ -159,6 +170,9 @@ impl Telemetry {
         }
         if let Some(logger) = self.logger {
             let _ = logger.shutdown();
+        }
+        if let Some(meter) = self.meter {
+            let _ = meter.shutdown();
         }
     }
 }
@@ -181,6 +195,10 @@ fn traces_configured() -> bool {
     !env_is("OTEL_SDK_DISABLED", "true")
         && !env_is("OTEL_TRACES_EXPORTER", "none")
         && (env_set("OTEL_EXPORTER_OTLP_ENDPOINT") || env_set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+}
+
+fn metrics_configured() -> bool {
+    !env_is("OTEL_SDK_DISABLED", "true") && env_is("OTEL_METRICS_EXPORTER", "otlp")
 }
 
 fn logs_configured() -> bool {
@@ -318,6 +336,28 @@ pub fn init(format: LogFormat, identity: Identity) -> Result<Telemetry, Telemetr
     } else {
         None
     };
+
+    if metrics_configured() {
+        let exporter = if http_protocol("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL") {
+            opentelemetry_otlp::MetricExporter::builder()
+                .with_http()
+                .with_http_client(OnRuntime::current()?)
+                .build()
+        } else {
+            opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .build()
+        }
+        .map_err(|e| TelemetryError(e.to_string()))?;
+        // The interval comes from OTEL_METRIC_EXPORT_INTERVAL (60 s).
+        let provider = opentelemetry_sdk::metrics::SdkMeterProvider::builder()
+            .with_periodic_exporter(exporter)
+            .with_resource(resource(&identity))
+            .build();
+        opentelemetry::global::set_meter_provider(provider.clone());
+        telemetry.meter = Some(provider);
+        METRICS.store(true, Ordering::Relaxed);
+    }
 
     let lines = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
