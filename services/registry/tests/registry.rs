@@ -61,6 +61,15 @@ fn instance_on(listener: TcpListener) -> Running<Result<Drained, ServeError>> {
     })
 }
 
+/// An address where nothing listens (bound, then closed again).
+async fn closed_address() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 async fn instance() -> Running<Result<Drained, ServeError>> {
     instance_on(TcpListener::bind("127.0.0.1:0").await.unwrap())
 }
@@ -215,11 +224,7 @@ async fn an_instance_that_comes_back_on_its_address_is_resolved_again() {
 #[tokio::test]
 async fn an_unreachable_instance_is_never_resolved() {
     let (_registry, mut client) = registry().await;
-    let nobody = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap(); // closed again
+    let nobody = closed_address().await;
     let served = instance().await;
     client
         .register(with_token(register("dead", nobody, 10), TOKEN))
@@ -236,11 +241,7 @@ async fn an_unreachable_instance_is_never_resolved() {
 #[tokio::test]
 async fn list_instances_shows_every_instance_with_its_health() {
     let (_registry, mut client) = registry().await;
-    let nobody = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap()
-        .local_addr()
-        .unwrap(); // closed again
+    let nobody = closed_address().await;
     let served = instance().await;
     for (id, addr) in [("live", served.addr), ("dead", nobody)] {
         client
