@@ -681,28 +681,10 @@ async fn rpc_counters_also_arrive_over_otlp() {
     };
     let started = Instant::now();
     loop {
-        let placed = latest("barista", "rpc.server.requests").map(|m| {
-            m.sum_points()
-                .into_iter()
-                .filter(|(attributes, _)| {
-                    ["rpc.method=PlaceOrder", "rpc.grpc.status_code=0"]
-                        .iter()
-                        .all(|a| attributes.iter().any(|x| x == a))
-                })
-                .map(|(_, value)| value)
-                .sum::<i64>()
-        });
-        let posted = latest("gateway", "http.server.requests").map(|m| {
-            m.sum_points()
-                .into_iter()
-                .filter(|(attributes, _)| {
-                    ["http.route=/v1/orders", "http.response.status_code=201"]
-                        .iter()
-                        .all(|a| attributes.iter().any(|x| x == a))
-                })
-                .map(|(_, value)| value)
-                .sum::<i64>()
-        });
+        let placed = latest("barista", "rpc.server.requests")
+            .map(|m| m.sum_where(&["rpc.method=PlaceOrder", "rpc.grpc.status_code=0"]));
+        let posted = latest("gateway", "http.server.requests")
+            .map(|m| m.sum_where(&["http.route=/v1/orders", "http.response.status_code=201"]));
         let captured = latest("payment", "rpc.server.requests").is_some();
         if placed == Some(2) && posted == Some(2) && captured {
             break;

@@ -307,11 +307,20 @@ pub struct Handles<O> {
     in_flight: Gauge,
     duration: LatencyHistogram,
     /// The outcomes seen so far: a handful each, scanned.
-    outcomes: RwLock<Vec<(u16, Counter)>>,
+    outcomes: RwLock<Vec<Outcome>>,
     family: Family<O, Counter>,
     outcome: Box<dyn Fn(u16) -> O + Send + Sync>,
     /// The OTLP instruments and this label set's attributes.
     otel: Option<(OtelRed, Vec<opentelemetry::KeyValue>)>,
+}
+
+/// One outcome of a label set: its counter and, over OTLP, its attributes
+/// (the label set's and the outcome's), both made the first time it is
+/// seen.
+struct Outcome {
+    code: u16,
+    counter: Counter,
+    attributes: Vec<opentelemetry::KeyValue>,
 }
 
 impl<O> std::fmt::Debug for Handles<O> {
@@ -344,26 +353,39 @@ where
         self.duration.observe(elapsed.as_secs_f64(), exemplar, None);
         if let Some((otel, attributes)) = &self.otel {
             otel.duration.record(elapsed.as_secs_f64(), attributes);
-            let mut with_outcome = attributes.clone();
-            with_outcome.push(opentelemetry::KeyValue::new(
-                otel.outcome,
-                i64::from(outcome),
-            ));
-            otel.requests.add(1, &with_outcome);
         }
+        let count = |seen: &Outcome| {
+            seen.counter.inc();
+            if let Some((otel, _)) = &self.otel {
+                otel.requests.add(1, &seen.attributes);
+            }
+        };
         let seen = self.outcomes.read().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, counter)) = seen.iter().find(|(o, _)| *o == outcome) {
-            counter.inc();
-            return;
+        if let Some(seen) = seen.iter().find(|o| o.code == outcome) {
+            return count(seen);
         }
         drop(seen);
         let mut seen = self.outcomes.write().unwrap_or_else(|p| p.into_inner());
-        if !seen.iter().any(|(o, _)| *o == outcome) {
-            let counter = self.family.get_or_create(&(self.outcome)(outcome)).clone();
-            seen.push((outcome, counter));
+        if !seen.iter().any(|o| o.code == outcome) {
+            let attributes = match &self.otel {
+                Some((otel, attributes)) => {
+                    let mut with_outcome = attributes.clone();
+                    with_outcome.push(opentelemetry::KeyValue::new(
+                        otel.outcome,
+                        i64::from(outcome),
+                    ));
+                    with_outcome
+                }
+                None => Vec::new(),
+            };
+            seen.push(Outcome {
+                code: outcome,
+                counter: self.family.get_or_create(&(self.outcome)(outcome)).clone(),
+                attributes,
+            });
         }
-        if let Some((_, counter)) = seen.iter().find(|(o, _)| *o == outcome) {
-            counter.inc();
+        if let Some(seen) = seen.iter().find(|o| o.code == outcome) {
+            count(seen);
         }
     }
 }

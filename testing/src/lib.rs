@@ -225,6 +225,16 @@ impl CollectedMetric {
             })
             .collect()
     }
+
+    /// The sum of the data points that have every one of `attributes`
+    /// (`key=value`).
+    pub fn sum_where(&self, attributes: &[&str]) -> i64 {
+        self.sum_points()
+            .into_iter()
+            .filter(|(have, _)| attributes.iter().all(|a| have.iter().any(|h| h == a)))
+            .map(|(_, value)| value)
+            .sum()
+    }
 }
 
 mod otlp {
