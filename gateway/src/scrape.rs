@@ -127,15 +127,8 @@ pub fn summarize(text: &str, pool: &DescriptorPool) -> Counters {
 
 /// Codes that say the server failed, not the request.
 fn server_fault(code: &str) -> bool {
-    matches!(
-        code,
-        "UNKNOWN"
-            | "DEADLINE_EXCEEDED"
-            | "UNIMPLEMENTED"
-            | "INTERNAL"
-            | "UNAVAILABLE"
-            | "DATA_LOSS"
-    )
+    use brewmesh_runtime::metrics::{SERVER_FAULTS, code_name};
+    SERVER_FAULTS.iter().any(|c| code_name(*c) == code)
 }
 
 /// Whether `service/method` streams (its duration is the stream's life,

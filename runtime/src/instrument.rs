@@ -19,7 +19,7 @@ use tonic::Code;
 use tonic::body::Body;
 use tracing::Instrument as _;
 
-use crate::metrics::{Handles, RpcCodeLabels, code_name, rpc_handles};
+use crate::metrics::{Handles, RpcCodeLabels, SERVER_FAULTS, code_name, rpc_handles};
 use crate::telemetry::{
     Traced, extract, fail, inject, request_span, semconv, tracing_enabled, unsampled,
 };
@@ -96,15 +96,7 @@ fn finish_span(span: &tracing::Span, kind: &'static str, code: Code, message: Op
     // Server spans: only codes that say the server failed are errors;
     // client spans: every non-OK code (OpenTelemetry's gRPC conventions).
     let error = match kind {
-        "server" => matches!(
-            code,
-            Code::Unknown
-                | Code::DeadlineExceeded
-                | Code::Unimplemented
-                | Code::Internal
-                | Code::Unavailable
-                | Code::DataLoss
-        ),
+        "server" => SERVER_FAULTS.contains(&code),
         _ => code != Code::Ok,
     };
     if error {

@@ -458,6 +458,17 @@ pub fn rpc() -> &'static RpcMetrics {
     })
 }
 
+/// The codes that say the server failed, not the request (OpenTelemetry's
+/// gRPC conventions for a server span's error status).
+pub const SERVER_FAULTS: [tonic::Code; 6] = [
+    tonic::Code::Unknown,
+    tonic::Code::DeadlineExceeded,
+    tonic::Code::Unimplemented,
+    tonic::Code::Internal,
+    tonic::Code::Unavailable,
+    tonic::Code::DataLoss,
+];
+
 /// The name of a gRPC code as the status proto spells it (`NOT_FOUND`).
 pub fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code;
