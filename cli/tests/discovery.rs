@@ -184,7 +184,10 @@ async fn finish(barista: &mut BaristaClient<Channel>, order_id: &str) -> (String
         .into_inner();
     let ended = tokio::time::timeout(PATIENCE, async {
         while let Some(event) = events.next().await {
-            if matches!(event.unwrap().r#type(), E::Ready | E::Failed | E::Cancelled) {
+            if matches!(
+                event.unwrap().r#type(),
+                E::PaymentCaptured | E::PaymentCaptureRefused | E::Failed | E::Cancelled
+            ) {
                 return;
             }
         }

@@ -59,6 +59,24 @@ async fn start_barista(dir: &std::path::Path, payment: &Process, step: &str) -> 
     .await
 }
 
+/// Whether `event` is an order's last: FAILED, CANCELLED, or the
+/// settlement that follows READY.
+fn ends(event: E) -> bool {
+    matches!(
+        event,
+        E::PaymentCaptured | E::PaymentCaptureRefused | E::Failed | E::Cancelled
+    )
+}
+
+/// Whether the events are a made drink's: READY, then its capture.
+fn made(kinds: &[E]) -> bool {
+    kinds.ends_with(&[E::Ready, E::PaymentCaptured])
+}
+
+fn kinds_of(events: &[OrderEvent]) -> Vec<E> {
+    events.iter().map(|e| e.r#type()).collect()
+}
+
 async fn events_until(
     client: &mut BaristaClient<Channel>,
     order_id: &str,
@@ -109,13 +127,10 @@ async fn a_barista_killed_mid_brew_finishes_the_order_after_restart_and_charges_
     barista.kill9();
     let barista = start_barista(dir.path(), &payment, "200ms").await;
     let mut client_b = client(barista.url(), BaristaClient::new);
-    let events = events_until(&mut client_b, &order.order_id, |e| {
-        matches!(e, E::Ready | E::Failed | E::Cancelled)
-    })
-    .await;
+    let events = events_until(&mut client_b, &order.order_id, ends).await;
     let kinds: Vec<E> = events.iter().map(|e| e.r#type()).collect();
     assert!(kinds.contains(&E::Resumed), "{kinds:?}");
-    assert_eq!(kinds.last(), Some(&E::Ready), "{kinds:?}");
+    assert!(made(&kinds), "{kinds:?}");
 
     let mut client_p = client(payment.url(), PaymentsClient::new);
     let payments = client_p
@@ -300,7 +315,7 @@ async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
         .collect();
     assert_eq!(
         events.last().map(|e| e["type"].clone()),
-        Some("ORDER_EVENT_TYPE_READY".into()),
+        Some("ORDER_EVENT_TYPE_PAYMENT_CAPTURED".into()),
         "{watched}"
     );
 
@@ -340,7 +355,7 @@ async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
     let watched = curl(&["-sN", &format!("{gateway}/v1/orders/{rest_order}:watch")]);
     let last = watched.lines().last().map(json).unwrap_or_default();
     assert_eq!(
-        last["result"]["type"], "ORDER_EVENT_TYPE_READY",
+        last["result"]["type"], "ORDER_EVENT_TYPE_PAYMENT_CAPTURED",
         "{watched}"
     );
     let got = json(&curl(&["-s", &format!("{gateway}/v1/orders/{rest_order}")]));
@@ -519,13 +534,9 @@ async fn a_database_held_still_past_the_lease_costs_no_barista_its_orders() {
     // transaction would not; the server ends that session on its own.
 
     for (order_id, url) in &orders {
-        let events = events_until(
-            &mut client(url.clone(), BaristaClient::new),
-            order_id,
-            |t| matches!(t, E::Ready | E::Failed | E::Cancelled),
-        )
-        .await;
-        assert_eq!(events.last().unwrap().r#type(), E::Ready, "{events:?}");
+        let events =
+            events_until(&mut client(url.clone(), BaristaClient::new), order_id, ends).await;
+        assert!(made(&kinds_of(&events)), "{events:?}");
     }
     for barista in [&a, &b] {
         let taken = barista.lines_with("taking over an unfinished order");
@@ -564,14 +575,11 @@ async fn a_barista_paused_past_its_lease_leaves_the_order_to_its_new_owner() {
 
     sleeper.signal(Signal::SIGSTOP);
     let mut via_other = client(other.url(), BaristaClient::new);
-    let events = events_until(&mut via_other, &order.order_id, |e| {
-        matches!(e, E::Ready | E::Failed | E::Cancelled)
-    })
-    .await;
+    let events = events_until(&mut via_other, &order.order_id, ends).await;
     sleeper.signal(Signal::SIGCONT);
     let kinds: Vec<E> = events.iter().map(|e| e.r#type()).collect();
     assert!(kinds.contains(&E::Resumed), "taken over: {kinds:?}");
-    assert_eq!(kinds.last(), Some(&E::Ready), "{kinds:?}");
+    assert!(made(&kinds), "{kinds:?}");
 
     // Past the sleeper's own brew and capture attempt: its saga wakes to
     // an order that is no longer its own.
@@ -632,11 +640,8 @@ async fn up_restarts_a_killed_child_and_loses_no_order() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut barista = client(format!("http://{barista_addr}"), BaristaClient::new);
-    let events = events_until(&mut barista, &order_id, |e| {
-        matches!(e, E::Ready | E::Failed | E::Cancelled)
-    })
-    .await;
-    assert_eq!(events.last().unwrap().r#type(), E::Ready, "{events:?}");
+    let events = events_until(&mut barista, &order_id, ends).await;
+    assert!(made(&kinds_of(&events)), "{events:?}");
     let payment = format!("http://{}", up.instance("payment-1"));
     charged_once(&payment, std::slice::from_ref(&order_id)).await;
 

@@ -83,8 +83,10 @@ export async function call(method, path, { body, headers = {}, signal } = {}) {
 
 // Follows an order over Server-Sent Events: onEvent(event) for each
 // OrderEvent, in order and once each; resumes after the last one when
-// the stream breaks or ends early; stops at the final state or on close().
+// the stream breaks or ends early; stops after the order's last event (a
+// READY order's capture comes after READY) or on close().
 export function watchOrder(orderId, { onEvent, onError }) {
+  const ending = lastEvent();
   let last = 0;
   let source = null;
   let closed = false;
@@ -100,8 +102,8 @@ export function watchOrder(orderId, { onEvent, onError }) {
       if (sequence <= last) return;
       last = sequence;
       onEvent(event);
-      // The last event of every order: the stream's end is expected now.
-      if (LAST_EVENTS.has(event.type)) close();
+      // The order's last event: the stream's end is expected now.
+      if (ending.last(event.type)) close();
     };
     // The gateway's `event: error` carries a google.rpc.Status.
     source.addEventListener("error", (message) => {
@@ -133,7 +135,20 @@ export function watchOrder(orderId, { onEvent, onError }) {
   return { close };
 }
 
-const LAST_EVENTS = new Set(["ORDER_EVENT_TYPE_READY", "ORDER_EVENT_TYPE_FAILED", "ORDER_EVENT_TYPE_CANCELLED"]);
+// An order's last event, as WatchOrder ends: FAILED or CANCELLED, or for a
+// READY order its settlement, which follows READY.
+function lastEvent() {
+  let ready = false;
+  let settled = false;
+  return {
+    last(type) {
+      if (type === "ORDER_EVENT_TYPE_FAILED" || type === "ORDER_EVENT_TYPE_CANCELLED") return true;
+      if (type === "ORDER_EVENT_TYPE_READY") ready = true;
+      if (type === "ORDER_EVENT_TYPE_PAYMENT_CAPTURED" || type === "ORDER_EVENT_TYPE_PAYMENT_CAPTURE_REFUSED") settled = true;
+      return ready && settled;
+    },
+  };
+}
 
 export const FINAL = new Set(["ORDER_STATE_READY", "ORDER_STATE_FAILED", "ORDER_STATE_CANCELLED"]);
 

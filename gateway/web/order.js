@@ -19,6 +19,7 @@ const WORDS = {
   MILK_DONE: "Milk done",
   BREWING_FAILED: "Brewing failed",
   PAYMENT_CAPTURED: "Payment captured",
+  PAYMENT_CAPTURE_REFUSED: "Capture refused",
   PAYMENT_VOIDED: "Payment voided",
   CANCEL_REQUESTED: "Cancel requested",
   RESUMED: "Taken over by another barista",
@@ -186,7 +187,9 @@ export function startOrder(section) {
     const authorized = at("PAYMENT_AUTHORIZED") || at("PAYMENT_DECLINED");
     segment("payment", events[0], authorized, !!at("PAYMENT_DECLINED"));
     const brewed = [at("ESPRESSO_DONE"), at("MILK_DONE")].filter(Boolean).sort((a, b) => t(b) - t(a))[0];
-    if (at("PAYMENT_CAPTURED")) segment("payment", brewed || authorized, at("PAYMENT_CAPTURED"), false);
+    // The capture settles after the drink is handed over (READY).
+    const settled = at("PAYMENT_CAPTURED") || at("PAYMENT_CAPTURE_REFUSED");
+    if (settled) segment("payment", at("READY") || brewed || authorized, settled, !!at("PAYMENT_CAPTURE_REFUSED"));
     if (at("PAYMENT_VOIDED")) segment("payment", at("CANCEL_REQUESTED") || at("BREWING_FAILED") || authorized, at("PAYMENT_VOIDED"), true);
     segment("espresso", at("ESPRESSO_STARTED"), at("ESPRESSO_DONE"), false);
     segment("milk", at("MILK_STARTED"), at("MILK_DONE"), false);

@@ -114,7 +114,11 @@ pub fn check(
             OrderState::Ready => {
                 let price = order.price.as_ref();
                 let right = captured.len() == 1 && captured[0].amount.as_ref() == price;
-                if !right {
+                // The capture settles just after READY: not yet, within grace.
+                let settling = captured.is_empty()
+                    && now - micros(order.update_time.as_ref()) <= grace
+                    && its.iter().any(|p| p.state() == PaymentState::Authorized);
+                if !right && !settling {
                     let seen: Vec<String> = its
                         .iter()
                         .map(|p| {
@@ -284,6 +288,27 @@ mod tests {
             (Kind::OrderStuck, "stuck"),
         ];
         let want: Vec<(Kind, String)> = want.iter().map(|(k, o)| (*k, (*o).to_owned())).collect();
+        assert_eq!(found, want);
+    }
+
+    #[test]
+    fn a_ready_order_whose_capture_is_settling_is_found_only_past_the_grace() {
+        let orders = [
+            order("settling", OrderState::Ready, NOW),
+            order("never-settled", OrderState::Ready, 0),
+        ];
+        let payments = [
+            payment("p1", "settling", PaymentState::Authorized, 350, NOW),
+            payment("p2", "never-settled", PaymentState::Authorized, 350, 0),
+        ];
+        let found: Vec<(Kind, String)> = check(&orders, &payments, NOW, NOW, GRACE)
+            .into_iter()
+            .map(|f| (f.kind, f.order_id))
+            .collect();
+        let want = [
+            (Kind::ReadyNotCapturedOnce, "never-settled".to_owned()),
+            (Kind::AuthorizationLeftOpen, "never-settled".to_owned()),
+        ];
         assert_eq!(found, want);
     }
 

@@ -7,7 +7,10 @@
 //! order to `Compensate`; a made drink with an authorized payment moves it
 //! to `Complete`.
 //!
-//! `Complete`: capture, then READY. `Compensate`: learn the payment by
+//! `Complete`: the drink is handed over — READY is stored as the step
+//! begins — and its authorization captured after, as a card network
+//! settles, so the customer waits for the longer of payment and brewing,
+//! not for both. `Compensate`: learn the payment by
 //! repeating the (idempotent) authorization, void it if it is authorized,
 //! then FAILED or CANCELLED.
 //!
@@ -275,19 +278,8 @@ impl Saga<'_> {
         let mut failure = None;
         match settled {
             Settled::Made => {
-                let moved = self
-                    .record(
-                        order_id,
-                        &[],
-                        Change {
-                            from: &[S::Brewing],
-                            from_step: Some(Step::Run),
-                            step: Some(Step::Complete),
-                            ..Change::default()
-                        },
-                    )
-                    .await?;
-                if moved.is_some() {
+                // The customer gets the drink now; the capture settles after.
+                if self.hand_over(order_id, Step::Run).await?.is_some() {
                     return Ok(()); // `Complete` follows
                 }
                 // Refused: a cancel came first, or the order is another
@@ -421,28 +413,59 @@ impl Saga<'_> {
         traced(span, work).await
     }
 
-    /// Step `Complete`: capture, then READY.
+    /// READY with its event, the saga moving on to the capture (`Complete`),
+    /// in one write; `None` if the guard refused (a cancel came first, or
+    /// the order is another barista's now).
+    async fn hand_over(
+        &self,
+        order_id: &str,
+        from_step: Step,
+    ) -> Result<Option<Vec<OrderEvent>>, sqlx::Error> {
+        self.record(
+            order_id,
+            &[(E::Ready, "")],
+            Change {
+                from: &[S::Brewing],
+                from_step: Some(from_step),
+                state: Some(S::Ready),
+                step: Some(Step::Complete),
+                ..Change::default()
+            },
+        )
+        .await
+    }
+
+    /// Step `Complete`: the drink is READY (handed over); capture its
+    /// authorization. An order stored at this step by an earlier version,
+    /// still BREWING, is made READY first.
     async fn complete(&self, record: &OrderRecord) -> Result<(), SagaError> {
         let order_id = record.order.order_id.as_str();
+        if record.order.state() == S::Brewing
+            && self.hand_over(order_id, Step::Complete).await?.is_none()
+        {
+            return Ok(()); // cancelled or taken over: `drive` reloads
+        }
         let span = tracing::info_span!("capture", otel.name = "capture", order_id);
         let request = CaptureRequest {
             payment_id: record.order.payment_id.clone(),
             idempotency_key: format!("{order_id}:capture"),
         };
         let captured = traced(span, async { Ok(self.payments.capture(request).await?) }).await;
+        let settled = Change {
+            from: &[S::Ready],
+            from_step: Some(Step::Complete),
+            step: Some(Step::Done),
+            ..Change::default()
+        };
         match captured {
             Ok(payment) => {
                 // Refused only if the order is another barista's now.
                 self.record(
                     order_id,
-                    &[(E::PaymentCaptured, ""), (E::Ready, "")],
+                    &[(E::PaymentCaptured, "")],
                     Change {
-                        from: &[S::Brewing],
-                        from_step: Some(Step::Complete),
-                        state: Some(S::Ready),
-                        step: Some(Step::Done),
                         payment_id: Some(&payment.payment_id),
-                        ..Change::default()
+                        ..settled
                     },
                 )
                 .await?;
@@ -450,10 +473,10 @@ impl Saga<'_> {
             }
             Err(SagaError::PaymentRefused(Refused(status))) => {
                 // The ledger will not capture (someone voided it by hand): the
-                // drink goes uncharged, and the order says why.
-                tracing::error!(order_id, %status, "capture refused");
+                // drink is handed over uncharged, and the order says why.
+                tracing::error!(order_id, %status, "capture refused; the drink went uncharged");
                 let reason = format!("capture refused: {}", status.message());
-                self.finish_failed(order_id, Step::Complete, &reason)
+                self.record(order_id, &[(E::PaymentCaptureRefused, &reason)], settled)
                     .await?;
                 Ok(())
             }
@@ -885,7 +908,7 @@ mod tests {
         assert_eq!(ledger.state(&id), PaymentState::Captured);
         let events = orders.events(&id);
         assert_eq!(events.first(), Some(&E::BrewingStarted));
-        assert_eq!(events[events.len() - 2..], [E::PaymentCaptured, E::Ready]);
+        assert_eq!(events[events.len() - 2..], [E::Ready, E::PaymentCaptured]);
         for step in [E::PaymentAuthorized, E::EspressoDone, E::MilkDone] {
             assert!(events.contains(&step), "{step:?} missing from {events:?}");
         }
@@ -991,7 +1014,73 @@ mod tests {
         let order = orders.order("ord_1");
         assert_eq!((order.order.state(), order.step), (S::Ready, Step::Done));
         assert_eq!(ledger.state("ord_1"), PaymentState::Captured);
-        assert_eq!(orders.events("ord_1"), [E::PaymentCaptured, E::Ready]);
+        assert_eq!(orders.events("ord_1"), [E::Ready, E::PaymentCaptured]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resumed_ready_it_captures_and_hands_nothing_over_twice() {
+        let (orders, ledger) = (MemoryOrders::default(), MemoryLedger::default());
+        let mut record = latte("tok_visa", S::Ready, Step::Complete);
+        record.order.payment_id = payment_id("ord_1");
+        orders.put(record);
+        ledger.authorized("ord_1");
+        Barista::new(&orders, &ledger, A)
+            .drive("ord_1", Begin::Resumed)
+            .await;
+        let order = orders.order("ord_1");
+        assert_eq!((order.order.state(), order.step), (S::Ready, Step::Done));
+        assert_eq!(ledger.state("ord_1"), PaymentState::Captured);
+        assert_eq!(orders.events("ord_1"), [E::PaymentCaptured]);
+    }
+
+    /// The seed's timing: the customer waits for the longer of payment and
+    /// brewing, and the capture settles after the drink is handed over.
+    #[tokio::test(start_paused = true)]
+    async fn the_drink_is_handed_over_before_its_capture_settles() {
+        let orders = MemoryOrders::default();
+        let ledger = MemoryLedger {
+            capture_delay: Duration::from_secs(2),
+            ..MemoryLedger::default()
+        };
+        let barista = Barista::new(&orders, &ledger, A);
+        let look = async {
+            // The stations take 2 s; the capture 2 s more.
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            let order = orders.order("ord_1");
+            assert_eq!(
+                (order.order.state(), order.step),
+                (S::Ready, Step::Complete)
+            );
+            assert_eq!(ledger.state("ord_1"), PaymentState::Authorized);
+        };
+        let (id, ()) = tokio::join!(barista.place("tok_visa"), look);
+        assert_eq!(orders.order(&id).step, Step::Done);
+        assert_eq!(ledger.state(&id), PaymentState::Captured);
+        let events = orders.events(&id);
+        assert_eq!(events[events.len() - 2..], [E::Ready, E::PaymentCaptured]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_capture_refused_after_the_hand_over_is_recorded_and_the_drink_stays_ready() {
+        let orders = MemoryOrders::default();
+        let ledger = MemoryLedger {
+            capture_delay: Duration::from_secs(2),
+            ..MemoryLedger::default()
+        };
+        let barista = Barista::new(&orders, &ledger, A);
+        let void_by_hand = async {
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            let id = payment_id("ord_1");
+            ledger
+                .settle(&id, PaymentState::Authorized, PaymentState::Voided)
+                .unwrap();
+        };
+        let (id, ()) = tokio::join!(barista.place("tok_visa"), void_by_hand);
+        let order = orders.order(&id);
+        assert_eq!((order.order.state(), order.step), (S::Ready, Step::Done));
+        let events = orders.events(&id);
+        assert_eq!(events.last(), Some(&E::PaymentCaptureRefused));
+        assert!(!events.contains(&E::PaymentCaptured));
     }
 
     #[tokio::test(start_paused = true)]

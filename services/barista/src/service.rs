@@ -185,12 +185,22 @@ impl Barista for BaristaService {
         request.validate()?;
         // Subscribe before the first read, so no event falls between the two.
         let changes = self.shop.journal().watch(&request.order_id);
-        self.order(&request.order_id).await?;
+        let record = self
+            .shop
+            .store()
+            .get(&request.order_id)
+            .await
+            .map_err(BaristaError::from)?
+            .ok_or_else(|| BaristaError::NotFound(request.order_id.clone()))?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(follow(
             Arc::clone(&self.shop),
-            request.order_id,
-            request.after_sequence,
+            Start {
+                order_id: request.order_id,
+                after: request.after_sequence,
+                done: record.step == Step::Done,
+                ready: record.order.state() == S::Ready,
+            },
             changes,
             tx,
             self.shutdown.clone(),
@@ -199,20 +209,86 @@ impl Barista for BaristaService {
     }
 }
 
-/// Sends the order's events after `after` into `tx` until the final one.
+/// Where a watch starts: the order as read once its writes were followed.
+struct Start {
+    order_id: String,
+    /// The last sequence the client has.
+    after: i64,
+    /// The saga was over: the events stored are all there will be.
+    done: bool,
+    /// The order was READY (its settlement may still be to come).
+    ready: bool,
+}
+
+/// Where a watch stands: whether the order's last event has been sent.
+///
+/// A READY order's last event is its settlement (PAYMENT_CAPTURED or
+/// PAYMENT_CAPTURE_REFUSED), which follows READY; orders settled before
+/// READY was handed over first (an earlier version) have the capture just
+/// before READY, in the same write. Either order of the two ends the
+/// stream once both have been seen — or once the one not yet seen cannot
+/// come: a watch that began at or after READY.
+struct Ending {
+    ready: bool,
+    settled: bool,
+}
+
+impl Ending {
+    /// Whether `event` is the order's last.
+    fn last(&mut self, event: &OrderEvent) -> bool {
+        match event.r#type() {
+            E::Failed | E::Cancelled => true,
+            E::Ready => {
+                self.ready = true;
+                self.settled
+            }
+            E::PaymentCaptured | E::PaymentCaptureRefused => {
+                self.settled = true;
+                self.ready
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Sends the order's events after `start.after` into `tx` until its last.
 async fn follow(
     shop: Arc<Shop>,
-    order_id: String,
-    mut after: i64,
+    start: Start,
     mut changes: OrderWatch,
     tx: mpsc::Sender<Result<OrderEvent, Status>>,
     shutdown: CancellationToken,
 ) {
-    let mut first_round = true;
+    let Start {
+        order_id,
+        mut after,
+        done,
+        ready,
+    } = start;
+    if done {
+        // Subscribed before the order was read: everything is stored.
+        match shop.store().events_after(&order_id, after).await {
+            Ok(events) => {
+                for event in events {
+                    if tx.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(error) => {
+                let _ = tx.send(Err(BaristaError::from(error).into())).await;
+            }
+        }
+        return;
+    }
+    let mut ending = Ending {
+        ready,
+        settled: false,
+    };
     // What the last wake-up told; `None` at first: read.
     let mut written: Option<Written> = None;
     loop {
-        let mut events = match written.take() {
+        let events = match written.take() {
             // Handed over by this process's write, following on from `after`.
             Some(w) if w.events.first().is_some_and(|e| e.sequence == after + 1) => {
                 w.events.to_vec()
@@ -228,25 +304,9 @@ async fn follow(
                 }
             },
         };
-        // Only a watch that starts past the end of a finished order can find
-        // nothing and wait forever; later rounds end on the final event. The
-        // order may also have ended between the read above and this check:
-        // its final events are written with its final state, so one more
-        // read finds them.
-        if first_round && events.is_empty() && ended(&shop, &order_id).await {
-            match shop.store().events_after(&order_id, after).await {
-                Ok(late) if !late.is_empty() => events = late,
-                Ok(_) => return, // nothing after `after`, and nothing will come
-                Err(error) => {
-                    let _ = tx.send(Err(BaristaError::from(error).into())).await;
-                    return;
-                }
-            }
-        }
-        first_round = false;
         for event in events {
             after = event.sequence;
-            let last = matches!(event.r#type(), E::Ready | E::Failed | E::Cancelled);
+            let last = ending.last(&event);
             if tx.send(Ok(event)).await.is_err() || last {
                 return; // the client left, or the order ended
             }
@@ -263,13 +323,4 @@ async fn follow(
             }
         }
     }
-}
-
-/// Whether the order is in a final state (a read error counts as not: the
-/// next round reads again).
-async fn ended(shop: &Shop, order_id: &str) -> bool {
-    matches!(
-        shop.store().get(order_id).await,
-        Ok(Some(record)) if matches!(record.order.state(), S::Ready | S::Failed | S::Cancelled)
-    )
 }

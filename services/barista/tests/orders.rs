@@ -202,13 +202,14 @@ async fn an_order_is_made_and_its_payment_captured() {
     let events = mesh.watch(&placed.order_id).await;
     let kinds = types(&events);
     assert_eq!(kinds.first(), Some(&E::Accepted));
-    assert_eq!(kinds.last(), Some(&E::Ready));
+    // The drink is handed over, then the capture settles; the stream ends
+    // with it.
+    assert_eq!(kinds[kinds.len() - 2..], [E::Ready, E::PaymentCaptured]);
     for wanted in [
         E::BrewingStarted,
         E::PaymentAuthorized,
         E::EspressoDone,
         E::MilkDone,
-        E::PaymentCaptured,
     ] {
         assert!(kinds.contains(&wanted), "{wanted:?} missing from {kinds:?}");
     }
@@ -226,6 +227,62 @@ async fn an_order_is_made_and_its_payment_captured() {
     assert_eq!(payments[0].payment_id, done.payment_id);
     assert_eq!(payments[0].state(), PaymentState::Captured);
     assert_eq!(payments[0].amount, placed.price);
+}
+
+/// The seed's timing: the drink is handed over (READY) once it is made and
+/// authorized, and the capture settles after it. A watch begun at READY,
+/// with the capture still under way, ends with the capture.
+#[tokio::test]
+async fn the_drink_is_ready_before_its_capture_and_the_watch_ends_with_it() {
+    let mut mesh = mesh(Duration::from_millis(500), |c| {
+        c.espresso_time = Duration::from_millis(10);
+        c.milk_time = Duration::from_millis(10);
+    })
+    .await;
+    let placed = mesh.place(order("k1", "latte", "tok_visa")).await;
+    // Most often the capture (500 ms) is still under way once READY is
+    // seen; either way a watch begun after READY ends with it.
+    let after_ready = ready_sequence(&mut mesh, &placed.order_id).await;
+    let rest: Vec<OrderEvent> = mesh
+        .barista
+        .watch_order(WatchOrderRequest {
+            order_id: placed.order_id.clone(),
+            after_sequence: after_ready,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .collect::<Result<_, _>>()
+        .await
+        .unwrap();
+    assert_eq!(types(&rest), [E::PaymentCaptured]);
+
+    let all = mesh.watch(&placed.order_id).await;
+    let ready_at = all.iter().position(|e| e.r#type() == E::Ready).unwrap();
+    assert_eq!(types(&all[ready_at..]), [E::Ready, E::PaymentCaptured]);
+    let payments = mesh.payments_of(&placed.order_id).await;
+    assert_eq!(payments.len(), 1);
+    assert_eq!(payments[0].state(), PaymentState::Captured);
+}
+
+/// The sequence of the order's READY event, once there is one.
+async fn ready_sequence(mesh: &mut Mesh, order_id: &str) -> i64 {
+    let mut stream = mesh
+        .barista
+        .watch_order(WatchOrderRequest {
+            order_id: order_id.into(),
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(event) = stream.next().await {
+        let event = event.unwrap();
+        if event.r#type() == E::Ready {
+            return event.sequence;
+        }
+    }
+    panic!("no READY event")
 }
 
 #[tokio::test]
@@ -253,7 +310,7 @@ async fn a_drink_without_milk_never_uses_a_steam_wand() {
     let mut mesh = mesh(Duration::ZERO, |_| {}).await;
     let placed = mesh.place(order("k1", "americano", "tok_visa")).await;
     let kinds = types(&mesh.watch(&placed.order_id).await);
-    assert_eq!(kinds.last(), Some(&E::Ready));
+    assert_eq!(kinds[kinds.len() - 2..], [E::Ready, E::PaymentCaptured]);
     assert!(!kinds.contains(&E::MilkStarted), "{kinds:?}");
 }
 
@@ -627,7 +684,7 @@ async fn a_watch_on_either_replica_sees_what_the_other_one_writes() {
     let seen_elsewhere = collect(other_client.clone(), made.order_id.clone()).await;
     let seen_here = collect(driving_client.clone(), made.order_id.clone()).await;
     assert_eq!(seen_elsewhere, seen_here);
-    assert_eq!(seen_elsewhere.last().unwrap().r#type(), E::Ready);
+    assert_eq!(seen_elsewhere.last().unwrap().r#type(), E::PaymentCaptured);
     let sequences: Vec<i64> = seen_elsewhere.iter().map(|e| e.sequence).collect();
     assert_eq!(
         sequences,
@@ -687,7 +744,7 @@ async fn an_unreadable_row_stops_neither_the_barista_nor_a_page() {
         {
             last = event.unwrap().r#type();
         }
-        assert_eq!(last, E::Ready);
+        assert_eq!(last, E::PaymentCaptured);
     }
     let _ = barista.stop().await;
 
