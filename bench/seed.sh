@@ -7,7 +7,8 @@
 # stations wide enough for every customer at once, as the seed's goroutines
 # are; `brewmesh load` drives it straight over gRPC (HTTP/2, one connection)
 # or, with VIA=gateway, through the gateway. Customers are served when their
-# drink is READY: authorize and brew side by side (2 s), then capture (2 s).
+# drink is READY: authorize and brew side by side (2 s); the capture settles
+# after READY, off the customer's time.
 #
 # Usage: bench/seed.sh [N ...]          (default: 30000)
 #   env: CONCURRENCY (default: N, all customers at once), VIA (grpc|gateway)
