@@ -1001,47 +1001,43 @@ mod tests {
         );
     }
 
+    /// At step Complete, whether READY was written (this version) or not
+    /// yet (an order the earlier version stored, still BREWING): the drink
+    /// is handed over once and the payment captured, nothing brewed again.
     #[tokio::test(start_paused = true)]
     async fn resumed_at_complete_it_captures_without_brewing_again() {
-        let (orders, ledger) = (MemoryOrders::default(), MemoryLedger::default());
-        let mut record = latte("tok_visa", S::Brewing, Step::Complete);
-        record.order.payment_id = payment_id("ord_1");
-        orders.put(record);
-        ledger.authorized("ord_1");
-        Barista::new(&orders, &ledger, A)
-            .drive("ord_1", Begin::Resumed)
-            .await;
-        let order = orders.order("ord_1");
-        assert_eq!((order.order.state(), order.step), (S::Ready, Step::Done));
-        assert_eq!(ledger.state("ord_1"), PaymentState::Captured);
-        assert_eq!(orders.events("ord_1"), [E::Ready, E::PaymentCaptured]);
+        for (state, events) in [
+            (S::Brewing, &[E::Ready, E::PaymentCaptured][..]),
+            (S::Ready, &[E::PaymentCaptured][..]),
+        ] {
+            let (orders, ledger) = (MemoryOrders::default(), MemoryLedger::default());
+            let mut record = latte("tok_visa", state, Step::Complete);
+            record.order.payment_id = payment_id("ord_1");
+            orders.put(record);
+            ledger.authorized("ord_1");
+            Barista::new(&orders, &ledger, A)
+                .drive("ord_1", Begin::Resumed)
+                .await;
+            let order = orders.order("ord_1");
+            assert_eq!((order.order.state(), order.step), (S::Ready, Step::Done));
+            assert_eq!(ledger.state("ord_1"), PaymentState::Captured);
+            assert_eq!(orders.events("ord_1"), events, "from {state:?}");
+        }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn resumed_ready_it_captures_and_hands_nothing_over_twice() {
-        let (orders, ledger) = (MemoryOrders::default(), MemoryLedger::default());
-        let mut record = latte("tok_visa", S::Ready, Step::Complete);
-        record.order.payment_id = payment_id("ord_1");
-        orders.put(record);
-        ledger.authorized("ord_1");
-        Barista::new(&orders, &ledger, A)
-            .drive("ord_1", Begin::Resumed)
-            .await;
-        let order = orders.order("ord_1");
-        assert_eq!((order.order.state(), order.step), (S::Ready, Step::Done));
-        assert_eq!(ledger.state("ord_1"), PaymentState::Captured);
-        assert_eq!(orders.events("ord_1"), [E::PaymentCaptured]);
+    /// A ledger whose captures take 2 s, as long as the stations' steps.
+    fn capturing_in_2s() -> MemoryLedger {
+        MemoryLedger {
+            capture_delay: Duration::from_secs(2),
+            ..MemoryLedger::default()
+        }
     }
 
     /// The seed's timing: the customer waits for the longer of payment and
     /// brewing, and the capture settles after the drink is handed over.
     #[tokio::test(start_paused = true)]
     async fn the_drink_is_handed_over_before_its_capture_settles() {
-        let orders = MemoryOrders::default();
-        let ledger = MemoryLedger {
-            capture_delay: Duration::from_secs(2),
-            ..MemoryLedger::default()
-        };
+        let (orders, ledger) = (MemoryOrders::default(), capturing_in_2s());
         let barista = Barista::new(&orders, &ledger, A);
         let look = async {
             // The stations take 2 s; the capture 2 s more.
@@ -1062,11 +1058,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_capture_refused_after_the_hand_over_is_recorded_and_the_drink_stays_ready() {
-        let orders = MemoryOrders::default();
-        let ledger = MemoryLedger {
-            capture_delay: Duration::from_secs(2),
-            ..MemoryLedger::default()
-        };
+        let (orders, ledger) = (MemoryOrders::default(), capturing_in_2s());
         let barista = Barista::new(&orders, &ledger, A);
         let void_by_hand = async {
             tokio::time::sleep(Duration::from_millis(2500)).await;

@@ -129,8 +129,9 @@ impl Mesh {
         events
     }
 
-    /// Waits (bounded) until the order has an event of type `wanted`.
-    async fn wait_for(&mut self, order_id: &str, wanted: E) {
+    /// Waits (bounded) until the order has an event of type `wanted`; that
+    /// event.
+    async fn wait_for(&mut self, order_id: &str, wanted: E) -> OrderEvent {
         let mut stream = self
             .barista
             .watch_order(WatchOrderRequest {
@@ -142,13 +143,17 @@ impl Mesh {
             .into_inner();
         let found = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(event) = stream.next().await {
-                if event.expect("event").r#type() == wanted {
-                    return true;
+                let event = event.expect("event");
+                if event.r#type() == wanted {
+                    return Some(event);
                 }
             }
-            false
+            None
         });
-        assert!(found.await.expect("bounded wait"), "no {wanted:?} event");
+        found
+            .await
+            .expect("bounded wait")
+            .unwrap_or_else(|| panic!("no {wanted:?} event"))
     }
 
     async fn payments_of(&mut self, order_id: &str) -> Vec<Payment> {
@@ -242,7 +247,7 @@ async fn the_drink_is_ready_before_its_capture_and_the_watch_ends_with_it() {
     let placed = mesh.place(order("k1", "latte", "tok_visa")).await;
     // Most often the capture (500 ms) is still under way once READY is
     // seen; either way a watch begun after READY ends with it.
-    let after_ready = ready_sequence(&mut mesh, &placed.order_id).await;
+    let after_ready = mesh.wait_for(&placed.order_id, E::Ready).await.sequence;
     let rest: Vec<OrderEvent> = mesh
         .barista
         .watch_order(WatchOrderRequest {
@@ -263,26 +268,6 @@ async fn the_drink_is_ready_before_its_capture_and_the_watch_ends_with_it() {
     let payments = mesh.payments_of(&placed.order_id).await;
     assert_eq!(payments.len(), 1);
     assert_eq!(payments[0].state(), PaymentState::Captured);
-}
-
-/// The sequence of the order's READY event, once there is one.
-async fn ready_sequence(mesh: &mut Mesh, order_id: &str) -> i64 {
-    let mut stream = mesh
-        .barista
-        .watch_order(WatchOrderRequest {
-            order_id: order_id.into(),
-            after_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    while let Some(event) = stream.next().await {
-        let event = event.unwrap();
-        if event.r#type() == E::Ready {
-            return event.sequence;
-        }
-    }
-    panic!("no READY event")
 }
 
 #[tokio::test]
