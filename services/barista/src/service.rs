@@ -25,7 +25,7 @@ use crate::journal::{OrderWatch, Written};
 use crate::menu;
 use crate::saga::Orders as _;
 use crate::shop::Shop;
-use crate::store::{Change, NewOrder, Step};
+use crate::store::{Change, NewOrder, OrderRecord, Step};
 
 /// The gRPC face of the [`Shop`].
 #[derive(Debug, Clone)]
@@ -41,14 +41,13 @@ impl BaristaService {
         Self { shop, shutdown }
     }
 
-    async fn order(&self, order_id: &str) -> Result<Order, BaristaError> {
-        Ok(self
-            .shop
+    /// The order as stored, with its saga's step; NOT_FOUND if there is none.
+    async fn record(&self, order_id: &str) -> Result<OrderRecord, BaristaError> {
+        self.shop
             .store()
             .get(order_id)
             .await?
-            .ok_or_else(|| BaristaError::NotFound(order_id.to_owned()))?
-            .order)
+            .ok_or_else(|| BaristaError::NotFound(order_id.to_owned()))
     }
 }
 
@@ -89,7 +88,7 @@ impl Barista for BaristaService {
     ) -> Result<Response<Order>, Status> {
         let request = request.into_inner();
         request.validate()?;
-        Ok(Response::new(self.order(&request.order_id).await?))
+        Ok(Response::new(self.record(&request.order_id).await?.order))
     }
 
     async fn list_orders(
@@ -185,13 +184,7 @@ impl Barista for BaristaService {
         request.validate()?;
         // Subscribe before the first read, so no event falls between the two.
         let changes = self.shop.journal().watch(&request.order_id);
-        let record = self
-            .shop
-            .store()
-            .get(&request.order_id)
-            .await
-            .map_err(BaristaError::from)?
-            .ok_or_else(|| BaristaError::NotFound(request.order_id.clone()))?;
+        let record = self.record(&request.order_id).await?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(follow(
             Arc::clone(&self.shop),
