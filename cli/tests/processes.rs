@@ -128,7 +128,7 @@ async fn a_barista_killed_mid_brew_finishes_the_order_after_restart_and_charges_
     let barista = start_barista(dir.path(), &payment, "200ms").await;
     let mut client_b = client(barista.url(), BaristaClient::new);
     let events = events_until(&mut client_b, &order.order_id, ends).await;
-    let kinds: Vec<E> = events.iter().map(|e| e.r#type()).collect();
+    let kinds = kinds_of(&events);
     assert!(kinds.contains(&E::Resumed), "{kinds:?}");
     assert!(made(&kinds), "{kinds:?}");
 
@@ -577,7 +577,7 @@ async fn a_barista_paused_past_its_lease_leaves_the_order_to_its_new_owner() {
     let mut via_other = client(other.url(), BaristaClient::new);
     let events = events_until(&mut via_other, &order.order_id, ends).await;
     sleeper.signal(Signal::SIGCONT);
-    let kinds: Vec<E> = events.iter().map(|e| e.r#type()).collect();
+    let kinds = kinds_of(&events);
     assert!(kinds.contains(&E::Resumed), "taken over: {kinds:?}");
     assert!(made(&kinds), "{kinds:?}");
 

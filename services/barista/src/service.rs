@@ -192,7 +192,10 @@ impl Barista for BaristaService {
                 order_id: request.order_id,
                 after: request.after_sequence,
                 done: record.step == Step::Done,
-                ready: record.order.state() == S::Ready,
+                ending: Ending {
+                    ready: record.order.state() == S::Ready,
+                    settled: false,
+                },
             },
             changes,
             tx,
@@ -209,8 +212,8 @@ struct Start {
     after: i64,
     /// The saga was over: the events stored are all there will be.
     done: bool,
-    /// The order was READY (its settlement may still be to come).
-    ready: bool,
+    /// What the order had come to (READY, its settlement perhaps to come).
+    ending: Ending,
 }
 
 /// Where a watch stands: whether the order's last event has been sent.
@@ -256,28 +259,8 @@ async fn follow(
         order_id,
         mut after,
         done,
-        ready,
+        mut ending,
     } = start;
-    if done {
-        // Subscribed before the order was read: everything is stored.
-        match shop.store().events_after(&order_id, after).await {
-            Ok(events) => {
-                for event in events {
-                    if tx.send(Ok(event)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            Err(error) => {
-                let _ = tx.send(Err(BaristaError::from(error).into())).await;
-            }
-        }
-        return;
-    }
-    let mut ending = Ending {
-        ready,
-        settled: false,
-    };
     // What the last wake-up told; `None` at first: read.
     let mut written: Option<Written> = None;
     loop {
@@ -303,6 +286,10 @@ async fn follow(
             if tx.send(Ok(event)).await.is_err() || last {
                 return; // the client left, or the order ended
             }
+        }
+        if done {
+            // Subscribed before the order was read: the first read had all.
+            return;
         }
         // Woken by this process's own writes, and by the shop's poll for
         // other processes' writes (replicas sharing the database).

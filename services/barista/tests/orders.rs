@@ -112,11 +112,16 @@ impl Mesh {
 
     /// Every event of the order until its final one.
     async fn watch(&mut self, order_id: &str) -> Vec<OrderEvent> {
+        self.watch_after(order_id, 0).await
+    }
+
+    /// The order's events after `after`, to the end of the stream.
+    async fn watch_after(&mut self, order_id: &str, after: i64) -> Vec<OrderEvent> {
         let stream = self
             .barista
             .watch_order(WatchOrderRequest {
                 order_id: order_id.into(),
-                after_sequence: 0,
+                after_sequence: after,
             })
             .await
             .expect("watch")
@@ -248,18 +253,7 @@ async fn the_drink_is_ready_before_its_capture_and_the_watch_ends_with_it() {
     // Most often the capture (500 ms) is still under way once READY is
     // seen; either way a watch begun after READY ends with it.
     let after_ready = mesh.wait_for(&placed.order_id, E::Ready).await.sequence;
-    let rest: Vec<OrderEvent> = mesh
-        .barista
-        .watch_order(WatchOrderRequest {
-            order_id: placed.order_id.clone(),
-            after_sequence: after_ready,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .collect::<Result<_, _>>()
-        .await
-        .unwrap();
+    let rest = mesh.watch_after(&placed.order_id, after_ready).await;
     assert_eq!(types(&rest), [E::PaymentCaptured]);
 
     let all = mesh.watch(&placed.order_id).await;
@@ -562,18 +556,7 @@ async fn a_watch_resumes_after_a_sequence_and_lists_show_orders_newest_first() {
     let first = mesh.place(order("k1", "espresso", "tok_visa")).await;
     let second = mesh.place(order("k2", "espresso", "tok_visa")).await;
     let all = mesh.watch(&first.order_id).await;
-    let rest: Vec<OrderEvent> = mesh
-        .barista
-        .watch_order(WatchOrderRequest {
-            order_id: first.order_id.clone(),
-            after_sequence: 2,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .collect::<Result<_, _>>()
-        .await
-        .unwrap();
+    let rest = mesh.watch_after(&first.order_id, 2).await;
     assert_eq!(rest, all[2..]);
     // Past the end of a finished order, the stream ends at once, empty.
     let past_end = mesh
