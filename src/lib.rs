@@ -10,6 +10,8 @@
 //!   build.rs generates for each message with rules.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors (with their
 //!   `google.api.http` options) that reflection and the gateway read.
+//! - [`SERVICE_CONFIG`]: the retry and hedging policies of brewmesh's
+//!   clients, as a gRPC service config.
 //!
 //! What every process does with them — serving, discovery, telemetry — is
 //! in `brewmesh-runtime` (`runtime/`); the services (`services/*`) and the
@@ -30,3 +32,9 @@ mod rules {
 /// `proto/` and its imports, with source info and custom options kept.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/brewmesh_descriptor.bin"));
+
+/// brewmesh's gRPC service config (gRFC A6 `methodConfig`s): the retry and
+/// hedging policies every brewmesh client applies, where a method's
+/// `idempotency_level` allows it (`brewmesh-runtime`'s
+/// `discovery::policy`).
+pub const SERVICE_CONFIG: &str = include_str!("../proto/service_config.json");

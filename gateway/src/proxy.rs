@@ -44,6 +44,9 @@ async fn respond(
     Matched { route, bindings }: Matched,
 ) -> Result<Response, GatewayError> {
     let route = &*route;
+    // The deadline runs from the request's arrival: what reading the body
+    // and finding an instance took is not the backend's to spend.
+    let arrived = tokio::time::Instant::now();
     let has_body = !matches!(route.body, BodyRule::None);
     if has_body && !json_content(&parts.headers) {
         return Err(GatewayError::NotJson);
@@ -77,10 +80,12 @@ async fn respond(
         None if streaming => gateway.stream_timeout,
         None => gateway.timeout,
     };
-    // Upstream as grpc-timeout; enforced here too, for the time spent
-    // waiting for a backend that never answers, and on a stream's body.
+    // Upstream as grpc-timeout, less the time spent here so far; enforced
+    // here too, for the time spent waiting for a backend that never
+    // answers, and on a stream's body.
+    let ends = arrived + timeout;
+    let timeout = ends.saturating_duration_since(tokio::time::Instant::now());
     call.set_timeout(timeout);
-    let ends = tokio::time::Instant::now() + timeout;
     let codec = DynamicCodec::new(route.rpc.method.output());
     let path = route.rpc.path.clone();
     let sse = accepts_event_stream(&parts.headers);

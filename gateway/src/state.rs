@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use brewmesh_runtime::discovery::{Balanced, Source};
+use brewmesh_runtime::discovery::policy::{self, Policies};
+use brewmesh_runtime::discovery::{Balanced, Balancing, Source};
 use bytes::Bytes;
 use prost_reflect::DescriptorPool;
 
@@ -24,6 +25,9 @@ pub enum RunError {
     /// The http rules do not form a route table.
     #[error(transparent)]
     Routes(#[from] routes::RouteError),
+    /// The methods' retry policies could not be read from the descriptors.
+    #[error("the retry and hedging policies: {0}")]
+    Policies(String),
     /// A service has no backend.
     #[error("no backend for {0}: pass --backend {0}=host:port, --reflect or --registry")]
     NoBackend(String),
@@ -98,6 +102,14 @@ impl Gateway {
         };
         let table = routes::build(&pool, &services, &settings)?;
 
+        let methods = {
+            use prost::Message as _;
+            let set = prost_types::FileDescriptorSet {
+                file: pool.file_descriptor_protos().cloned().collect(),
+            };
+            policy::methods_of(&set.encode_to_vec())
+                .map_err(|e| RunError::Policies(format!("the descriptors do not decode: {e}")))?
+        };
         let mut upstreams = BTreeMap::new();
         for service in &services {
             let given: &[String] = match config.backends.iter().find(|(s, _)| s == service) {
@@ -109,9 +121,17 @@ impl Gateway {
             };
             let source = Source::pick(service, given, None, &config.registries)
                 .ok_or_else(|| RunError::NoBackend(service.clone()))?;
+            // brewmesh's retry and hedging policies, for every method the
+            // gateway knows (reflected ones too), where its
+            // idempotency_level allows them.
+            let policies = Policies::new(
+                policy::brewmesh_config(),
+                &methods,
+                policy::default_budget(),
+            );
             upstreams.insert(
                 service.clone(),
-                brewmesh_runtime::discovery::balanced(source)?,
+                brewmesh_runtime::discovery::balanced_with(source, Balancing::P2c, policies)?,
             );
         }
 

@@ -1,27 +1,48 @@
-//! Outlier ejection: an endpoint that keeps failing is taken out of the
-//! balancer for a while, as Envoy's outlier detection does.
+//! Outlier ejection: an endpoint that keeps failing, or stays much slower
+//! than its peers, is taken out of the balancer for a while, as Envoy's
+//! outlier detection does; an endpoint that says it is full is skipped for
+//! as long as it asks.
 //!
-//! Five consecutive failures eject an endpoint for one second, doubling with each ejection in a row up to 30 s;
-//! a success resets both. An ejected endpoint reports not-ready, so P2C
-//! picks among the others; when the time is up it is ready again and its
-//! next call decides. At most half of a balancer's endpoints are ejected at
-//! once: a caller whose every endpoint fails keeps trying them rather than
-//! ejecting itself into a stall. The registry takes dead instances out
-//! within about a second; ejection covers what it cannot see (an instance
-//! this caller cannot reach while the registry can, or one too slow for
-//! the caller's deadline while its health check still answers) and the
-//! time before.
+//! - **Failures**: five in a row eject an endpoint for one second, doubling
+//!   with each ejection in a row up to 30 s; a success resets the count.
+//! - **Latency**: each endpoint keeps an EWMA of its answers' latency. One
+//!   whose EWMA, over at least [`MIN_LATENCY_SAMPLES`] answers since it was
+//!   last let back in ([`RETURNING_SAMPLES`] after a latency ejection), is
+//!   above [`SLOW_FACTOR`] × the median of its peers'
+//!   (and at least [`SLOW_GAP`] above it) is ejected the same way. Relative
+//!   to the peers, so a whole set that slows together ejects nobody. When it
+//!   comes back its samples start afresh: its next answers decide, and a
+//!   replica that recovered stays in (the doubling then resets).
+//! - **Pushback**: an answer RESOURCE_EXHAUSTED with `grpc-retry-pushback-ms`
+//!   or a `RetryInfo` delay skips the endpoint for that long (at most
+//!   [`MAX_SKIP`]), so the balancer sends the next calls to replicas with
+//!   room. At least one endpoint is never skipped: when every replica is
+//!   full, the caller hears so instead of waiting.
+//!
+//! An ejected or skipped endpoint reports not-ready, so P2C picks among the
+//! others; when its time is up it is ready again. At most half of a
+//! balancer's endpoints are ejected at once: a caller whose every endpoint
+//! fails keeps trying them rather than ejecting itself into a stall. The
+//! registry takes dead instances out within about a second; ejection covers
+//! what it cannot see (an instance this caller cannot reach while the
+//! registry can, or one too slow while its health check still answers) and
+//! the time before.
 //!
 //! A failure is a transport error; `UNAVAILABLE`, `DEADLINE_EXCEEDED` or
 //! `CANCELLED` in a trailers-only answer (tonic's server ends an expired
 //! call with CANCELLED "Timeout expired"); or a call the caller gave up
 //! on (its future dropped) once its `grpc-timeout` had passed. A call
-//! dropped before its deadline (a caller that went away) says nothing.
+//! dropped before its deadline (a caller that went away, a hedge that
+//! lost) says nothing. Latency is measured to the answer's headers.
+//!
+//! Each endpoint's latency EWMA and whether it is out are gauges
+//! (`rpc_client_endpoint_latency_seconds`, `rpc_client_endpoint_out`), by
+//! target and endpoint.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -35,41 +56,204 @@ pub const FAILURES_TO_EJECT: u32 = 5;
 pub const BASE_EJECTION: Duration = Duration::from_secs(1);
 /// The longest ejection.
 pub const MAX_EJECTION: Duration = Duration::from_secs(30);
+/// Answers an endpoint needs, since it was last let back in, before its
+/// latency is judged.
+pub const MIN_LATENCY_SAMPLES: u32 = 5;
+/// Answers an endpoint let back in after a latency ejection needs before it
+/// is judged again.
+pub const RETURNING_SAMPLES: u32 = 2;
+/// How many times its peers' median latency an endpoint's may reach.
+pub const SLOW_FACTOR: f64 = 3.0;
+/// How far above its peers' median an endpoint's latency must also be:
+/// below a millisecond, "three times slower" is noise.
+pub const SLOW_GAP: Duration = Duration::from_millis(1);
+/// The weight of each new answer in an endpoint's latency EWMA.
+const LATENCY_WEIGHT: f64 = 0.1;
+/// The longest an endpoint that pushed back is skipped.
+pub const MAX_SKIP: Duration = Duration::from_secs(10);
 
-/// What the endpoints of one balancer share: how many there are and how
-/// many are ejected.
+/// What the endpoints of one balancer share: how many there are, how many
+/// are out, and each one's outcomes, to compare latencies.
 #[derive(Debug, Default)]
 pub struct Ejections {
+    /// What the endpoints serve (the service name, or the addresses).
+    target: String,
+    /// Whether latency ejects (round robin, the baseline, ignores it).
+    by_latency: bool,
     endpoints: AtomicUsize,
     ejected: AtomicUsize,
+    skipped: AtomicUsize,
+    members: Mutex<Vec<(String, Arc<Outcomes>)>>,
 }
 
 impl Ejections {
+    /// The shared state of a balancer over `target`'s endpoints, ejecting
+    /// much slower endpoints too if `by_latency`; its endpoints' latencies
+    /// are gauges from now on.
+    pub fn new(target: impl Into<String>, by_latency: bool) -> Arc<Self> {
+        let shared = Arc::new(Self {
+            target: target.into(),
+            by_latency,
+            ..Self::default()
+        });
+        every_balancer()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(&shared));
+        shared
+    }
+
     /// Takes an ejection slot if fewer than half the endpoints are out.
     fn try_eject(&self) -> bool {
         let limit = self.endpoints.load(Ordering::Relaxed) / 2;
-        self.ejected
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < limit).then_some(n + 1)
-            })
-            .is_ok()
+        take(&self.ejected, limit)
     }
 
-    fn restore(&self) {
-        let _ = self
-            .ejected
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    /// Takes a skip slot if another endpoint would still be in.
+    fn try_skip(&self) -> bool {
+        let limit = (self.endpoints.load(Ordering::Relaxed))
+            .saturating_sub(self.ejected.load(Ordering::Relaxed) + 1);
+        take(&self.skipped, limit)
     }
+
+    /// The median latency EWMA of `address`'s peers that have been judged
+    /// (enough samples) and are in rotation; `None` with no such peer.
+    fn peers_median(&self, address: &str) -> Option<f64> {
+        let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        let mut peers: Vec<f64> = members
+            .iter()
+            .filter(|(a, _)| a != address)
+            .filter_map(|(_, o)| {
+                let state = o.state.lock().unwrap_or_else(|e| e.into_inner());
+                (state.ejected_until.is_none() && state.samples >= MIN_LATENCY_SAMPLES)
+                    .then_some(state.latency_ewma)
+            })
+            .collect();
+        if peers.is_empty() {
+            return None;
+        }
+        peers.sort_by(f64::total_cmp);
+        let middle = peers.len() / 2;
+        Some(if peers.len().is_multiple_of(2) {
+            (peers[middle - 1] + peers[middle]) / 2.0
+        } else {
+            peers[middle]
+        })
+    }
+}
+
+fn take(count: &AtomicUsize, limit: usize) -> bool {
+    count
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < limit).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+fn give_back(count: &AtomicUsize) {
+    let _ = count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+}
+
+/// Every balancer of this process, for the gauges.
+fn every_balancer() -> &'static Mutex<Vec<Weak<Ejections>>> {
+    static BALANCERS: OnceLock<Mutex<Vec<Weak<Ejections>>>> = OnceLock::new();
+    BALANCERS.get_or_init(|| {
+        crate::metrics::register_gauges(
+            "rpc_client_endpoint_latency_seconds",
+            "Each balanced endpoint's latency to the answer's headers (EWMA), as its callers see it",
+            || gauges(|state| (state.samples > 0).then_some(state.latency_ewma / 1e6)),
+        );
+        crate::metrics::register_gauges(
+            "rpc_client_endpoint_out",
+            "1 while a balanced endpoint is out of rotation (ejected for failures or latency, or skipped after pushing back)",
+            || {
+                let now = Instant::now();
+                gauges(|state| {
+                    let out = state.ejected_until.is_some_and(|u| u > now)
+                        || state.skipped_until.is_some_and(|u| u > now);
+                    Some(f64::from(u8::from(out)))
+                })
+            },
+        );
+        Mutex::new(Vec::new())
+    })
+}
+
+fn gauges(value: impl Fn(&State) -> Option<f64>) -> Vec<(crate::metrics::Labels, f64)> {
+    let mut balancers = every_balancer().lock().unwrap_or_else(|e| e.into_inner());
+    balancers.retain(|b| b.strong_count() > 0);
+    let mut out = Vec::new();
+    for shared in balancers.iter().filter_map(Weak::upgrade) {
+        let members = shared.members.lock().unwrap_or_else(|e| e.into_inner());
+        for (address, outcomes) in members.iter() {
+            let state = outcomes.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(v) = value(&state) {
+                let labels = vec![
+                    ("target".to_owned(), shared.target.clone()),
+                    ("endpoint".to_owned(), address.clone()),
+                ];
+                out.push((labels, v));
+            }
+        }
+    }
+    out
+}
+
+/// Why an endpoint is out of rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    Failing,
+    Slow,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    ejected_until: Option<Instant>,
+    why: Option<Why>,
+    /// Ejections in a row (each doubles the next).
+    ejections: u32,
+    skipped_until: Option<Instant>,
+    /// Latency EWMA in microseconds, and the answers it is made of since
+    /// the endpoint was last let back in.
+    latency_ewma: f64,
+    samples: u32,
 }
 
 #[derive(Debug, Default)]
 struct Outcomes {
     failures: AtomicU32,
-    ejections: AtomicU32,
-    ejected_until: Mutex<Option<Instant>>,
+    /// Calls sent and not yet answered or given up.
+    in_flight: AtomicU32,
+    state: Mutex<State>,
 }
 
-/// An endpoint that ejects itself when it keeps failing.
+impl Outcomes {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// How an endpoint stands, as its balancer reads it when picking.
+#[derive(Debug, Clone)]
+pub struct Standing(Arc<Outcomes>);
+
+impl Standing {
+    /// Whether the endpoint is on probation (let back in after being slow,
+    /// not judged again yet) with a call already out: it gets one call at
+    /// a time until it is judged. Its load estimate decayed while it was
+    /// out, so without this a balancer would send it a burst — slow again
+    /// if it still is, and piled up if it recovered.
+    pub fn held_back(&self) -> bool {
+        let state = self.0.state();
+        state.why == Some(Why::Slow)
+            && state.ejected_until.is_none()
+            && state.samples < RETURNING_SAMPLES
+            && self.0.in_flight.load(Ordering::Relaxed) > 0
+    }
+}
+
+/// An endpoint that leaves rotation when it keeps failing, stays slow, or
+/// pushes back.
 pub struct Ejecting<S> {
     inner: S,
     address: String,
@@ -82,10 +266,13 @@ impl<S> Ejecting<S> {
     /// Wraps the endpoint at `address`, one of the balancer's `shared`.
     pub fn new(inner: S, address: String, shared: Arc<Ejections>) -> Self {
         shared.endpoints.fetch_add(1, Ordering::Relaxed);
+        let outcomes = Arc::<Outcomes>::default();
+        (shared.members.lock().unwrap_or_else(|e| e.into_inner()))
+            .push((address.clone(), Arc::clone(&outcomes)));
         Self {
             inner,
             address,
-            outcomes: Arc::default(),
+            outcomes,
             shared,
             timer: None,
         }
@@ -95,14 +282,51 @@ impl<S> Ejecting<S> {
 impl<S> Drop for Ejecting<S> {
     fn drop(&mut self) {
         self.shared.endpoints.fetch_sub(1, Ordering::Relaxed);
-        if self
-            .outcomes
-            .ejected_until
+        (self
+            .shared
+            .members
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+            .unwrap_or_else(|e| e.into_inner()))
+        .retain(|(_, o)| !Arc::ptr_eq(o, &self.outcomes));
+        let state = self.outcomes.state();
+        if state.ejected_until.is_some() {
+            give_back(&self.shared.ejected);
+        }
+        if state.skipped_until.is_some() {
+            give_back(&self.shared.skipped);
+        }
+    }
+}
+
+impl<S> Ejecting<S> {
+    /// A handle on this endpoint's standing, for the balancer.
+    pub fn standing(&self) -> Standing {
+        Standing(Arc::clone(&self.outcomes))
+    }
+
+    /// Lets the endpoint back in for what has run out; the earliest time
+    /// it is still out until, if any.
+    fn out_until(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut state = self.outcomes.state();
+        if let Some(until) = state.ejected_until
+            && until <= now
         {
-            self.shared.restore();
+            // Time is up: back in rotation; its next answers decide.
+            state.ejected_until = None;
+            state.samples = 0;
+            give_back(&self.shared.ejected);
+            tracing::info!(address = %self.address, why = ?state.why, "endpoint back in rotation after ejection");
+        }
+        if let Some(until) = state.skipped_until
+            && until <= now
+        {
+            state.skipped_until = None;
+            give_back(&self.shared.skipped);
+        }
+        match (state.ejected_until, state.skipped_until) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
         }
     }
 }
@@ -118,31 +342,16 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        let until = *self
-            .outcomes
-            .ejected_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(until) = until {
-            if Instant::now() < until {
-                let timer = self
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
-                timer.as_mut().reset(until);
-                if timer.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
+        while let Some(until) = self.out_until() {
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(until)));
+            timer.as_mut().reset(until);
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
             }
-            // Time is up: back in rotation; the next call decides.
-            *self
-                .outcomes
-                .ejected_until
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = None;
-            self.timer = None;
-            self.shared.restore();
-            tracing::info!(address = %self.address, "endpoint back in rotation after ejection");
         }
+        self.timer = None;
         self.inner.poll_ready(cx)
     }
 
@@ -153,6 +362,7 @@ where
             .and_then(|v| grpc_timeout(v.to_str().ok()?))
             .map(|timeout| Instant::now() + timeout);
         let call = self.inner.call(request);
+        self.outcomes.in_flight.fetch_add(1, Ordering::Relaxed);
         let mut pending = Pending {
             outcomes: Arc::clone(&self.outcomes),
             shared: Arc::clone(&self.shared),
@@ -160,21 +370,60 @@ where
             deadline,
             done: false,
         };
+        let started = Instant::now();
         Box::pin(async move {
             let result = call.await;
-            let failed = match &result {
-                Err(_) => true,
+            let outcome = match &result {
+                Err(_) => Outcome::Failed,
                 // A trailers-only answer carries its status in the headers.
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .is_some_and(|s| s == "14" || s == "4" || s == "1"),
+                Ok(response) => Outcome::of(response.headers(), started.elapsed()),
             };
             pending.done = true;
-            record(&pending.outcomes, &pending.shared, &pending.address, failed);
+            record(
+                &pending.outcomes,
+                &pending.shared,
+                &pending.address,
+                outcome,
+            );
             result
         })
     }
+}
+
+/// What one answer says about its endpoint.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Outcome {
+    Failed,
+    /// Answered (whatever the status) after this long.
+    Answered(Duration),
+    /// RESOURCE_EXHAUSTED, asking to be left alone this long.
+    Full(Duration),
+}
+
+impl Outcome {
+    fn of(headers: &http::HeaderMap, latency: Duration) -> Self {
+        match headers.get("grpc-status").map(|s| s.as_bytes()) {
+            Some(b"14" | b"4" | b"1") => Outcome::Failed,
+            Some(b"8") => match pushback(headers) {
+                Some(wait) => Outcome::Full(wait),
+                None => Outcome::Answered(latency),
+            },
+            _ => Outcome::Answered(latency),
+        }
+    }
+}
+
+/// How long a RESOURCE_EXHAUSTED answer asks its caller to wait: its
+/// `grpc-retry-pushback-ms` (a negative one means "do not retry": none),
+/// else its `RetryInfo` detail's delay.
+pub fn pushback(headers: &http::HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers.get("grpc-retry-pushback-ms") {
+        let ms: i64 = ms.to_str().ok()?.trim().parse().ok()?;
+        return u64::try_from(ms).ok().map(Duration::from_millis);
+    }
+    use tonic_types::StatusExt as _;
+    let status = tonic::Status::from_header_map(headers)?;
+    status.get_details_retry_info()?.retry_delay
 }
 
 /// A call on its way: if it is dropped unanswered past its deadline, the
@@ -189,15 +438,19 @@ struct Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
+        self.outcomes.in_flight.fetch_sub(1, Ordering::Relaxed);
         if !self.done && self.deadline.is_some_and(|d| Instant::now() >= d) {
-            record(&self.outcomes, &self.shared, &self.address, true);
+            record(&self.outcomes, &self.shared, &self.address, Outcome::Failed);
         }
     }
 }
 
 /// A `grpc-timeout` header's value (`100m`, `10S`): digits and a unit.
-fn grpc_timeout(value: &str) -> Option<Duration> {
+pub fn grpc_timeout(value: &str) -> Option<Duration> {
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),
@@ -210,30 +463,93 @@ fn grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-fn record(outcomes: &Outcomes, shared: &Ejections, address: &str, failed: bool) {
-    if !failed {
-        outcomes.failures.store(0, Ordering::Relaxed);
-        outcomes.ejections.store(0, Ordering::Relaxed);
-        return;
-    }
-    let failures = outcomes.failures.fetch_add(1, Ordering::Relaxed) + 1;
-    if failures < FAILURES_TO_EJECT {
-        return;
-    }
-    let mut until = outcomes
-        .ejected_until
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if until.is_some() || !shared.try_eject() {
-        return;
-    }
-    let ejections = outcomes.ejections.fetch_add(1, Ordering::Relaxed);
-    let length = BASE_EJECTION
-        .saturating_mul(1 << ejections.min(5))
-        .min(MAX_EJECTION);
-    *until = Some(Instant::now() + length);
+fn record(outcomes: &Outcomes, shared: &Ejections, address: &str, outcome: Outcome) {
+    let latency = match outcome {
+        Outcome::Full(wait) => {
+            let mut state = outcomes.state();
+            if state.skipped_until.is_none() && shared.try_skip() {
+                state.skipped_until = Some(Instant::now() + wait.min(MAX_SKIP));
+            }
+            outcomes.failures.store(0, Ordering::Relaxed);
+            return;
+        }
+        Outcome::Answered(latency) => latency,
+        Outcome::Failed => {
+            let failures = outcomes.failures.fetch_add(1, Ordering::Relaxed) + 1;
+            if failures >= FAILURES_TO_EJECT && eject(outcomes, shared, address, Why::Failing) {
+                outcomes.failures.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+    };
     outcomes.failures.store(0, Ordering::Relaxed);
-    tracing::warn!(%address, ?length, "endpoint keeps failing: ejected");
+    let ewma = {
+        let mut state = outcomes.state();
+        if state.ejected_until.is_some() {
+            // An answer to a call sent before the ejection.
+            return;
+        }
+        if state.why == Some(Why::Failing) {
+            // A success ends a series of failure ejections.
+            state.why = None;
+            state.ejections = 0;
+        }
+        // The plain mean of the first answers, then the EWMA: one slow
+        // first answer must not weigh like ten.
+        let micros = latency.as_secs_f64() * 1e6;
+        state.samples = state.samples.saturating_add(1);
+        let weight = LATENCY_WEIGHT.max(1.0 / f64::from(state.samples));
+        state.latency_ewma += weight * (micros - state.latency_ewma);
+        // One let back in after being slow is judged sooner: each of its
+        // answers may be a slow one.
+        let needed = if state.why == Some(Why::Slow) {
+            RETURNING_SAMPLES
+        } else {
+            MIN_LATENCY_SAMPLES
+        };
+        if !shared.by_latency || state.samples < needed {
+            return;
+        }
+        state.latency_ewma
+    };
+    let Some(median) = shared.peers_median(address) else {
+        return;
+    };
+    let gap = SLOW_GAP.as_secs_f64() * 1e6;
+    if ewma > median * SLOW_FACTOR && ewma > median + gap {
+        eject(outcomes, shared, address, Why::Slow);
+    } else {
+        let mut state = outcomes.state();
+        if state.why == Some(Why::Slow) {
+            // Judged again and found in line with its peers: recovered.
+            state.why = None;
+            state.ejections = 0;
+        }
+    }
+}
+
+/// Ejects the endpoint for the next length in its series, if a slot is
+/// free; whether it did.
+fn eject(outcomes: &Outcomes, shared: &Ejections, address: &str, why: Why) -> bool {
+    let mut state = outcomes.state();
+    if state.ejected_until.is_some() || !shared.try_eject() {
+        return false;
+    }
+    let length = BASE_EJECTION
+        .saturating_mul(1 << state.ejections.min(5))
+        .min(MAX_EJECTION);
+    state.ejections += 1;
+    state.why = Some(why);
+    state.ejected_until = Some(Instant::now() + length);
+    let latency = Duration::from_micros(state.latency_ewma as u64);
+    drop(state);
+    match why {
+        Why::Failing => tracing::warn!(%address, ?length, "endpoint keeps failing: ejected"),
+        Why::Slow => {
+            tracing::warn!(%address, ?length, ?latency, "endpoint much slower than its peers: ejected")
+        }
+    }
+    true
 }
 
 #[cfg(test)]
@@ -273,7 +589,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn five_failures_in_a_row_eject_for_a_growing_while() {
-        let shared = Arc::new(Ejections::default());
+        let shared = Ejections::new("test", true);
         let failing = Arc::new(AtomicBool::new(true));
         let mut endpoint = Ejecting::new(Flaky(failing.clone()), "a".into(), shared.clone());
         let _other = Ejecting::new(Flaky(Arc::default()), "b".into(), shared.clone());
@@ -321,11 +637,7 @@ mod tests {
                 .await
                 .is_ok()
         );
-        assert_eq!(
-            endpoint.outcomes.ejections.load(Ordering::Relaxed),
-            0,
-            "a success resets"
-        );
+        assert_eq!(endpoint.outcomes.state().ejections, 0, "a success resets");
     }
 
     /// An endpoint that never answers.
@@ -378,7 +690,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_endpoint_slower_than_the_deadline_leaves_rotation() {
-        let shared = Arc::new(Ejections::default());
+        let shared = Ejections::new("test", true);
         let mut slow = Ejecting::new(Hung, "slow".into(), shared.clone());
         let _fast = Ejecting::new(Flaky(Arc::default()), "fast".into(), shared.clone());
         for _ in 0..FAILURES_TO_EJECT {
@@ -430,7 +742,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn at_most_half_the_endpoints_are_ejected() {
-        let shared = Arc::new(Ejections::default());
+        let shared = Ejections::new("test", true);
         let down = Arc::new(AtomicBool::new(true));
         let mut a = Ejecting::new(Flaky(down.clone()), "a".into(), shared.clone());
         let mut b = Ejecting::new(Flaky(down.clone()), "b".into(), shared.clone());
@@ -453,5 +765,124 @@ mod tests {
             1,
             "one of two stays in"
         );
+    }
+
+    /// A stand-in endpoint that answers after `delay_ms`, with `status`
+    /// (and a pushback of 200 ms when it is RESOURCE_EXHAUSTED).
+    #[derive(Clone)]
+    struct Timed {
+        delay_ms: Arc<std::sync::atomic::AtomicU64>,
+        status: Option<&'static str>,
+    }
+
+    impl Timed {
+        fn new(ms: u64) -> Self {
+            Self {
+                delay_ms: Arc::new(ms.into()),
+                status: None,
+            }
+        }
+    }
+
+    impl Service<http::Request<Body>> for Timed {
+        type Response = http::Response<Body>;
+        type Error = &'static str;
+        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<Body>) -> Self::Future {
+            let delay = Duration::from_millis(self.delay_ms.load(Ordering::Relaxed));
+            let status = self.status;
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                let mut response = http::Response::new(Body::empty());
+                if let Some(status) = status {
+                    let headers = response.headers_mut();
+                    headers.insert("grpc-status", http::HeaderValue::from_static(status));
+                    headers.insert(
+                        "grpc-retry-pushback-ms",
+                        http::HeaderValue::from_static("200"),
+                    );
+                }
+                Ok(response)
+            })
+        }
+    }
+
+    async fn answer<S: Service<http::Request<Body>>>(endpoint: &mut S) {
+        let _ = endpoint
+            .ready()
+            .await
+            .ok()
+            .unwrap()
+            .call(http::Request::new(Body::empty()))
+            .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_much_slower_than_its_peers_leaves_rotation_until_it_recovers() {
+        let shared = Ejections::new("test", true);
+        let slow = Timed::new(50);
+        let mut endpoints: Vec<_> = [Timed::new(2), Timed::new(3), slow.clone()]
+            .into_iter()
+            .enumerate()
+            .map(|(n, t)| Ejecting::new(t, format!("e{n}"), shared.clone()))
+            .collect();
+        for _ in 0..MIN_LATENCY_SAMPLES {
+            for endpoint in &mut endpoints {
+                answer(endpoint).await;
+            }
+        }
+        assert!(is_ready(&mut endpoints[0]) && is_ready(&mut endpoints[1]));
+        assert!(!is_ready(&mut endpoints[2]), "50 ms against peers' 2-3 ms");
+
+        // Recovered while out: back after the ejection, judged afresh, in.
+        slow.delay_ms.store(3, Ordering::Relaxed);
+        tokio::time::advance(BASE_EJECTION).await;
+        assert!(is_ready(&mut endpoints[2]));
+        for _ in 0..MIN_LATENCY_SAMPLES * 2 {
+            for endpoint in &mut endpoints {
+                answer(endpoint).await;
+            }
+        }
+        assert!(is_ready(&mut endpoints[2]), "in line with its peers now");
+        assert_eq!(endpoints[2].outcomes.state().ejections, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_set_that_slows_together_ejects_nobody() {
+        let shared = Ejections::new("test", true);
+        let mut endpoints: Vec<_> = (0..3)
+            .map(|n| Ejecting::new(Timed::new(40 + n * 10), format!("e{n}"), shared.clone()))
+            .collect();
+        for _ in 0..MIN_LATENCY_SAMPLES * 4 {
+            for endpoint in &mut endpoints {
+                answer(endpoint).await;
+            }
+        }
+        assert!(endpoints.iter_mut().all(is_ready));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_endpoint_is_skipped_for_its_pushback_but_never_the_last_one() {
+        let shared = Ejections::new("test", true);
+        let full = Timed {
+            status: Some("8"),
+            ..Timed::new(0)
+        };
+        let mut a = Ejecting::new(full.clone(), "a".into(), shared.clone());
+        let mut b = Ejecting::new(full, "b".into(), shared.clone());
+        answer(&mut a).await;
+        assert!(!is_ready(&mut a), "skipped for its 200 ms");
+        answer(&mut b).await;
+        assert!(
+            is_ready(&mut b),
+            "the last one in stays in: the caller hears it is full"
+        );
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert!(is_ready(&mut a), "back after its pushback");
     }
 }

@@ -205,6 +205,17 @@ where
         if !is_rpc {
             return Box::pin(self.inner.call(request));
         }
+        // A call whose deadline has already passed is not started.
+        let expired = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| crate::ejection::grpc_timeout(v.to_str().ok()?))
+            .is_some_and(|left| left.is_zero());
+        if expired {
+            return Box::pin(async {
+                Ok(tonic::Status::deadline_exceeded("the call's deadline had passed").into_http())
+            });
+        }
         let handles = rpc_handles(request.uri().path());
         // Sampled or not, decided here once; an unsampled call has no span
         // (telemetry/sampling.rs).

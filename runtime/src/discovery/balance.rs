@@ -1,7 +1,9 @@
 //! Spreading calls: address sets become a tower `Discover` stream; each
 //! endpoint is a lazily connecting tonic `Channel`, wrapped in `PeakEwma`
-//! (tonic channels have no `Load`), balanced by power-of-two-choices, behind
-//! a `Buffer` so the result is cheap to clone. Round robin is there to
+//! (tonic channels have no `Load`), balanced by power-of-two-choices that
+//! knows which endpoints a call's earlier attempts used, behind
+//! a `Buffer` so the result is cheap to clone; above it, the retry and
+//! hedging policies and the deadline (`policy.rs`). Round robin is there to
 //! compare against (`cli/benches/balancing.rs`).
 
 use std::collections::{BTreeSet, VecDeque};
@@ -18,16 +20,16 @@ use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::transport::Channel;
 use tower::Layer as _;
-use tower::balance::p2c::Balance;
 use tower::buffer::Buffer;
 use tower::discover::Change;
-use tower::load::{CompleteOnResponse, PeakEwmaDiscover};
+use tower::load::{CompleteOnResponse, Load as _, PeakEwma};
 use tower::util::BoxCloneSyncService;
 
 use crate::client::{InvalidAddress, endpoint};
-use crate::ejection::{Ejecting, Ejections};
+use crate::ejection::{Ejecting, Ejections, Standing};
 use crate::instrument::ClientLayer;
 
+use super::policy::{Policied, Policies};
 use super::resolve::{Addresses, Source, resolve};
 
 /// A balanced channel: clone it freely, one per client.
@@ -124,58 +126,193 @@ pub enum Balancing {
     /// in-flight calls: slow or busy endpoints get less.
     #[default]
     P2c,
-    /// Each endpoint in turn, however it performs (the baseline).
+    /// Each endpoint in turn, however it performs (the baseline): only
+    /// failures eject, not latency.
     RoundRobin,
 }
 
 /// A channel balanced over the addresses `source` reports: P2C over
-/// peak-EWMA latency. Must be called inside a Tokio runtime.
+/// peak-EWMA latency, with brewmesh's retry and hedging policies
+/// ([`Policies::brewmesh`]). Must be called inside a Tokio runtime.
 pub fn balanced(source: Source) -> Result<Balanced, InvalidAddress> {
-    balanced_with(source, Balancing::P2c)
+    balanced_with(source, Balancing::P2c, Policies::brewmesh())
 }
 
-/// A channel balanced over the addresses `source` reports, by `balancing`.
-/// Must be called inside a Tokio runtime.
-pub fn balanced_with(source: Source, balancing: Balancing) -> Result<Balanced, InvalidAddress> {
+/// A channel balanced over the addresses `source` reports, by `balancing`,
+/// each call under `policies`. Must be called inside a Tokio runtime.
+pub fn balanced_with(
+    source: Source,
+    balancing: Balancing,
+    policies: Policies,
+) -> Result<Balanced, InvalidAddress> {
+    let target = match &source {
+        Source::Static(addresses) => addresses.join(","),
+        Source::Dns { name, .. } => name.clone(),
+        Source::Registry { service, .. } => service.clone(),
+    };
     let addresses = resolve(source)?;
     let known = addresses.clone();
     let changes = Changes {
         updates: WatchStream::new(addresses),
         current: BTreeSet::new(),
         pending: VecDeque::new(),
-        ejections: Arc::default(),
+        ejections: Ejections::new(target, balancing == Balancing::P2c),
     };
+    let policies = Arc::new(policies);
+    // Traced outside the policies: the client span covers every attempt
+    // and the wait for an endpoint, as the caller sees it. Requests beyond
+    // the buffer's 1024 queue in callers instead of here.
     if balancing == Balancing::RoundRobin {
         let round_robin = RoundRobin {
             changes,
             endpoints: Vec::new(),
             next: 0,
         };
+        let buffered = Buffer::new(round_robin, 1024);
         return Ok(Balanced {
-            inner: BoxCloneSyncService::new(ClientLayer.layer(Buffer::new(round_robin, 1024))),
+            inner: BoxCloneSyncService::new(ClientLayer.layer(Policied::new(buffered, policies))),
             addresses: known,
         });
     }
-    // A new endpoint's first guess is optimistic (1 ms): P2C compares loads,
-    // so a pessimistic guess would starve a new replica of the very traffic
-    // that measures it; the first response replaces the guess. Decay: a
-    // latency peak counts at once and fades with a 1 s time constant: a
-    // longer one let a spike on a fast replica send traffic to a slow one
-    // for seconds (BENCHMARKS.md, balancing, has the figures).
-    let discover = PeakEwmaDiscover::new(
-        changes,
-        Duration::from_millis(1),
-        Duration::from_secs(1),
-        CompleteOnResponse::default(),
+    let buffered = Buffer::new(
+        P2c {
+            changes,
+            endpoints: Vec::new(),
+        },
+        1024,
     );
-    let balance = Balance::new(discover);
-    // Requests beyond this many queue in callers instead of here.
-    // Traced outside the buffer: the client span covers the wait for an
-    // endpoint, as the caller sees it.
     Ok(Balanced {
-        inner: BoxCloneSyncService::new(ClientLayer.layer(Buffer::new(balance, 1024))),
+        inner: BoxCloneSyncService::new(ClientLayer.layer(Policied::new(buffered, policies))),
         addresses: known,
     })
+}
+
+/// The endpoints a call's earlier attempts went to, in each attempt's
+/// extensions (`policy.rs` sets it): P2C sends the next attempt elsewhere
+/// when another endpoint is ready, so a hedge does not join the stalled
+/// call it hedges and a retry does not go back to the replica that failed.
+#[derive(Debug, Clone, Default)]
+pub struct Tried(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Tried {
+    fn contains(&self, key: &str) -> bool {
+        (self.0.lock().unwrap_or_else(|e| e.into_inner()))
+            .iter()
+            .any(|k| k == key)
+    }
+
+    fn push(&self, key: &str) {
+        (self.0.lock().unwrap_or_else(|e| e.into_inner())).push(key.to_owned());
+    }
+}
+
+/// One endpoint of [`P2c`], with its peak-EWMA load.
+struct Slot {
+    key: String,
+    service: PeakEwma<Ejecting<Channel>, CompleteOnResponse>,
+    standing: Standing,
+    ready: bool,
+}
+
+/// Power of two random choices over peak-EWMA load (latency × calls in
+/// flight), picking when the call is known: among the ready endpoints its
+/// earlier attempts did not use ([`Tried`]), if there are any, and never a
+/// second call at once to an endpoint on probation after a latency
+/// ejection ([`Standing::held_back`]) while another is ready.
+///
+/// A new endpoint's first guess is optimistic (1 ms): P2C compares loads,
+/// so a pessimistic guess would starve a new replica of the very traffic
+/// that measures it; the first response replaces the guess. Decay: a
+/// latency peak counts at once and fades with a 1 s time constant: a
+/// longer one let a spike on a fast replica send traffic to a slow one for
+/// seconds (BENCHMARKS.md, balancing, has the figures).
+struct P2c {
+    changes: Changes,
+    endpoints: Vec<Slot>,
+}
+
+impl tower::Service<http::Request<Body>> for P2c {
+    type Response = http::Response<Body>;
+    type Error = tower::BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        while let Poll::Ready(Some(Ok(change))) = Pin::new(&mut self.changes).poll_next(cx) {
+            match change {
+                Change::Insert(key, endpoint) => {
+                    self.endpoints.retain(|slot| slot.key != key);
+                    let standing = endpoint.standing();
+                    let service = PeakEwma::new(
+                        endpoint,
+                        Duration::from_millis(1),
+                        Duration::from_secs(1).as_nanos() as f64,
+                        CompleteOnResponse::default(),
+                    );
+                    self.endpoints.push(Slot {
+                        key,
+                        service,
+                        standing,
+                        ready: false,
+                    });
+                }
+                Change::Remove(key) => self.endpoints.retain(|slot| slot.key != key),
+            }
+        }
+        // Every endpoint polled each time: one ejected or skipped since it
+        // was last ready is not picked, and each not ready wakes us.
+        let mut any = false;
+        for slot in &mut self.endpoints {
+            slot.ready = matches!(slot.service.poll_ready(cx), Poll::Ready(Ok(())));
+            any |= slot.ready;
+        }
+        if any {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let tried = request.extensions().get::<Tried>().cloned();
+        let mut ready: Vec<usize> = (0..self.endpoints.len())
+            .filter(|&i| self.endpoints[i].ready)
+            .collect();
+        // One on probation with a call out waits for its verdict.
+        if ready
+            .iter()
+            .any(|&i| !self.endpoints[i].standing.held_back())
+        {
+            ready.retain(|&i| !self.endpoints[i].standing.held_back());
+        }
+        let fresh: Vec<usize> = match &tried {
+            Some(tried) => (ready.iter().copied())
+                .filter(|&i| !tried.contains(&self.endpoints[i].key))
+                .collect(),
+            None => Vec::new(),
+        };
+        let pool = if fresh.is_empty() { &ready } else { &fresh };
+        let chosen = match pool.len() {
+            0 => return Box::pin(async { Err("no endpoint is ready".into()) }),
+            1 => pool[0],
+            n => {
+                let a = fastrand::usize(0..n);
+                let b = (a + 1 + fastrand::usize(0..n - 1)) % n;
+                let (a, b) = (pool[a], pool[b]);
+                if self.endpoints[b].service.load() < self.endpoints[a].service.load() {
+                    b
+                } else {
+                    a
+                }
+            }
+        };
+        let slot = &mut self.endpoints[chosen];
+        slot.ready = false;
+        if let Some(tried) = tried {
+            tried.push(&slot.key);
+        }
+        let call = slot.service.call(request);
+        Box::pin(async move { Ok(call.await?) })
+    }
 }
 
 /// Round robin over the discovered endpoints.
@@ -286,7 +423,7 @@ mod tests {
             updates: WatchStream::new(rx),
             current: BTreeSet::new(),
             pending: VecDeque::new(),
-            ejections: Arc::default(),
+            ejections: Ejections::new("test", true),
         };
         let mut inserted = Vec::new();
         for _ in 0..2 {

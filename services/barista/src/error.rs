@@ -60,11 +60,21 @@ impl From<BaristaError> for Status {
                     "not on the menu; GetMenu lists what is",
                 ),
             ),
-            BaristaError::ShopFull { retry_after, .. } => Status::with_error_details(
-                Code::ResourceExhausted,
-                error.to_string(),
-                ErrorDetails::with_retry_info(Some(*retry_after)),
-            ),
+            // RetryInfo for people and REST clients; grpc-retry-pushback-ms
+            // (gRFC A6) for gRPC clients, which skip this replica that long.
+            BaristaError::ShopFull { retry_after, .. } => {
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                metadata.insert(
+                    "grpc-retry-pushback-ms",
+                    tonic::metadata::MetadataValue::from(retry_after.as_millis() as u64),
+                );
+                Status::with_error_details_and_metadata(
+                    Code::ResourceExhausted,
+                    error.to_string(),
+                    ErrorDetails::with_retry_info(Some(*retry_after)),
+                    metadata,
+                )
+            }
             BaristaError::KeyReused => brewmesh_runtime::idempotency::reused(error.to_string()),
             BaristaError::NotCancellable { order_id, why } => Status::with_error_details(
                 Code::FailedPrecondition,
