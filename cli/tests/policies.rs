@@ -289,11 +289,11 @@ async fn an_expired_deadline_reaches_no_backend() {
 
     // A live deadline is served.
     // (Counted as its answer ends, which may be just after the client has
-    // it.)
+    // it; on a loaded machine a hedge may have been served too.)
     balanced.get_menu(GetMenuRequest {}).await.unwrap();
     let counted = std::time::Instant::now();
     while served() < 1.0 && counted.elapsed() < support::PATIENCE {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(served(), 1.0);
+    assert!(served() >= 1.0);
 }

@@ -356,11 +356,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let deadline = request
-            .headers()
-            .get("grpc-timeout")
-            .and_then(|v| grpc_timeout(v.to_str().ok()?))
-            .map(|timeout| Instant::now() + timeout);
+        let deadline = deadline_of(request.headers());
         let call = self.inner.call(request);
         self.outcomes.in_flight.fetch_add(1, Ordering::Relaxed);
         let mut pending = Pending {
@@ -443,6 +439,13 @@ impl Drop for Pending {
             record(&self.outcomes, &self.shared, &self.address, Outcome::Failed);
         }
     }
+}
+
+/// When a call whose headers are `headers` must be answered by, from its
+/// `grpc-timeout`.
+pub fn deadline_of(headers: &http::HeaderMap) -> Option<Instant> {
+    let timeout = grpc_timeout(headers.get("grpc-timeout")?.to_str().ok()?)?;
+    Some(Instant::now() + timeout)
 }
 
 /// A `grpc-timeout` header's value (`100m`, `10S`): digits and a unit.

@@ -237,7 +237,7 @@ impl tower::Service<http::Request<Body>> for P2c {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        while let Poll::Ready(Some(Ok(change))) = Pin::new(&mut self.changes).poll_next(cx) {
+        while let Some(change) = self.changes.next_ready(cx) {
             match change {
                 Change::Insert(key, endpoint) => {
                     self.endpoints.retain(|slot| slot.key != key);
@@ -328,7 +328,7 @@ impl tower::Service<http::Request<Body>> for RoundRobin {
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        while let Poll::Ready(Some(Ok(change))) = Pin::new(&mut self.changes).poll_next(cx) {
+        while let Some(change) = self.changes.next_ready(cx) {
             match change {
                 Change::Insert(key, endpoint) => {
                     self.endpoints.retain(|(k, _)| *k != key);
@@ -371,6 +371,17 @@ struct Changes {
     current: BTreeSet<String>,
     pending: VecDeque<Change<String, Ejecting<Channel>>>,
     ejections: Arc<Ejections>,
+}
+
+impl Changes {
+    /// The next change already known, if any (the resolver wakes `cx`
+    /// with the next one).
+    fn next_ready(&mut self, cx: &mut Context<'_>) -> Option<Change<String, Ejecting<Channel>>> {
+        match Pin::new(self).poll_next(cx) {
+            Poll::Ready(Some(Ok(change))) => Some(change),
+            _ => None,
+        }
+    }
 }
 
 impl Stream for Changes {

@@ -46,7 +46,7 @@ use tower::retry::budget::Budget as _;
 pub use tower::retry::budget::TpsBudget;
 
 use super::balance::Tried;
-use crate::ejection::{grpc_timeout, pushback};
+use crate::ejection::{deadline_of, pushback};
 
 /// How safe a method is to send more than once: its proto
 /// `idempotency_level`.
@@ -469,11 +469,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let deadline = request
-            .headers()
-            .get("grpc-timeout")
-            .and_then(|v| grpc_timeout(v.to_str().ok()?))
-            .map(|timeout| Instant::now() + timeout);
+        let deadline = deadline_of(request.headers());
         if deadline.is_some_and(|d| d <= Instant::now()) {
             return Box::pin(async { Ok(expired()) });
         }
