@@ -96,10 +96,10 @@ impl Ejections {
             by_latency,
             ..Self::default()
         });
-        every_balancer()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Arc::downgrade(&shared));
+        let mut balancers = every_balancer().lock().unwrap_or_else(|e| e.into_inner());
+        balancers.retain(|b| b.strong_count() > 0);
+        balancers.push(Arc::downgrade(&shared));
+        drop(balancers);
         shared
     }
 

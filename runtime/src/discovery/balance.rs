@@ -29,7 +29,7 @@ use crate::client::{InvalidAddress, endpoint};
 use crate::ejection::{Ejecting, Ejections, Standing};
 use crate::instrument::ClientLayer;
 
-use super::policy::{Policied, Policies};
+use super::policy::{Policied, Policies, Tried};
 use super::resolve::{Addresses, Source, resolve};
 
 /// A balanced channel: clone it freely, one per client.
@@ -185,25 +185,6 @@ pub fn balanced_with(
         inner: BoxCloneSyncService::new(ClientLayer.layer(Policied::new(buffered, policies))),
         addresses: known,
     })
-}
-
-/// The endpoints a call's earlier attempts went to, in each attempt's
-/// extensions (`policy.rs` sets it): P2C sends the next attempt elsewhere
-/// when another endpoint is ready, so a hedge does not join the stalled
-/// call it hedges and a retry does not go back to the replica that failed.
-#[derive(Debug, Clone, Default)]
-pub struct Tried(Arc<std::sync::Mutex<Vec<String>>>);
-
-impl Tried {
-    fn contains(&self, key: &str) -> bool {
-        (self.0.lock().unwrap_or_else(|e| e.into_inner()))
-            .iter()
-            .any(|k| k == key)
-    }
-
-    fn push(&self, key: &str) {
-        (self.0.lock().unwrap_or_else(|e| e.into_inner())).push(key.to_owned());
-    }
 }
 
 /// One endpoint of [`P2c`], with its peak-EWMA load.

@@ -45,7 +45,6 @@ use tower::retry::budget::Budget as _;
 /// The budget of extra attempts (tower's, as linkerd's).
 pub use tower::retry::budget::TpsBudget;
 
-use super::balance::Tried;
 use crate::ejection::{deadline_of, pushback};
 
 /// How safe a method is to send more than once: its proto
@@ -287,6 +286,25 @@ fn code_named(name: &str) -> Option<Code> {
     (0..=16)
         .map(Code::from_i32)
         .find(|code| crate::metrics::code_name(*code).eq_ignore_ascii_case(name))
+}
+
+/// The endpoints a call's earlier attempts went to, in each attempt's
+/// extensions: `balance.rs`'s P2C sends the next attempt elsewhere
+/// when another endpoint is ready, so a hedge does not join the stalled
+/// call it hedges and a retry does not go back to the replica that failed.
+#[derive(Debug, Clone, Default)]
+pub struct Tried(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Tried {
+    pub(super) fn contains(&self, key: &str) -> bool {
+        (self.0.lock().unwrap_or_else(|e| e.into_inner()))
+            .iter()
+            .any(|k| k == key)
+    }
+
+    pub(super) fn push(&self, key: &str) {
+        (self.0.lock().unwrap_or_else(|e| e.into_inner())).push(key.to_owned());
+    }
 }
 
 /// What a layer applies: each known method's policy, and the budget that
