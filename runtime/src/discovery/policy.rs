@@ -467,17 +467,33 @@ impl<S> Policied<S> {
 
 type Answer = Result<http::Response<Body>, tower::BoxError>;
 
-impl<S> tower::Service<http::Request<Body>> for Policied<S>
-where
+/// What the layer sends attempts through (the balancer's buffer): cloned
+/// for each attempt after the first.
+pub trait Attempts:
+    tower::Service<
+        http::Request<Body>,
+        Response = http::Response<Body>,
+        Error = tower::BoxError,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> Attempts for S where
     S: tower::Service<
             http::Request<Body>,
             Response = http::Response<Body>,
             Error = tower::BoxError,
+            Future: Send + 'static,
         > + Clone
         + Send
-        + 'static,
-    S::Future: Send + 'static,
+        + 'static
 {
+}
+
+impl<S: Attempts> tower::Service<http::Request<Body>> for Policied<S> {
     type Response = http::Response<Body>;
     type Error = tower::BoxError;
     type Future = Pin<Box<dyn Future<Output = Answer> + Send>>;
@@ -491,15 +507,13 @@ where
         if deadline.is_some_and(|d| d <= Instant::now()) {
             return Box::pin(async { Ok(expired()) });
         }
-        let planned = self.policies.by_path.get(request.uri().path()).cloned();
+        let Some(planned) = self.policies.by_path.get(request.uri().path()).cloned() else {
+            return Box::pin(self.inner.call(request));
+        };
         // The service polled ready takes the first attempt; a clone takes
         // any other.
         let ready = self.inner.clone();
         let first = std::mem::replace(&mut self.inner, ready);
-        let Some(planned) = planned else {
-            let mut first = first;
-            return Box::pin(first.call(request));
-        };
         let policies = Arc::clone(&self.policies);
         Box::pin(async move {
             policies.budget.deposit();
@@ -554,17 +568,7 @@ fn status_of(answer: &Answer) -> Option<Code> {
     }
 }
 
-impl<S> Call<S>
-where
-    S: tower::Service<
-            http::Request<Body>,
-            Response = http::Response<Body>,
-            Error = tower::BoxError,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
+impl<S: Attempts> Call<S> {
     /// Attempt number `previous + 1`, with what is left of the deadline;
     /// `None` once it has passed.
     fn request(&self, previous: u32) -> Option<http::Request<Body>> {
