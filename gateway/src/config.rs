@@ -62,9 +62,21 @@ pub struct Config {
     #[arg(long, env = "BREWMESH_GATEWAY_STREAM_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub stream_timeout: Duration,
 
-    /// Largest request body accepted; larger ones get 413.
+    /// Largest request body accepted, and the most a compressed body or
+    /// message may inflate to; larger ones get 413 (RESOURCE_EXHAUSTED for
+    /// RPCs).
     #[arg(long, env = "BREWMESH_GATEWAY_MAX_BODY", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+
+    /// Answers (and streamed messages) smaller than this many bytes are sent
+    /// uncompressed whatever the client accepts: below it, gzip and zstd
+    /// cost more time than the bytes they save.
+    #[arg(
+        long,
+        env = "BREWMESH_GATEWAY_COMPRESS_MIN_BYTES",
+        default_value_t = 1024
+    )]
+    pub compress_min_bytes: u16,
 
     /// RPCs that answer 201 Created (`package.Service.Method`).
     #[arg(
@@ -99,6 +111,18 @@ pub struct Config {
     #[arg(long, env = "BREWMESH_JAEGER_UI", value_parser = parse_web_url)]
     pub jaeger_ui: Option<String>,
 
+    /// An origin (`https://shop.example`) whose pages may call the gateway
+    /// from a browser: REST, gRPC-Web and Connect. Repeatable; `*` allows
+    /// any origin. None by default: only the gateway's own page may, and a
+    /// request from any other origin is refused with 403.
+    #[arg(long = "cors-origin", env = "BREWMESH_GATEWAY_CORS_ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
+    pub cors_origins: Vec<String>,
+
+    /// Let those origins' pages send cookies and HTTP authentication
+    /// (`Access-Control-Allow-Credentials`); not with `*`.
+    #[arg(long, env = "BREWMESH_GATEWAY_CORS_CREDENTIALS")]
+    pub cors_credentials: bool,
+
     /// How long requests in flight (streams too) may take to finish once
     /// draining starts.
     #[arg(long, env = "BREWMESH_DRAIN_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
@@ -117,6 +141,7 @@ impl Default for Config {
             timeout: Duration::from_secs(30),
             stream_timeout: Duration::from_secs(300),
             max_body_bytes: 1 << 20,
+            compress_min_bytes: 1024,
             created: vec!["brewmesh.barista.v1.Barista.PlaceOrder".to_owned()],
             cached: vec![(
                 "brewmesh.barista.v1.Barista.GetMenu".to_owned(),
@@ -125,6 +150,8 @@ impl Default for Config {
             redis_url: None,
             cache_entries: 10_000,
             jaeger_ui: None,
+            cors_origins: Vec::new(),
+            cors_credentials: false,
             drain_timeout: Duration::from_secs(15),
         }
     }
@@ -167,4 +194,22 @@ fn parse_cached(value: &str) -> Result<(String, Duration), String> {
         .ok_or_else(|| format!("{value:?}: expected package.Service.Method=TTL"))?;
     let ttl = parse_duration(ttl).map_err(|e| format!("{value:?}: {e}"))?;
     Ok((method.to_owned(), ttl))
+}
+
+/// An origin as browsers send it: `scheme://host[:port]`, no path; or `*`.
+fn parse_origin(value: &str) -> Result<String, String> {
+    if value == "*" {
+        return Ok(value.to_owned());
+    }
+    let uri: http::Uri = value
+        .parse()
+        .map_err(|e| format!("{value:?} is not an origin: {e}"))?;
+    match (uri.scheme_str(), uri.authority(), uri.path()) {
+        (Some("http" | "https"), Some(_), "" | "/") if uri.query().is_none() => {
+            Ok(value.trim_end_matches('/').to_ascii_lowercase())
+        }
+        _ => Err(format!(
+            "{value:?} is not an origin: expected scheme://host[:port], as a browser sends it"
+        )),
+    }
 }

@@ -107,6 +107,9 @@ pub enum GatewayError {
         /// The most bytes a body may have.
         limit: usize,
     },
+    /// A body in a `Content-Encoding` not known here: 415 with
+    /// `Accept-Encoding`.
+    UnsupportedEncoding(String),
     /// A malformed request (its body could not be read, a header): 400.
     Invalid(String),
     /// Fields that do not fit the request message: 400 with a BadRequest.
@@ -142,6 +145,7 @@ impl GatewayError {
             | GatewayError::TooLarge { .. }
             | GatewayError::Invalid(_)
             | GatewayError::BadRequest(_) => Code::InvalidArgument,
+            GatewayError::UnsupportedEncoding(_) => Code::Unimplemented,
             GatewayError::NoInstance(_) => Code::Unavailable,
             GatewayError::Upstream { status, .. } => status.code(),
         }
@@ -151,13 +155,15 @@ impl GatewayError {
     pub fn http_status(&self) -> StatusCode {
         match self {
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            GatewayError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            GatewayError::NotJson | GatewayError::UnsupportedEncoding(_) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
             GatewayError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             _ => http_status(self.code()),
         }
     }
 
-    fn message(&self) -> String {
+    pub(crate) fn message(&self) -> String {
         match self {
             GatewayError::NoRoute { method, path } => format!("no route for {method} {path}"),
             GatewayError::MethodNotAllowed {
@@ -169,6 +175,9 @@ impl GatewayError {
                 "the body must be JSON (Content-Type: application/json)".to_owned()
             }
             GatewayError::TooLarge { limit } => format!("the body is larger than {limit} bytes"),
+            GatewayError::UnsupportedEncoding(encoding) => format!(
+                "Content-Encoding {encoding:?} is not supported; send the body as gzip, zstd or identity"
+            ),
             GatewayError::Invalid(message) => message.clone(),
             GatewayError::BadRequest(violations) => violations
                 .iter()
@@ -214,6 +223,12 @@ impl IntoResponse for GatewayError {
             && let Ok(value) = HeaderValue::from_str(allow)
         {
             response.headers_mut().insert(header::ALLOW, value);
+        }
+        if let GatewayError::UnsupportedEncoding(_) = &self {
+            response.headers_mut().insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static(crate::compression::ACCEPTED),
+            );
         }
         response
     }

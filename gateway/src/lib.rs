@@ -22,20 +22,26 @@
 pub mod admin;
 pub mod cache;
 pub mod codec;
+pub mod compression;
 pub mod config;
+pub mod cors;
 pub mod descriptors;
+pub mod envelope;
 pub mod errors;
 pub mod mesh;
 pub mod metadata;
 pub mod observe;
 pub mod openapi;
+pub mod protocols;
 pub mod proxy;
 pub mod routes;
+pub mod rpc;
 pub mod scrape;
 pub mod state;
 pub mod streaming;
 pub mod template;
 pub mod transcode;
+pub mod translate;
 pub mod web;
 
 use std::future::IntoFuture as _;
@@ -57,6 +63,7 @@ pub use state::{Gateway, RunError};
 pub fn router(gateway: Arc<Gateway>) -> Router {
     // Registered now: the families show on /metrics before a request.
     let _ = observe::http();
+    let (decompress, compress) = compression::layers(gateway.compress_min_bytes);
     let rest = any(proxy::handle)
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&gateway),
@@ -71,8 +78,47 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/", get(web::index))
         .route("/web/config.json", get(web::config))
         .route("/web/{file}", get(web::asset))
-        .with_state(gateway)
+        .with_state(Arc::clone(&gateway))
         .fallback_service(rest)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&gateway),
+            rpc::intercept,
+        ))
+        .layer(compress)
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(decompress)
+                .map_request(compression::boxed),
+        )
+        .layer(axum::middleware::from_fn_with_state(gateway, origins))
+}
+
+/// In front of everything: requests from other origins as `--cors-origin`
+/// says ([`cors`]); a refusal is in the request's protocol's own form.
+async fn origins(
+    axum::extract::State(gateway): axum::extract::State<Arc<Gateway>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match gateway.cors.check(&request) {
+        cors::Verdict::Pass => next.run(request).await,
+        cors::Verdict::Preflight(answer) => answer,
+        cors::Verdict::Allowed(origin) => {
+            let mut response = next.run(request).await;
+            gateway.cors.decorate(&origin, response.headers_mut());
+            response
+        }
+        cors::Verdict::Refused(message) => {
+            let protocol =
+                rpc::Protocol::of(request.method(), request.headers(), request.uri().query());
+            match protocol {
+                Some(protocol) if rpc::rpc_path(request.uri().path()).is_some() => {
+                    protocol.error(&gateway.pool, &tonic::Status::permission_denied(message))
+                }
+                _ => cors::Cors::refusal(message),
+            }
+        }
+    }
 }
 
 /// Serves the gateway on `listener` until `shutdown`, then lets requests in
@@ -97,6 +143,7 @@ pub async fn run(
         .with_graceful_shutdown(async move { stopping.cancelled().await });
     let deadline = async {
         shutdown.cancelled().await;
+        gateway.drain();
         tracing::info!(deadline = ?config.drain_timeout, "draining");
         tokio::time::sleep(config.drain_timeout).await;
     };

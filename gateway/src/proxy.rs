@@ -165,8 +165,20 @@ fn json_content(headers: &HeaderMap) -> bool {
     }
 }
 
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, GatewayError> {
+pub(crate) async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Bytes, GatewayError> {
     let too_large = || GatewayError::TooLarge { limit };
+    // Known encodings were inflated by the decompression layer, which took
+    // their header away (crate::compression).
+    if let Some(encoding) = headers.get(header::CONTENT_ENCODING) {
+        let name = String::from_utf8_lossy(encoding.as_bytes());
+        if let Err(name) = crate::compression::Encoding::parse(&name) {
+            return Err(GatewayError::UnsupportedEncoding(name));
+        }
+    }
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

@@ -8,8 +8,11 @@ use std::time::Duration;
 
 use brewmesh_runtime::discovery::policy::{self, Policies};
 use brewmesh_runtime::discovery::{Balanced, Balancing, Source};
+use brewmesh_runtime::health::HealthStatuses;
 use bytes::Bytes;
 use prost_reflect::DescriptorPool;
+use tokio_util::sync::CancellationToken;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::config::Config;
 use crate::errors::GatewayError;
@@ -28,6 +31,9 @@ pub enum RunError {
     /// The methods' retry policies could not be read from the descriptors.
     #[error("the retry and hedging policies: {0}")]
     Policies(String),
+    /// The gateway's own reflection could not be built.
+    #[error("reflection over the descriptors: {0}")]
+    Reflection(#[from] prost_reflect::DescriptorError),
     /// A service has no backend.
     #[error("no backend for {0}: pass --backend {0}=host:port, --reflect or --registry")]
     NoBackend(String),
@@ -51,6 +57,8 @@ pub struct Gateway {
     pub(crate) timeout: Duration,
     pub(crate) stream_timeout: Duration,
     pub(crate) max_body_bytes: usize,
+    /// Below this, nothing is compressed.
+    pub(crate) compress_min_bytes: u16,
     pub(crate) cache: cache::Store,
     pub(crate) openapi: Bytes,
     /// Each registry replica, for `/mesh` to check and scrape.
@@ -60,6 +68,14 @@ pub struct Gateway {
     pub(crate) address: std::sync::OnceLock<std::net::SocketAddr>,
     /// What the web page is told (`/web/config.json`).
     pub(crate) web: crate::config::PageConfig,
+    /// The gateway's own gRPC services: health and reflection.
+    pub(crate) local: tonic::service::Routes,
+    /// The statuses its health service reports.
+    pub(crate) health: HealthStatuses,
+    /// Cancelled when the drain starts (health watchers hear of it).
+    pub(crate) draining: CancellationToken,
+    /// Which other origins may call it from a browser.
+    pub(crate) cors: crate::cors::Cors,
 }
 
 impl Gateway {
@@ -69,6 +85,8 @@ impl Gateway {
         let mut pool = DescriptorPool::new();
         // Always loaded: google.rpc types make error details readable.
         descriptors::add_set(&mut pool, brewmesh::FILE_DESCRIPTOR_SET, "brewmesh")?;
+        // Health and reflection, which the gateway serves itself.
+        brewmesh_runtime::reflection::add_own(&mut pool)?;
         let mut services: Vec<String> = Vec::new();
         if !config.no_builtin {
             services.extend(
@@ -135,6 +153,16 @@ impl Gateway {
             );
         }
 
+        let health = HealthStatuses::new();
+        health.set("", ServingStatus::Serving);
+        let draining = CancellationToken::new();
+        let names: Vec<&str> = services.iter().map(String::as_str).collect();
+        let (reflection, reflection_alpha) =
+            brewmesh_runtime::reflection::over_pool(pool.clone(), &names)?;
+        let local = tonic::service::Routes::new(health.service(draining.clone()))
+            .add_service(reflection)
+            .add_service(reflection_alpha);
+
         let cache = match &config.redis_url {
             Some(url) => cache::Store::Shared(cache::Shared::connect(url).await?),
             None => cache::Store::Local(cache::Cache::new(config.cache_entries)),
@@ -155,6 +183,7 @@ impl Gateway {
             timeout: config.timeout,
             stream_timeout: config.stream_timeout,
             max_body_bytes: config.max_body_bytes,
+            compress_min_bytes: config.compress_min_bytes,
             cache,
             openapi,
             registries: (config.registries.iter())
@@ -165,11 +194,26 @@ impl Gateway {
             web: crate::config::PageConfig {
                 jaeger_url: config.jaeger_ui.clone(),
             },
+            local,
+            health,
+            draining,
+            cors: crate::cors::Cors::new(&config.cors_origins, config.cors_credentials),
         })
     }
 }
 
 impl Gateway {
+    /// Whether `service` is one the gateway calls (or serves itself).
+    pub fn serves(&self, service: &str) -> bool {
+        self.upstreams.contains_key(service) || crate::protocols::LOCAL.contains(&service)
+    }
+
+    /// The drain has started: health says NOT_SERVING.
+    pub fn drain(&self) {
+        self.draining.cancel();
+        self.health.set("", ServingStatus::NotServing);
+    }
+
     /// The first route of `method` whose template matches `path`.
     pub fn find(&self, method: &http::Method, path: &str) -> Option<Matched> {
         // HEAD is GET without the body (hyper leaves the body out).

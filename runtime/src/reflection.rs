@@ -46,6 +46,67 @@ pub fn services(
     ))
 }
 
+/// Reflection over `pool` (a gateway's: every descriptor it fronts),
+/// listing `services` and health and reflection themselves, whose
+/// descriptors are added to it when missing.
+pub fn over_pool(
+    mut pool: DescriptorPool,
+    services: &[&str],
+) -> Result<
+    (
+        v1::server_reflection_server::ServerReflectionServer<Reflection>,
+        v1alpha::server_reflection_server::ServerReflectionServer<Reflection>,
+    ),
+    prost_reflect::DescriptorError,
+> {
+    add_own(&mut pool)?;
+    let reflection = Reflection(Arc::new(Index {
+        pool,
+        services: listed(services),
+    }));
+    Ok((
+        v1::server_reflection_server::ServerReflectionServer::new(reflection.clone()),
+        v1alpha::server_reflection_server::ServerReflectionServer::new(reflection),
+    ))
+}
+
+/// Adds health's and reflection's descriptors to `pool`, unless there.
+pub fn add_own(pool: &mut DescriptorPool) -> Result<(), prost_reflect::DescriptorError> {
+    for (set, file) in [
+        (
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            "grpc.health.v1.Health",
+        ),
+        (
+            v1::FILE_DESCRIPTOR_SET,
+            "grpc.reflection.v1.ServerReflection",
+        ),
+        (
+            v1alpha::FILE_DESCRIPTOR_SET,
+            "grpc.reflection.v1alpha.ServerReflection",
+        ),
+    ] {
+        if pool.get_service_by_name(file).is_none() {
+            pool.decode_file_descriptor_set(set)?;
+        }
+    }
+    Ok(())
+}
+
+fn listed(services: &[&str]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for name in services.iter().copied().chain([
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]) {
+        if !out.iter().any(|s| s == name) {
+            out.push(name.to_owned());
+        }
+    }
+    out
+}
+
 /// The reflection service, for either version of the protocol.
 #[derive(Clone, Debug)]
 pub struct Reflection(Arc<Index>);
@@ -53,25 +114,8 @@ pub struct Reflection(Arc<Index>);
 impl Index {
     fn new(services: &[&str]) -> Result<Self, prost_reflect::DescriptorError> {
         let mut pool = DescriptorPool::decode(brewmesh::FILE_DESCRIPTOR_SET)?;
-        for set in [
-            tonic_health::pb::FILE_DESCRIPTOR_SET,
-            v1::FILE_DESCRIPTOR_SET,
-            v1alpha::FILE_DESCRIPTOR_SET,
-        ] {
-            pool.decode_file_descriptor_set(set)?;
-        }
-        let services = services
-            .iter()
-            .map(|s| s.to_string())
-            .chain(
-                [
-                    "grpc.health.v1.Health",
-                    "grpc.reflection.v1.ServerReflection",
-                    "grpc.reflection.v1alpha.ServerReflection",
-                ]
-                .map(String::from),
-            )
-            .collect();
+        add_own(&mut pool)?;
+        let services = listed(services);
         Ok(Self { pool, services })
     }
 
