@@ -74,18 +74,24 @@ impl Decoder {
         self.buffer.extend_from_slice(piece);
     }
 
+    /// The length the buffered envelope's header says; the header is there.
+    fn declared(&self) -> usize {
+        let header = [
+            self.buffer[1],
+            self.buffer[2],
+            self.buffer[3],
+            self.buffer[4],
+        ];
+        u32::from_be_bytes(header) as usize
+    }
+
     /// The next whole envelope, `None` until one is.
     pub fn take(&mut self) -> Result<Option<Envelope>, EnvelopeError> {
         if self.buffer.len() < 5 {
             return Ok(None);
         }
         let flags = self.buffer[0];
-        let length = u32::from_be_bytes([
-            self.buffer[1],
-            self.buffer[2],
-            self.buffer[3],
-            self.buffer[4],
-        ]) as usize;
+        let length = self.declared();
         if length > self.limit {
             return Err(EnvelopeError::TooLarge {
                 length,
@@ -105,17 +111,9 @@ impl Decoder {
         match self.buffer.len() {
             0 => Ok(()),
             n if n < 5 => Err(EnvelopeError::Truncated { missing: 5 - n }),
-            n => {
-                let length = u32::from_be_bytes([
-                    self.buffer[1],
-                    self.buffer[2],
-                    self.buffer[3],
-                    self.buffer[4],
-                ]) as usize;
-                Err(EnvelopeError::Truncated {
-                    missing: 5 + length - n,
-                })
-            }
+            n => Err(EnvelopeError::Truncated {
+                missing: 5 + self.declared() - n,
+            }),
         }
     }
 }

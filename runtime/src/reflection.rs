@@ -27,23 +27,27 @@ struct Index {
     services: Vec<String>,
 }
 
+/// Reflection's two versions, v1 and v1alpha, answering alike.
+pub type Servers = (
+    v1::server_reflection_server::ServerReflectionServer<Reflection>,
+    v1alpha::server_reflection_server::ServerReflectionServer<Reflection>,
+);
+
+impl Reflection {
+    fn servers(self) -> Servers {
+        (
+            v1::server_reflection_server::ServerReflectionServer::new(self.clone()),
+            v1alpha::server_reflection_server::ServerReflectionServer::new(self),
+        )
+    }
+}
+
 /// Reflection for a server of `services`, besides which it lists health and
 /// reflection themselves. Fails only if a descriptor set built into the
 /// binary does not decode.
-pub fn services(
-    services: &[&str],
-) -> Result<
-    (
-        v1::server_reflection_server::ServerReflectionServer<Reflection>,
-        v1alpha::server_reflection_server::ServerReflectionServer<Reflection>,
-    ),
-    prost_reflect::DescriptorError,
-> {
+pub fn services(services: &[&str]) -> Result<Servers, prost_reflect::DescriptorError> {
     let reflection = Reflection(Arc::new(Index::new(services)?));
-    Ok((
-        v1::server_reflection_server::ServerReflectionServer::new(reflection.clone()),
-        v1alpha::server_reflection_server::ServerReflectionServer::new(reflection),
-    ))
+    Ok(reflection.servers())
 }
 
 /// Reflection over `pool` (a gateway's: every descriptor it fronts),
@@ -52,22 +56,13 @@ pub fn services(
 pub fn over_pool(
     mut pool: DescriptorPool,
     services: &[&str],
-) -> Result<
-    (
-        v1::server_reflection_server::ServerReflectionServer<Reflection>,
-        v1alpha::server_reflection_server::ServerReflectionServer<Reflection>,
-    ),
-    prost_reflect::DescriptorError,
-> {
+) -> Result<Servers, prost_reflect::DescriptorError> {
     add_own(&mut pool)?;
     let reflection = Reflection(Arc::new(Index {
         pool,
         services: listed(services),
     }));
-    Ok((
-        v1::server_reflection_server::ServerReflectionServer::new(reflection.clone()),
-        v1alpha::server_reflection_server::ServerReflectionServer::new(reflection),
-    ))
+    Ok(reflection.servers())
 }
 
 /// Adds health's and reflection's descriptors to `pool`, unless there.

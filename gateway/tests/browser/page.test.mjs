@@ -8,42 +8,21 @@
 
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { mkdtempSync, readFileSync, existsSync, mkdirSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { readFileSync, mkdirSync } from "node:fs";
 import { join } from "node:path";
-import { chromium } from "playwright-core";
+import { WAIT, launchChromium, startMesh, until } from "./support.mjs";
 
-const BIN = process.env.BREWMESH_BIN || "target/debug/brewmesh";
 const SHOTS = process.env.SCREENSHOTS || "target/browser";
-const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
-// Generous: these bound a wait for behaviour, they do not measure it.
-const WAIT = 30_000;
 
 let scratch;
-let mesh;
+let stop;
 let gateway;
 let browser;
 const foreign = [];
 
-async function until(what, check, timeout = WAIT) {
-  const end = Date.now() + timeout;
-  for (;;) {
-    const value = await check();
-    if (value) return value;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
-
 before(async () => {
   mkdirSync(SHOTS, { recursive: true });
-  scratch = mkdtempSync(join(tmpdir(), "brewmesh-browser-"));
-  const ready = join(scratch, "ready.json");
-  mesh = spawn(BIN, [
-    "up", "--data-dir", join(scratch, "data"), "--ready-file", ready,
-    "--gateway-listen", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0",
-    "--payment-listen", "127.0.0.1:0", "--barista-listen", "127.0.0.1:0",
+  ({ gateway, scratch, stop } = await startMesh("browser", [
     "--barista-replicas", "2",
     // Brewing long enough to cancel during it, a card network fast enough
     // that the authorization comes first.
@@ -51,37 +30,13 @@ before(async () => {
     "--barista-arg=--espresso-time=1500ms", "--barista-arg=--milk-time=1s",
     // A small queue, so that serving N customers finds the shop full.
     "--barista-arg=--queue-depth=1",
-  ], {
-    env: { ...process.env, BREWMESH_REGISTRY_TOKEN: `browser-${process.pid}` },
-    stdio: ["ignore", "ignore", "pipe"],
-  });
-  let log = "";
-  mesh.stderr.on("data", (chunk) => {
-    log = (log + chunk).slice(-20_000);
-  });
-  mesh.on("exit", (code) => {
-    if (code !== null && code !== 0) process.stderr.write(`brewmesh up exited ${code}\n${log}\n`);
-  });
-  await until("the mesh's ready file", () => existsSync(ready) && readFileSync(ready, "utf8").length > 0, 60_000);
-  gateway = `http://${JSON.parse(readFileSync(ready, "utf8")).addr}`;
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: [
-      "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    ],
-  });
+  ]));
+  browser = await launchChromium();
 });
 
 after(async () => {
   if (browser) await browser.close();
-  if (mesh && mesh.exitCode === null) {
-    mesh.kill("SIGTERM");
-    await Promise.race([new Promise((r) => mesh.on("exit", r)), new Promise((r) => setTimeout(r, 20_000))]);
-    if (mesh.exitCode === null) mesh.kill("SIGKILL");
-  }
-  if (scratch) rmSync(scratch, { recursive: true, force: true });
+  if (stop) await stop();
   assert.deepEqual(foreign, [], "the page asked a host other than the gateway");
 });
 

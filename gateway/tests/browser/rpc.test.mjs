@@ -10,39 +10,24 @@
 
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
-import { execFileSync, spawn } from "node:child_process";
+import { execFileSync } from "node:child_process";
 import { createServer } from "node:http";
-import { mkdtempSync, readFileSync, existsSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { readFileSync, existsSync } from "node:fs";
 import { join, normalize } from "node:path";
 import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
 import { createConnectTransport, createGrpcTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import { registryOf, scenario } from "./rpc-scenario.mjs";
+import { WAIT, launchChromium, startMesh } from "./support.mjs";
 
-const BIN = process.env.BREWMESH_BIN || "target/debug/brewmesh";
-const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 const DESCRIPTORS = process.env.DESCRIPTORS;
 const HERE = fileURLToPath(new URL(".", import.meta.url));
-const WAIT = 30_000;
 
-let scratch;
-let mesh;
+let stop;
 let gateway;
 let browser;
 let pages;
 let allowed;
 const registry = registryOf(readFileSync(DESCRIPTORS));
-
-async function until(what, check, timeout = WAIT) {
-  const end = Date.now() + timeout;
-  for (;;) {
-    const value = await check();
-    if (value) return value;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
 
 // The browser's modules, as an import map over node_modules: every export
 // of the packages the scenario and connect-web import.
@@ -97,50 +82,21 @@ function pageServer() {
 }
 
 before(async () => {
-  scratch = mkdtempSync(join(tmpdir(), "brewmesh-rpc-"));
   pages = await pageServer();
   allowed = `http://127.0.0.1:${pages.address().port}`;
-  const ready = join(scratch, "ready.json");
-  mesh = spawn(BIN, [
-    "up", "--data-dir", join(scratch, "data"), "--ready-file", ready,
-    "--gateway-listen", "127.0.0.1:0", "--registry-listen", "127.0.0.1:0",
-    "--payment-listen", "127.0.0.1:0", "--barista-listen", "127.0.0.1:0",
+  ({ gateway, stop } = await startMesh("rpc", [
     // Brewing long enough for a 300 ms deadline to end a watch first.
     "--payment-arg=--processing-delay=50ms",
     "--barista-arg=--espresso-time=1500ms", "--barista-arg=--milk-time=500ms",
     `--gateway-arg=--cors-origin=${allowed}`,
-  ], {
-    env: { ...process.env, BREWMESH_REGISTRY_TOKEN: `rpc-${process.pid}` },
-    stdio: ["ignore", "ignore", "pipe"],
-  });
-  let log = "";
-  mesh.stderr.on("data", (chunk) => {
-    log = (log + chunk).slice(-20_000);
-  });
-  mesh.on("exit", (code) => {
-    if (code !== null && code !== 0) process.stderr.write(`brewmesh up exited ${code}\n${log}\n`);
-  });
-  await until("the mesh's ready file", () => existsSync(ready) && readFileSync(ready, "utf8").length > 0, 60_000);
-  gateway = `http://${JSON.parse(readFileSync(ready, "utf8")).addr}`;
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: [
-      "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-      "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    ],
-  });
+  ]));
+  browser = await launchChromium();
 });
 
 after(async () => {
   if (browser) await browser.close();
   if (pages) pages.close();
-  if (mesh && mesh.exitCode === null) {
-    mesh.kill("SIGTERM");
-    await Promise.race([new Promise((r) => mesh.on("exit", r)), new Promise((r) => setTimeout(r, 20_000))]);
-    if (mesh.exitCode === null) mesh.kill("SIGKILL");
-  }
-  if (scratch) rmSync(scratch, { recursive: true, force: true });
+  if (stop) await stop();
 });
 
 function assertCustomer(seen) {
