@@ -63,7 +63,6 @@ pub use state::{Gateway, RunError};
 pub fn router(gateway: Arc<Gateway>) -> Router {
     // Registered now: the families show on /metrics before a request.
     let _ = observe::http();
-    let (decompress, compress) = compression::layers(gateway.compress_min_bytes);
     let rest = any(proxy::handle)
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&gateway),
@@ -84,27 +83,22 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             Arc::clone(&gateway),
             rpc::intercept,
         ))
-        .layer(compress)
-        .layer(
-            tower::ServiceBuilder::new()
-                .layer(decompress)
-                .map_request(compression::boxed),
-        )
         .layer(axum::middleware::from_fn_with_state(gateway, origins))
 }
 
 /// In front of everything: requests from other origins as `--cors-origin`
-/// says ([`cors`]); a refusal is in the request's protocol's own form.
+/// says ([`cors`]), a refusal in the request's protocol's own form; and
+/// the answers' compression.
 async fn origins(
     axum::extract::State(gateway): axum::extract::State<Arc<Gateway>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     match gateway.cors.check(&request) {
-        cors::Verdict::Pass => next.run(request).await,
+        cors::Verdict::Pass => compressed(&gateway, request, next).await,
         cors::Verdict::Preflight(answer) => answer,
         cors::Verdict::Allowed(origin) => {
-            let mut response = next.run(request).await;
+            let mut response = compressed(&gateway, request, next).await;
             gateway.cors.decorate(&origin, response.headers_mut());
             response
         }
@@ -119,6 +113,18 @@ async fn origins(
             }
         }
     }
+}
+
+/// The answer, compressed as the request's `Accept-Encoding` asks
+/// ([`compression::answer`]).
+async fn compressed(
+    gateway: &Gateway,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let encoding = compression::negotiate(request.headers(), "accept-encoding");
+    let response = next.run(request).await;
+    compression::answer(response, encoding, usize::from(gateway.compress_min_bytes)).await
 }
 
 /// Serves the gateway on `listener` until `shutdown`, then lets requests in

@@ -16,6 +16,7 @@ use tonic::Code;
 
 use crate::cache::none_match;
 use crate::codec::DynamicCodec;
+use crate::compression::{Encoding, InflateError};
 use crate::errors::{GatewayError, json_response};
 use crate::metadata::{add_metadata, deadline, forward_headers};
 use crate::routes::{BodyRule, Matched, Route};
@@ -165,20 +166,19 @@ fn json_content(headers: &HeaderMap) -> bool {
     }
 }
 
+/// The request's body, at most `limit` bytes, inflated as its
+/// `Content-Encoding` says (to at most `limit` bytes too).
 pub(crate) async fn read_body(
     body: Body,
     headers: &HeaderMap,
     limit: usize,
 ) -> Result<Bytes, GatewayError> {
     let too_large = || GatewayError::TooLarge { limit };
-    // Known encodings were inflated by the decompression layer, which took
-    // their header away (crate::compression).
-    if let Some(encoding) = headers.get(header::CONTENT_ENCODING) {
-        let name = String::from_utf8_lossy(encoding.as_bytes());
-        if let Err(name) = crate::compression::Encoding::parse(&name) {
-            return Err(GatewayError::UnsupportedEncoding(name));
-        }
-    }
+    let encoding = match headers.get(header::CONTENT_ENCODING) {
+        None => None,
+        Some(value) => Encoding::parse(&String::from_utf8_lossy(value.as_bytes()))
+            .map_err(GatewayError::UnsupportedEncoding)?,
+    };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -186,11 +186,21 @@ pub(crate) async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(error) => Err(GatewayError::Invalid(format!("reading the body: {error}"))),
-    }
+    let raw = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large()),
+        Err(error) => return Err(GatewayError::Invalid(format!("reading the body: {error}"))),
+    };
+    let Some(encoding) = encoding else {
+        return Ok(raw);
+    };
+    // What it inflates to is bounded by the same limit.
+    encoding
+        .decompress(&raw, limit)
+        .map_err(|error| match error {
+            InflateError::TooLarge { .. } => too_large(),
+            InflateError::Corrupt { .. } => GatewayError::Invalid(error.to_string()),
+        })
 }
 
 /// A cached answer, or 304 when the client has it already.

@@ -284,8 +284,7 @@ async fn call(
             checked_envelopes(method, &raw, &parts.headers, limit, codec)?
         }
         Protocol::ConnectUnary(codec) => {
-            // A POST's Content-Encoding was inflated in front
-            // (crate::compression); `read` refuses one not known.
+            // `read` inflates a POST's Content-Encoding.
             let raw = if parts.method == Method::GET {
                 get_message(parts.uri.query(), limit)?
             } else {

@@ -560,6 +560,7 @@ async fn compressed_requests_are_inflated_and_answers_compressed_above_the_floor
         )
         .await;
     assert_eq!(answer.header("content-encoding"), Some("gzip"));
+    assert_eq!(answer.header("vary"), Some("accept-encoding"));
     let plain: Value = serde_json::from_slice(&inflate("gzip", &answer.body)).unwrap();
     assert_eq!(plain["id"], "r");
 
