@@ -35,6 +35,40 @@ impl Codec for DynamicCodec {
     }
 }
 
+/// Encodes any [`DynamicMessage`], answers the responses' bytes as they
+/// came (for [`crate::jsonplan`] to write without decoding them first).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+
+impl Codec for RawCodec {
+    type Encode = DynamicMessage;
+    type Decode = bytes::Bytes;
+    type Encoder = DynamicEncoder;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        DynamicEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawDecoder
+    }
+}
+
+/// See [`RawCodec`].
+#[derive(Debug)]
+pub struct RawDecoder;
+
+impl Decoder for RawDecoder {
+    type Item = bytes::Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<bytes::Bytes>, Status> {
+        use bytes::Buf as _;
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
 /// See [`DynamicCodec`].
 #[derive(Debug)]
 pub struct DynamicEncoder;

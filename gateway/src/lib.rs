@@ -28,6 +28,7 @@ pub mod cors;
 pub mod descriptors;
 pub mod envelope;
 pub mod errors;
+pub mod jsonplan;
 pub mod mesh;
 pub mod metadata;
 pub mod observe;

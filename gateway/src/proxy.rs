@@ -15,7 +15,7 @@ use prost_reflect::DynamicMessage;
 use tonic::Code;
 
 use crate::cache::none_match;
-use crate::codec::DynamicCodec;
+use crate::codec::{DynamicCodec, RawCodec};
 use crate::compression::{Encoding, InflateError};
 use crate::errors::{GatewayError, json_response};
 use crate::metadata::{add_metadata, deadline, forward_headers};
@@ -99,8 +99,8 @@ async fn respond(
                 .await
                 .map(|r| stream_response(gateway, route, r, sse, ends))
         } else {
-            let response = grpc.unary(call, path, codec).await?;
-            Ok(unary_response(gateway, route, &parts.headers, cache_key, response).await)
+            let response = grpc.unary(call, path, RawCodec).await?;
+            unary_response(gateway, route, &parts.headers, cache_key, response).await
         }
     };
     let started = Instant::now();
@@ -124,15 +124,15 @@ async fn unary_response(
     route: &Route,
     headers: &HeaderMap,
     cache_key: Option<String>,
-    response: tonic::Response<DynamicMessage>,
-) -> Response {
-    let (metadata, message, _) = response.into_parts();
-    let json = Bytes::from(transcode::response_json(route, &message));
+    response: tonic::Response<Bytes>,
+) -> Result<Response, tonic::Status> {
+    let (metadata, bytes, _) = response.into_parts();
+    let json = Bytes::from(answer_json(gateway, route, &bytes)?);
     if let (Some(key), Some(ttl)) = (cache_key, route.rpc.cache_ttl) {
         let entry = gateway.cache.put(key, json, ttl).await;
         let mut answer = cached(headers, &entry, "MISS");
         add_metadata(answer.headers_mut(), &metadata);
-        return answer;
+        return Ok(answer);
     }
     let status = if route.rpc.created {
         StatusCode::CREATED
@@ -141,7 +141,21 @@ async fn unary_response(
     };
     let mut answer = json_response(status, json);
     add_metadata(answer.headers_mut(), &metadata);
-    answer
+    Ok(answer)
+}
+
+/// A unary answer's message as JSON: by its plan when one covers it, else
+/// decoded and written through reflection.
+fn answer_json(gateway: &Gateway, route: &Route, bytes: &Bytes) -> Result<Vec<u8>, tonic::Status> {
+    let output = route.rpc.method.output();
+    if route.response_body.is_none()
+        && let Some(json) = gateway.plans.to_json(&output, bytes)
+    {
+        return Ok(json);
+    }
+    let message = DynamicMessage::decode(output, bytes.clone())
+        .map_err(|e| tonic::Status::internal(format!("decoding the response: {e}")))?;
+    Ok(transcode::response_json(route, &message))
 }
 
 fn json_content(headers: &HeaderMap) -> bool {

@@ -345,7 +345,7 @@ async fn call(
             Response::from_parts(head, Body::new(body))
         }
         Protocol::ConnectUnary(codec) => {
-            connect_unary_answer(&pool, method, codec, answer, limit, ends).await?
+            connect_unary_answer(gateway, method, codec, answer, limit, ends).await?
         }
     })
 }
@@ -367,13 +367,14 @@ fn encoding_headers(
 
 /// A Connect unary answer from the backend's gRPC one, read whole.
 async fn connect_unary_answer(
-    pool: &DescriptorPool,
+    gateway: &Gateway,
     method: &MethodDescriptor,
     codec: Codec,
     answer: http::Response<tonic::body::Body>,
     limit: usize,
     ends: tokio::time::Instant,
 ) -> Result<Response, Status> {
+    let (pool, plans) = (&gateway.pool, &gateway.plans);
     let (head, body) = answer.into_parts();
     if let Some(status) = Status::from_header_map(&head.headers)
         && status.code() != Code::Ok
@@ -414,11 +415,14 @@ async fn connect_unary_answer(
     };
     let body = match codec {
         Codec::Proto => message,
-        Codec::Json => {
-            let decoded = DynamicMessage::decode(method.output(), message)
-                .map_err(|e| Status::internal(format!("decoding the answer: {e}")))?;
-            Bytes::from(transcode::to_json(&decoded))
-        }
+        Codec::Json => match plans.to_json(&method.output(), &message) {
+            Some(json) => Bytes::from(json),
+            None => {
+                let decoded = DynamicMessage::decode(method.output(), message)
+                    .map_err(|e| Status::internal(format!("decoding the answer: {e}")))?;
+                Bytes::from(transcode::to_json(&decoded))
+            }
+        },
     };
     let mut headers = metadata_headers(&head.headers, "");
     headers.extend(metadata_headers(&trailers, "trailer-"));

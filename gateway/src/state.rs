@@ -52,6 +52,8 @@ pub enum RunError {
 #[derive(Debug)]
 pub struct Gateway {
     pub(crate) pool: DescriptorPool,
+    /// How each answer's message is written as JSON, when a plan can.
+    pub(crate) plans: crate::jsonplan::Plans,
     pub(crate) routes: HashMap<http::Method, Vec<Arc<Route>>>,
     pub(crate) upstreams: BTreeMap<String, Balanced>,
     pub(crate) timeout: Duration,
@@ -153,6 +155,17 @@ impl Gateway {
             );
         }
 
+        // JSON plans for every answer the backends give.
+        let outputs: Vec<String> = (services.iter())
+            .filter_map(|s| pool.get_service_by_name(s))
+            .flat_map(|s| {
+                s.methods()
+                    .map(|m| m.output().full_name().to_owned())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let plans = crate::jsonplan::Plans::build(&pool, outputs.iter().map(String::as_str));
+
         let health = HealthStatuses::new();
         health.set("", ServingStatus::Serving);
         let draining = CancellationToken::new();
@@ -178,6 +191,7 @@ impl Gateway {
         }
         Ok(Self {
             pool,
+            plans,
             routes,
             upstreams,
             timeout: config.timeout,

@@ -91,7 +91,9 @@ test("a latte ordered with the keyboard alone ends READY with its payment CAPTUR
     assert.ok(events.some((e) => e.includes(step)), `${step} in ${events.join(" | ")}`);
   }
   // Espresso and milk side by side: both lanes have a bar, and they overlap.
-  const box = async (lane) => page.locator(`#lane-${lane} .bar`).first().boundingBox();
+  // The timeline is drawn again with each event: a bar read as it is
+  // replaced has no box, so read until one has.
+  const box = (lane) => until(`a bar in the ${lane} lane`, () => page.locator(`#lane-${lane} .bar`).first().boundingBox());
   const [espresso, milk] = [await box("espresso"), await box("milk")];
   assert.ok(espresso.x < milk.x + milk.width && milk.x < espresso.x + espresso.width, "the two overlap in time");
   await page.screenshot({ path: join(SHOTS, "order-ready.png"), fullPage: true });
