@@ -74,6 +74,9 @@ enum Value {
     Reflect(MessageDescriptor),
 }
 
+/// prost's own limit on nested messages.
+const RECURSION_LIMIT: u32 = 100;
+
 const TIMESTAMP_SECONDS: std::ops::RangeInclusive<i64> = -62_135_596_800..=253_402_300_799;
 
 impl Plans {
@@ -99,7 +102,7 @@ impl Plans {
     pub fn to_json(&self, message: &MessageDescriptor, bytes: &[u8]) -> Option<Vec<u8>> {
         let index = *self.by_name.get(message.full_name())?;
         let mut out = Vec::with_capacity(bytes.len() * 2 + 16);
-        self.write(index, bytes, &mut out)?;
+        self.write(index, bytes, &mut out, 0)?;
         Some(out)
     }
 
@@ -188,7 +191,11 @@ impl Plans {
         }
     }
 
-    fn write(&self, index: usize, bytes: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    fn write(&self, index: usize, bytes: &[u8], out: &mut Vec<u8>, depth: u32) -> Option<()> {
+        // Deeper than prost decodes: left to it, and to its error.
+        if depth >= RECURSION_LIMIT {
+            return None;
+        }
         let plan = &self.messages[index];
         // Every field's occurrences, as (field, wire type, payload), then
         // in field order (a stable sort keeps each field's wire order).
@@ -255,11 +262,11 @@ impl Plans {
                         while !items.is_empty() {
                             let one = field.kind.split_packed(&mut items)?;
                             comma(out, &mut first_item);
-                            self.value_json(&field.kind, field.kind.wire(), one, out)?;
+                            self.value_json(&field.kind, field.kind.wire(), one, out, depth)?;
                         }
                     } else {
                         comma(out, &mut first_item);
-                        self.value_json(&field.kind, *wire, payload, out)?;
+                        self.value_json(&field.kind, *wire, payload, out, depth)?;
                     }
                 }
                 out.push(b']');
@@ -273,7 +280,7 @@ impl Plans {
                     return None;
                 }
                 let (_, wire, payload) = occurrences[occurrences.len() - 1];
-                self.value_json(&field.kind, wire, payload, out)?;
+                self.value_json(&field.kind, wire, payload, out, depth)?;
             }
         }
         out.push(b'}');
@@ -282,7 +289,14 @@ impl Plans {
 
     // Truncations as prost's decoders make them.
     #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
-    fn value_json(&self, kind: &Value, wire: u8, payload: &[u8], out: &mut Vec<u8>) -> Option<()> {
+    fn value_json(
+        &self,
+        kind: &Value,
+        wire: u8,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+        depth: u32,
+    ) -> Option<()> {
         if wire != kind.wire() {
             return None;
         }
@@ -326,7 +340,7 @@ impl Plans {
                 number(payload)?;
                 json(out, &())
             }
-            Value::Message(index) => self.write(*index, payload, out),
+            Value::Message(index) => self.write(*index, payload, out, depth + 1),
             Value::Timestamp => {
                 let timestamp = prost_types::Timestamp::decode(payload).ok()?;
                 if !TIMESTAMP_SECONDS.contains(&timestamp.seconds) {
@@ -637,5 +651,51 @@ mod tests {
             .get_message_by_name("google.protobuf.Timestamp")
             .unwrap();
         assert!(!plans.covers(&timestamp));
+    }
+
+    #[test]
+    fn a_recursive_type_is_written_to_prosts_depth_and_no_deeper() {
+        use prost_types::field_descriptor_proto::{Label, Type};
+        let file = prost_types::FileDescriptorProto {
+            name: Some("tree.proto".into()),
+            package: Some("t".into()),
+            syntax: Some("proto3".into()),
+            message_type: vec![prost_types::DescriptorProto {
+                name: Some("Node".into()),
+                field: vec![prost_types::FieldDescriptorProto {
+                    name: Some("child".into()),
+                    json_name: Some("child".into()),
+                    number: Some(1),
+                    label: Some(Label::Optional as i32),
+                    r#type: Some(Type::Message as i32),
+                    type_name: Some(".t.Node".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let pool = DescriptorPool::from_file_descriptor_set(prost_types::FileDescriptorSet {
+            file: vec![file],
+        })
+        .unwrap();
+        let node = pool.get_message_by_name("t.Node").unwrap();
+        let plans = Plans::build(&pool, ["t.Node"]);
+        let nested = |levels: usize| {
+            let mut bytes: Vec<u8> = Vec::new();
+            for _ in 0..levels {
+                let mut outer = vec![0x0a];
+                prost::encoding::encode_varint(bytes.len() as u64, &mut outer);
+                outer.extend_from_slice(&bytes);
+                bytes = outer;
+            }
+            bytes
+        };
+        let shallow = nested(50);
+        let expected = to_json(&DynamicMessage::decode(node.clone(), &shallow[..]).unwrap());
+        assert_eq!(plans.to_json(&node, &shallow).unwrap(), expected);
+        // A backend's answer nested past prost's limit is not walked (no
+        // stack is spent on it here); reflection refuses it.
+        assert!(plans.to_json(&node, &nested(10_000)).is_none());
     }
 }
