@@ -15,7 +15,7 @@ use prost_reflect::DynamicMessage;
 use tonic::Code;
 
 use crate::cache::none_match;
-use crate::codec::{DynamicCodec, RawCodec};
+use crate::codec::RawCodec;
 use crate::compression::{Encoding, InflateError};
 use crate::errors::{GatewayError, json_response};
 use crate::metadata::{add_metadata, deadline, forward_headers};
@@ -87,7 +87,6 @@ async fn respond(
     let ends = arrived + timeout;
     let timeout = ends.saturating_duration_since(tokio::time::Instant::now());
     call.set_timeout(timeout);
-    let codec = DynamicCodec::new(route.rpc.method.output());
     let path = route.rpc.path.clone();
     let sse = accepts_event_stream(&parts.headers);
     let exchange = async {
@@ -95,7 +94,7 @@ async fn respond(
             .await
             .map_err(|e| tonic::Status::unavailable(format!("backend unavailable: {e}")))?;
         if streaming {
-            grpc.server_streaming(call, path, codec)
+            grpc.server_streaming(call, path, RawCodec)
                 .await
                 .map(|r| stream_response(gateway, route, r, sse, ends))
         } else {
@@ -144,9 +143,13 @@ async fn unary_response(
     Ok(answer)
 }
 
-/// A unary answer's message as JSON: by its plan when one covers it, else
+/// An answer's message as JSON: by its plan when one covers it, else
 /// decoded and written through reflection.
-fn answer_json(gateway: &Gateway, route: &Route, bytes: &Bytes) -> Result<Vec<u8>, tonic::Status> {
+pub(crate) fn answer_json(
+    gateway: &Gateway,
+    route: &Route,
+    bytes: &Bytes,
+) -> Result<Vec<u8>, tonic::Status> {
     let output = route.rpc.method.output();
     if route.response_body.is_none()
         && let Some(json) = gateway.plans.to_json(&output, bytes)

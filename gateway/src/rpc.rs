@@ -298,7 +298,7 @@ async fn call(
     let answer = tokio::time::timeout_at(ends, forward(gateway, service, upstream))
         .await
         .unwrap_or_else(|_| Err(Status::deadline_exceeded("the deadline passed")))?;
-    let pool = gateway.pool.clone();
+    let (pool, plans) = (gateway.pool.clone(), Arc::clone(&gateway.plans));
     Ok(match protocol {
         Protocol::Grpc => answer.map(Body::new),
         Protocol::GrpcWeb { text } => {
@@ -317,7 +317,7 @@ async fn call(
             }
             let encoding = compression::negotiate(&parts.headers, "grpc-accept-encoding");
             encoding_headers(h, encoding, "grpc-encoding", "grpc-accept-encoding");
-            let body = Translated::new(body, Mode::GrpcWeb { text }, limit, ends, pool)
+            let body = Translated::new(body, Mode::GrpcWeb { text }, limit, ends, pool, plans)
                 .compressed(encoding, floor);
             Response::from_parts(head, Body::new(body))
         }
@@ -341,7 +341,8 @@ async fn call(
                 "connect-content-encoding",
                 "connect-accept-encoding",
             );
-            let body = Translated::new(body, mode, limit, ends, pool).compressed(encoding, floor);
+            let body =
+                Translated::new(body, mode, limit, ends, pool, plans).compressed(encoding, floor);
             Response::from_parts(head, Body::new(body))
         }
         Protocol::ConnectUnary(codec) => {

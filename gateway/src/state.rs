@@ -53,7 +53,7 @@ pub enum RunError {
 pub struct Gateway {
     pub(crate) pool: DescriptorPool,
     /// How each answer's message is written as JSON, when a plan can.
-    pub(crate) plans: crate::jsonplan::Plans,
+    pub(crate) plans: Arc<crate::jsonplan::Plans>,
     pub(crate) routes: HashMap<http::Method, Vec<Arc<Route>>>,
     pub(crate) upstreams: BTreeMap<String, Balanced>,
     pub(crate) timeout: Duration,
@@ -164,7 +164,10 @@ impl Gateway {
                     .collect::<Vec<_>>()
             })
             .collect();
-        let plans = crate::jsonplan::Plans::build(&pool, outputs.iter().map(String::as_str));
+        let plans = Arc::new(crate::jsonplan::Plans::build(
+            &pool,
+            outputs.iter().map(String::as_str),
+        ));
 
         let health = HealthStatuses::new();
         health.set("", ServingStatus::Serving);

@@ -11,16 +11,15 @@ use axum::body::Body;
 use axum::response::Response;
 use bytes::{BufMut as _, Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, header};
-use prost_reflect::DynamicMessage;
 use serde_json::json;
 use tokio_stream::wrappers::IntervalStream;
 use tokio_stream::{Stream, StreamExt as _};
 
 use crate::errors::status_json;
 use crate::metadata::add_metadata;
+use crate::proxy::answer_json;
 use crate::routes::Route;
 use crate::state::Gateway;
-use crate::transcode;
 
 /// Whether the client asked for Server-Sent Events.
 pub(crate) fn accepts_event_stream(headers: &HeaderMap) -> bool {
@@ -91,7 +90,7 @@ where
 pub(crate) fn stream_response(
     gateway: &Arc<Gateway>,
     route: &Route,
-    response: tonic::Response<tonic::Streaming<DynamicMessage>>,
+    response: tonic::Response<tonic::Streaming<Bytes>>,
     sse: bool,
     ends: tokio::time::Instant,
 ) -> Response {
@@ -106,7 +105,11 @@ pub(crate) fn stream_response(
                 "the stream's deadline passed; send a longer Grpc-Timeout, or watch again from the last message received",
             )))
         });
+    // Each message as JSON here, so that one that does not decode ends
+    // the stream as the codec's error did.
+    let (gw, rt) = (Arc::clone(&gateway), route.clone());
     let stream = stream
+        .map(move |item| item.and_then(|bytes| answer_json(&gw, &rt, &bytes)))
         .map(Some)
         .chain(tokio_stream::once(None))
         .merge(expired);
@@ -118,14 +121,14 @@ pub(crate) fn stream_response(
     let frames = items.map(move |item| -> Result<Bytes, Infallible> {
         let mut frame = BytesMut::with_capacity(256);
         match (item, sse) {
-            (Ok(message), false) => {
+            (Ok(json), false) => {
                 frame.put_slice(b"{\"result\":");
-                frame.put_slice(&transcode::response_json(&route, &message));
+                frame.put_slice(&json);
                 frame.put_slice(b"}\n");
             }
-            (Ok(message), true) => {
+            (Ok(json), true) => {
                 frame.put_slice(b"data: ");
-                frame.put_slice(&transcode::response_json(&route, &message));
+                frame.put_slice(&json);
                 frame.put_slice(b"\n\n");
             }
             (Err(status), false) => {

@@ -16,8 +16,11 @@ use http_body::Frame;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
 use tonic::Status;
 
+use std::sync::Arc;
+
 use crate::compression::Encoding;
 use crate::envelope::{self, COMPRESSED, Decoder, TRAILERS};
+use crate::jsonplan::Plans;
 use crate::protocols::{Codec, end_stream, past_deadline};
 use crate::transcode;
 
@@ -49,6 +52,7 @@ pub struct Translated {
     done: bool,
     deadline: Pin<Box<tokio::time::Sleep>>,
     pool: DescriptorPool,
+    plans: Arc<Plans>,
     /// Messages of at least this many bytes are sent compressed so.
     compress: Option<(Encoding, usize)>,
 }
@@ -62,6 +66,7 @@ impl Translated {
         limit: usize,
         ends: tokio::time::Instant,
         pool: DescriptorPool,
+        plans: Arc<Plans>,
     ) -> Self {
         let mut this = Self {
             inner,
@@ -71,6 +76,7 @@ impl Translated {
             done: false,
             deadline: Box::pin(tokio::time::sleep_until(ends)),
             pool,
+            plans,
             compress: None,
         };
         if let Mode::Connect {
@@ -134,14 +140,18 @@ impl Translated {
             };
             let message = match &json {
                 None => message,
-                Some(output) => match DynamicMessage::decode(output.clone(), message) {
-                    Ok(message) => Bytes::from(transcode::to_json(&message)),
-                    Err(error) => {
-                        let status =
-                            Status::internal(format!("decoding the backend's message: {error}"));
-                        self.end(&status, &HeaderMap::new());
-                        return;
-                    }
+                Some(output) => match self.plans.to_json(output, &message) {
+                    Some(json) => Bytes::from(json),
+                    None => match DynamicMessage::decode(output.clone(), message) {
+                        Ok(message) => Bytes::from(transcode::to_json(&message)),
+                        Err(error) => {
+                            let status = Status::internal(format!(
+                                "decoding the backend's message: {error}"
+                            ));
+                            self.end(&status, &HeaderMap::new());
+                            return;
+                        }
+                    },
                 },
             };
             let framed = match self.compress {
