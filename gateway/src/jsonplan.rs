@@ -19,6 +19,9 @@ use prost_reflect::{
     DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, Syntax,
 };
 
+use bytes::Bytes;
+
+use crate::routes::Route;
 use crate::transcode::ProtoJson;
 
 /// Every plan the gateway has, by message name.
@@ -104,6 +107,21 @@ impl Plans {
         let mut out = Vec::with_capacity(bytes.len() * 2 + 16);
         self.write(index, bytes, &mut out, 0)?;
         Some(out)
+    }
+
+    /// A route's answer as JSON: by its plan when one covers it, else
+    /// decoded and written through reflection (INTERNAL when it does not
+    /// decode).
+    pub fn answer(&self, route: &Route, bytes: &Bytes) -> Result<Vec<u8>, tonic::Status> {
+        let output = route.rpc.method.output();
+        if route.response_body.is_none()
+            && let Some(json) = self.to_json(&output, bytes)
+        {
+            return Ok(json);
+        }
+        let message = DynamicMessage::decode(output, bytes.clone())
+            .map_err(|e| tonic::Status::internal(format!("decoding the response: {e}")))?;
+        Ok(crate::transcode::response_json(route, &message))
     }
 
     fn plan(&mut self, message: &MessageDescriptor) -> Option<usize> {

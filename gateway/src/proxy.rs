@@ -11,7 +11,6 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
-use prost_reflect::DynamicMessage;
 use tonic::Code;
 
 use crate::cache::none_match;
@@ -126,7 +125,7 @@ async fn unary_response(
     response: tonic::Response<Bytes>,
 ) -> Result<Response, tonic::Status> {
     let (metadata, bytes, _) = response.into_parts();
-    let json = Bytes::from(answer_json(gateway, route, &bytes)?);
+    let json = Bytes::from(gateway.plans.answer(route, &bytes)?);
     if let (Some(key), Some(ttl)) = (cache_key, route.rpc.cache_ttl) {
         let entry = gateway.cache.put(key, json, ttl).await;
         let mut answer = cached(headers, &entry, "MISS");
@@ -141,24 +140,6 @@ async fn unary_response(
     let mut answer = json_response(status, json);
     add_metadata(answer.headers_mut(), &metadata);
     Ok(answer)
-}
-
-/// An answer's message as JSON: by its plan when one covers it, else
-/// decoded and written through reflection.
-pub(crate) fn answer_json(
-    gateway: &Gateway,
-    route: &Route,
-    bytes: &Bytes,
-) -> Result<Vec<u8>, tonic::Status> {
-    let output = route.rpc.method.output();
-    if route.response_body.is_none()
-        && let Some(json) = gateway.plans.to_json(&output, bytes)
-    {
-        return Ok(json);
-    }
-    let message = DynamicMessage::decode(output, bytes.clone())
-        .map_err(|e| tonic::Status::internal(format!("decoding the response: {e}")))?;
-    Ok(transcode::response_json(route, &message))
 }
 
 fn json_content(headers: &HeaderMap) -> bool {

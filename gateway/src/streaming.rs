@@ -17,7 +17,6 @@ use tokio_stream::{Stream, StreamExt as _};
 
 use crate::errors::status_json;
 use crate::metadata::add_metadata;
-use crate::proxy::answer_json;
 use crate::routes::Route;
 use crate::state::Gateway;
 
@@ -109,7 +108,7 @@ pub(crate) fn stream_response(
     // the stream as the codec's error did.
     let (gw, rt) = (Arc::clone(&gateway), route.clone());
     let stream = stream
-        .map(move |item| item.and_then(|bytes| answer_json(&gw, &rt, &bytes)))
+        .map(move |item| item.and_then(|bytes| gw.plans.answer(&rt, &bytes)))
         .map(Some)
         .chain(tokio_stream::once(None))
         .merge(expired);
