@@ -114,14 +114,29 @@ impl Plans {
     /// decode).
     pub fn answer(&self, route: &Route, bytes: &Bytes) -> Result<Vec<u8>, tonic::Status> {
         let output = route.rpc.method.output();
-        if route.response_body.is_none()
-            && let Some(json) = self.to_json(&output, bytes)
-        {
+        let decoding =
+            |e: prost::DecodeError| tonic::Status::internal(format!("decoding the response: {e}"));
+        match &route.response_body {
+            None => self.json(&output, bytes).map_err(decoding),
+            Some(_) => {
+                let message = DynamicMessage::decode(output, bytes.clone()).map_err(decoding)?;
+                Ok(crate::transcode::response_json(route, &message))
+            }
+        }
+    }
+
+    /// `bytes`, a `message`, as JSON: by its plan when one covers it, else
+    /// decoded and written through reflection.
+    pub fn json(
+        &self,
+        message: &MessageDescriptor,
+        bytes: &[u8],
+    ) -> Result<Vec<u8>, prost::DecodeError> {
+        if let Some(json) = self.to_json(message, bytes) {
             return Ok(json);
         }
-        let message = DynamicMessage::decode(output, bytes.clone())
-            .map_err(|e| tonic::Status::internal(format!("decoding the response: {e}")))?;
-        Ok(crate::transcode::response_json(route, &message))
+        let decoded = DynamicMessage::decode(message.clone(), bytes)?;
+        Ok(crate::transcode::to_json(&decoded))
     }
 
     fn plan(&mut self, message: &MessageDescriptor) -> Option<usize> {

@@ -102,21 +102,10 @@ pub fn connect_code(code: Code) -> &'static str {
     }
 }
 
-/// `google.rpc.Status`, to read a status's details.
-#[derive(Clone, PartialEq, prost::Message)]
-struct RpcStatus {
-    #[prost(int32, tag = "1")]
-    code: i32,
-    #[prost(string, tag = "2")]
-    message: String,
-    #[prost(message, repeated, tag = "3")]
-    details: Vec<prost_types::Any>,
-}
-
 /// Connect's error JSON: code, message, and each detail with its type,
 /// its bytes (base64) and, when the type is known, its JSON as `debug`.
 pub fn connect_error_json(pool: &DescriptorPool, status: &Status) -> serde_json::Value {
-    let details: Vec<serde_json::Value> = RpcStatus::decode(status.details())
+    let details: Vec<serde_json::Value> = tonic_types::Status::decode(status.details())
         .map(|s| s.details)
         .unwrap_or_default()
         .into_iter()

@@ -3,7 +3,7 @@
 //! document, newline-delimited JSON or Server-Sent Events.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -11,13 +11,13 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
-use tonic::Code;
 
 use crate::cache::none_match;
 use crate::codec::RawCodec;
 use crate::compression::{Encoding, InflateError};
 use crate::errors::{GatewayError, json_response};
 use crate::metadata::{add_metadata, deadline, forward_headers};
+use crate::protocols::past_deadline;
 use crate::routes::{BodyRule, Matched, Route};
 use crate::state::Gateway;
 use crate::streaming::{accepts_event_stream, stream_response};
@@ -66,10 +66,8 @@ async fn respond(
         return Ok(cached(&parts.headers, &entry, "HIT"));
     }
 
-    let upstream = match gateway.upstreams.get(&route.rpc.service) {
-        // A second for the first instance to be found (just after start).
-        Some(upstream) if upstream.known(Duration::from_secs(1)).await => upstream,
-        _ => return Err(GatewayError::NoInstance(route.rpc.service.clone())),
+    let Some(upstream) = gateway.known_upstream(&route.rpc.service).await else {
+        return Err(GatewayError::NoInstance(route.rpc.service.clone()));
     };
     let mut grpc = tonic::client::Grpc::new(upstream.clone());
     let streaming = route.rpc.method.is_server_streaming();
@@ -101,19 +99,10 @@ async fn respond(
             unary_response(gateway, route, &parts.headers, cache_key, response).await
         }
     };
-    let started = Instant::now();
     let outcome = tokio::time::timeout(timeout, exchange)
         .await
         .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("the deadline passed")))
-        .map_err(|status| {
-            // tonic servers end an expired call with CANCELLED; past the
-            // client's deadline that is a deadline, as in grpc-go.
-            if status.code() == Code::Cancelled && started.elapsed() >= timeout {
-                tonic::Status::deadline_exceeded(status.message())
-            } else {
-                status
-            }
-        });
+        .map_err(|status| past_deadline(&status, ends).unwrap_or(status));
     outcome.map_err(|status| GatewayError::upstream(&gateway.pool, status))
 }
 

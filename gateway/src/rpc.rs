@@ -34,6 +34,8 @@ use serde_json::json;
 use tonic::{Code, Status};
 use tower::ServiceExt as _;
 
+use brewmesh_runtime::ejection::grpc_timeout_value;
+
 use crate::compression::{self, Encoding, InflateError};
 use crate::envelope::{self, COMPRESSED};
 use crate::errors::{GatewayError, http_status, json_response};
@@ -416,14 +418,10 @@ async fn connect_unary_answer(
     };
     let body = match codec {
         Codec::Proto => message,
-        Codec::Json => match plans.to_json(&method.output(), &message) {
-            Some(json) => Bytes::from(json),
-            None => {
-                let decoded = DynamicMessage::decode(method.output(), message)
-                    .map_err(|e| Status::internal(format!("decoding the answer: {e}")))?;
-                Bytes::from(transcode::to_json(&decoded))
-            }
-        },
+        Codec::Json => plans
+            .json(&method.output(), &message)
+            .map(Bytes::from)
+            .map_err(|e| Status::internal(format!("decoding the answer: {e}")))?,
     };
     let mut headers = metadata_headers(&head.headers, "");
     headers.extend(metadata_headers(&trailers, "trailer-"));
@@ -447,13 +445,10 @@ async fn forward(
         let Ok(response) = gateway.local.clone().oneshot(request).await;
         return Ok(response);
     }
-    let upstream = match gateway.upstreams.get(service) {
-        Some(upstream) if upstream.known(Duration::from_secs(1)).await => upstream,
-        _ => {
-            return Err(Status::unavailable(format!(
-                "no instance of {service} is known"
-            )));
-        }
+    let Some(upstream) = gateway.known_upstream(service).await else {
+        return Err(Status::unavailable(
+            GatewayError::NoInstance(service.to_owned()).message(),
+        ));
     };
     upstream
         .clone()
@@ -508,19 +503,8 @@ fn upstream_request(
     if left.is_zero() {
         return Err(Status::deadline_exceeded("the deadline passed"));
     }
-    headers.insert("grpc-timeout", timeout_header(left));
+    headers.insert("grpc-timeout", grpc_timeout_value(left));
     Ok(request)
-}
-
-/// A `grpc-timeout` value: microseconds while they fit its eight digits,
-/// milliseconds beyond.
-fn timeout_header(left: Duration) -> HeaderValue {
-    let value = if left < Duration::from_secs(99) {
-        format!("{}u", left.as_micros().max(1))
-    } else {
-        format!("{}m", left.as_millis().min(99_999_999))
-    };
-    HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("1S"))
 }
 
 /// The client's deadline: `grpc-timeout`, or Connect's
@@ -862,11 +846,5 @@ mod tests {
         assert!(get_message(Some("encoding=json&compression=gzip&message=x"), 100).is_err());
         let refused = get_message(Some("encoding=json&compression=br&message=x"), 100);
         assert_eq!(refused.unwrap_err().code(), Code::Unimplemented);
-    }
-
-    #[test]
-    fn timeouts_above_99_seconds_go_in_milliseconds() {
-        assert_eq!(timeout_header(Duration::from_millis(1500)), "1500000u");
-        assert_eq!(timeout_header(Duration::from_secs(300)), "300000m");
     }
 }

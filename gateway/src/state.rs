@@ -81,6 +81,16 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// The balanced channel of `service`, once an instance of it is known:
+    /// a second for the first to be found (just after start), else `None`.
+    pub(crate) async fn known_upstream(&self, service: &str) -> Option<&Balanced> {
+        let upstream = self.upstreams.get(service)?;
+        upstream
+            .known(Duration::from_secs(1))
+            .await
+            .then_some(upstream)
+    }
+
     /// Loads the descriptors, builds the routes and the upstream channels.
     /// Must be called inside a Tokio runtime.
     pub async fn build(config: &Config) -> Result<Self, RunError> {

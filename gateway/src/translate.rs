@@ -13,7 +13,7 @@ use base64::Engine as _;
 use bytes::{BufMut as _, Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::Frame;
-use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
+use prost_reflect::{DescriptorPool, MessageDescriptor};
 use tonic::Status;
 
 use std::sync::Arc;
@@ -22,7 +22,6 @@ use crate::compression::Encoding;
 use crate::envelope::{self, COMPRESSED, Decoder, TRAILERS};
 use crate::jsonplan::Plans;
 use crate::protocols::{Codec, end_stream, past_deadline};
-use crate::transcode;
 
 /// What the answer becomes.
 #[derive(Debug)]
@@ -140,18 +139,14 @@ impl Translated {
             };
             let message = match &json {
                 None => message,
-                Some(output) => match self.plans.to_json(output, &message) {
-                    Some(json) => Bytes::from(json),
-                    None => match DynamicMessage::decode(output.clone(), message) {
-                        Ok(message) => Bytes::from(transcode::to_json(&message)),
-                        Err(error) => {
-                            let status = Status::internal(format!(
-                                "decoding the backend's message: {error}"
-                            ));
-                            self.end(&status, &HeaderMap::new());
-                            return;
-                        }
-                    },
+                Some(output) => match self.plans.json(output, &message) {
+                    Ok(json) => Bytes::from(json),
+                    Err(error) => {
+                        let status =
+                            Status::internal(format!("decoding the backend's message: {error}"));
+                        self.end(&status, &HeaderMap::new());
+                        return;
+                    }
                 },
             };
             let framed = match self.compress {

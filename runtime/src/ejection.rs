@@ -466,6 +466,18 @@ pub fn grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
+/// `left` as a `grpc-timeout` value: microseconds while they fit the
+/// header's eight digits (below 99 s), milliseconds beyond (at most eight
+/// digits of them).
+pub fn grpc_timeout_value(left: Duration) -> http::HeaderValue {
+    let value = if left < Duration::from_secs(99) {
+        format!("{}u", left.as_micros().max(1))
+    } else {
+        format!("{}m", left.as_millis().min(99_999_999))
+    };
+    http::HeaderValue::from_str(&value).unwrap_or(http::HeaderValue::from_static("1S"))
+}
+
 fn record(outcomes: &Outcomes, shared: &Ejections, address: &str, outcome: Outcome) {
     let latency = match outcome {
         Outcome::Full(wait) => {
@@ -741,6 +753,16 @@ mod tests {
         assert_eq!(grpc_timeout("5u"), Some(Duration::from_micros(5)));
         assert_eq!(grpc_timeout("x"), None);
         assert_eq!(grpc_timeout(""), None);
+    }
+
+    #[test]
+    fn timeouts_above_99_seconds_go_in_milliseconds_and_read_back() {
+        assert_eq!(grpc_timeout_value(Duration::from_millis(1500)), "1500000u");
+        assert_eq!(grpc_timeout_value(Duration::from_secs(300)), "300000m");
+        // Eight digits at most, whatever the deadline.
+        let far = grpc_timeout_value(Duration::from_secs(400_000));
+        assert_eq!(far, "99999999m");
+        assert!(grpc_timeout(far.to_str().unwrap()).is_some());
     }
 
     #[tokio::test(start_paused = true)]

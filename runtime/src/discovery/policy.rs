@@ -45,7 +45,7 @@ use tower::retry::budget::Budget as _;
 /// The budget of extra attempts (tower's, as linkerd's).
 pub use tower::retry::budget::TpsBudget;
 
-use crate::ejection::{deadline_of, pushback};
+use crate::ejection::{deadline_of, grpc_timeout_value, pushback};
 
 /// How safe a method is to send more than once: its proto
 /// `idempotency_level`.
@@ -579,16 +579,9 @@ impl<S: Attempts> Call<S> {
             if left.is_zero() {
                 return None;
             }
-            // Microseconds fit the header's eight digits up to 100 s;
-            // milliseconds beyond.
-            let value = if left < Duration::from_secs(99) {
-                format!("{}u", left.as_micros().max(1))
-            } else {
-                format!("{}m", left.as_millis())
-            };
             parts
                 .headers
-                .insert("grpc-timeout", http::HeaderValue::from_str(&value).ok()?);
+                .insert("grpc-timeout", grpc_timeout_value(left));
         }
         if previous > 0 {
             parts.headers.insert(
