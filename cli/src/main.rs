@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+mod certs;
 mod load;
 mod up;
 
@@ -18,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use brewmesh_runtime::defaults::{BARISTA_ADDR, GATEWAY_ADDR, PAYMENT_ADDR, REGISTRY_ADDR};
+use brewmesh_runtime::mtls::{MeshTls, TlsArgs, role};
 use brewmesh_runtime::server::Drained;
 use brewmesh_runtime::telemetry::LogFormat;
 
@@ -35,6 +37,9 @@ struct Cli {
     /// whole. Scripts wait for it instead of reading logs.
     #[arg(long, global = true, env = "BREWMESH_READY_FILE")]
     ready_file: Option<std::path::PathBuf>,
+
+    #[command(flatten)]
+    tls: TlsArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -57,6 +62,8 @@ enum Command {
     /// Check every order against the payment ledger: exit 1 on any
     /// mismatch.
     Audit(audit::Args),
+    /// Make a CA and a certificate per role (for `--tls-dir`).
+    Certs(certs::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,19 +72,30 @@ fn main() -> anyhow::Result<()> {
         brewmesh_runtime::ready::set_file(path.clone());
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the Tokio runtime")?;
+    let tls = cli.tls;
     runtime.block_on(async move {
         match cli.command {
             Command::Up(args) => {
+                anyhow::ensure!(
+                    tls.tls_dir.is_none(),
+                    "`up` makes its own CA and certificates (under --data-dir, in tls/); \
+                     --tls-dir is for running one role"
+                );
                 let readable = std::io::stdout().is_terminal();
                 let format = cli.log_format.unwrap_or(if readable {
                     LogFormat::Text
                 } else {
                     LogFormat::Json
                 });
-                up::run(args, format).await
+                up::run(args, format, tls.insecure).await
             }
-            Command::Load(args) => load::run(args).await,
+            Command::Certs(args) => certs::run(args),
+            Command::Load(args) => {
+                client_identity(&tls)?;
+                load::run(args).await
+            }
             Command::Audit(args) => {
+                client_identity(&tls)?;
                 if !audit::run(args).await? {
                     std::process::exit(1);
                 }
@@ -85,34 +103,89 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Registry(config) => {
                 let addr = config.serve.listen.unwrap_or(default_addr(REGISTRY_ADDR));
-                serve("registry", cli.log_format, addr, |listener, shutdown| {
-                    brewmesh_registry::run(listener, config, shutdown)
-                })
+                serve(
+                    role::REGISTRY,
+                    &tls,
+                    cli.log_format,
+                    addr,
+                    |listener, shutdown| brewmesh_registry::run(listener, config, shutdown),
+                )
                 .await
             }
             Command::Payment(config) => {
                 let addr = config.serve.listen.unwrap_or(default_addr(PAYMENT_ADDR));
-                serve("payment", cli.log_format, addr, |listener, shutdown| {
-                    brewmesh_payment::run(listener, config, shutdown)
-                })
+                serve(
+                    role::PAYMENT,
+                    &tls,
+                    cli.log_format,
+                    addr,
+                    |listener, shutdown| brewmesh_payment::run(listener, config, shutdown),
+                )
                 .await
             }
             Command::Gateway(config) => {
                 let addr = config.listen.unwrap_or(default_addr(GATEWAY_ADDR));
-                serve("gateway", cli.log_format, addr, |listener, shutdown| {
-                    brewmesh_gateway::run(listener, config, shutdown)
-                })
+                serve(
+                    role::GATEWAY,
+                    &tls,
+                    cli.log_format,
+                    addr,
+                    |listener, shutdown| brewmesh_gateway::run(listener, config, shutdown),
+                )
                 .await
             }
             Command::Barista(config) => {
                 let addr = config.serve.listen.unwrap_or(default_addr(BARISTA_ADDR));
-                serve("barista", cli.log_format, addr, |listener, shutdown| {
-                    brewmesh_barista::run(listener, config, shutdown)
-                })
+                serve(
+                    role::BARISTA,
+                    &tls,
+                    cli.log_format,
+                    addr,
+                    |listener, shutdown| brewmesh_barista::run(listener, config, shutdown),
+                )
                 .await
             }
         }
     })
+}
+
+/// Installs the identity in `--tls-dir`, which must be `role`'s; without
+/// one, only `--insecure` lets a server start (plaintext, and said so).
+fn server_identity(role: &str, tls: &TlsArgs) -> anyhow::Result<()> {
+    let Some(dir) = &tls.tls_dir else {
+        anyhow::ensure!(
+            tls.insecure,
+            "brewmesh {role} talks mutual TLS with its peers: pass --tls-dir DIR \
+             (tls.crt, tls.key and ca.crt, as `brewmesh up` writes one per instance \
+             under its data directory and cert-manager writes a Secret), or --insecure \
+             for plaintext"
+        );
+        tracing::warn!(
+            "--insecure: plaintext gRPC with no peer identities; anyone who reaches \
+             this port may call every RPC"
+        );
+        return Ok(());
+    };
+    let mesh = MeshTls::load(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let identity = mesh.identity();
+    anyhow::ensure!(
+        identity.role() == role,
+        "{} holds the identity {identity}, not {role}'s",
+        dir.display()
+    );
+    tracing::info!(%identity, dir = %dir.display(), "mutual TLS");
+    brewmesh_runtime::mtls::install(mesh);
+    Ok(())
+}
+
+/// A client (`load`, `audit`) presents the identity in `--tls-dir` if it
+/// is given one, and speaks plaintext if not.
+fn client_identity(tls: &TlsArgs) -> anyhow::Result<()> {
+    if let Some(dir) = &tls.tls_dir {
+        let mesh = MeshTls::load(dir).with_context(|| format!("reading {}", dir.display()))?;
+        brewmesh_runtime::mtls::install(mesh);
+    }
+    Ok(())
 }
 
 fn default_addr(addr: &str) -> SocketAddr {
@@ -123,6 +196,7 @@ fn default_addr(addr: &str) -> SocketAddr {
 /// SIGTERM/SIGINT and its drain; then flushes the traces.
 async fn serve<F, Fut, E>(
     role: &str,
+    tls: &TlsArgs,
     log_format: Option<LogFormat>,
     addr: SocketAddr,
     run: F,
@@ -136,6 +210,10 @@ where
         log_format.unwrap_or(LogFormat::Json),
         brewmesh_runtime::telemetry::Identity::of(role),
     )?;
+    if let Err(error) = server_identity(role, tls) {
+        tracing::error!(error = format!("{error:#}"), "no identity");
+        return Err(error);
+    }
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr}"))?;

@@ -247,6 +247,15 @@ fn grpcurl(args: &[&str]) -> String {
     String::from_utf8(output.stdout).expect("utf-8")
 }
 
+/// grpcurl over mutual TLS with `up`'s operator certificate in `operator`.
+fn grpcurl_tls(operator: &std::path::Path, args: &[&str]) -> String {
+    let file = |name: &str| operator.join(name).display().to_string();
+    let (ca, crt, key) = (file("ca.crt"), file("tls.crt"), file("tls.key"));
+    let mut all = vec!["-cacert", &ca, "-cert", &crt, "-key", &key];
+    all.extend_from_slice(args);
+    grpcurl(&all)
+}
+
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
@@ -254,7 +263,7 @@ fn json(text: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
     let dir = tempfile::tempdir().unwrap();
-    let args = Process::up_args(
+    let args = Process::up_args_mtls(
         dir.path(),
         &[
             "--payment-arg=--processing-delay=50ms",
@@ -265,37 +274,43 @@ async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
     let mut up = Process::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let payment = up.instance("payment-1").to_string();
     let barista = up.instance("barista-1").to_string();
+    // As the banner says: grpcurl with the operator's certificate.
+    let operator = dir.path().join("tls").join("operator");
+    let grpcurl = |args: &[&str]| grpcurl_tls(&operator, args);
 
     for (addr, service) in [
         (&barista, "brewmesh.barista.v1.Barista"),
         (&payment, "brewmesh.payment.v1.Payments"),
     ] {
-        let listed = grpcurl(&["-plaintext", addr, "list"]);
+        let listed = grpcurl(&[addr, "list"]);
         assert!(listed.lines().any(|l| l == service), "{listed}");
         assert!(
             listed.lines().any(|l| l == "grpc.health.v1.Health"),
             "{listed}"
         );
-        let described = grpcurl(&["-plaintext", addr, "describe", service]);
+        let described = grpcurl(&[addr, "describe", service]);
         assert!(described.contains("is a service"), "{described}");
         let health = json(&grpcurl(&[
-            "-plaintext",
             "-d",
             &format!(r#"{{"service":"{service}"}}"#),
             addr,
             "grpc.health.v1.Health/Check",
         ]));
         assert_eq!(health["status"], "SERVING");
-        let overall = json(&grpcurl(&[
-            "-plaintext",
-            addr,
-            "grpc.health.v1.Health/Check",
-        ]));
+        let overall = json(&grpcurl(&[addr, "grpc.health.v1.Health/Check"]));
         assert_eq!(overall["status"], "SERVING");
+        // Without a certificate, not even reflection (health alone
+        // answers: tests/mtls.rs).
+        let refused = std::process::Command::new("grpcurl")
+            .args(["-plaintext", addr, "list"])
+            .output()
+            .unwrap();
+        assert!(!refused.status.success());
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(said.contains("Unauthenticated"), "{said}");
     }
 
     let order = json(&grpcurl(&[
-        "-plaintext",
         "-d",
         r#"{"idempotency_key":"order-1","item_id":"latte","customer_name":"Ada","card_token":"tok_visa"}"#,
         &barista,
@@ -303,7 +318,6 @@ async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
     ]));
     let order_id = order["orderId"].as_str().expect("an order id").to_owned();
     let watched = grpcurl(&[
-        "-plaintext",
         "-d",
         &format!(r#"{{"order_id":"{order_id}"}}"#),
         &barista,
@@ -320,7 +334,6 @@ async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
     );
 
     let got = json(&grpcurl(&[
-        "-plaintext",
         "-d",
         &format!(r#"{{"order_id":"{order_id}"}}"#),
         &barista,
@@ -329,7 +342,6 @@ async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
     assert_eq!(got["state"], OrderState::Ready.as_str_name());
     let payment_id = got["paymentId"].as_str().expect("a payment id");
     let paid = json(&grpcurl(&[
-        "-plaintext",
         "-d",
         &format!(r#"{{"payment_id":"{payment_id}"}}"#),
         &payment,

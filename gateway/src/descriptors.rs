@@ -72,9 +72,8 @@ pub async fn add_reflected(
         address: address.to_owned(),
         reason,
     };
-    let channel = brewmesh_runtime::client::endpoint(address)
-        .map_err(|e| fail(e.to_string()))?
-        .connect()
+    let endpoint = brewmesh_runtime::client::endpoint(address).map_err(|e| fail(e.to_string()))?;
+    let channel = brewmesh_runtime::client::connect(&endpoint)
         .await
         .map_err(|e| fail(format!("connecting: {e}")))?;
     let mut client = ServerReflectionClient::new(channel);

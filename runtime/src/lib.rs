@@ -47,6 +47,7 @@ pub mod idempotency;
 pub mod ids;
 pub mod instrument;
 pub mod metrics;
+pub mod mtls;
 pub mod ready;
 pub mod reflection;
 pub mod secret;

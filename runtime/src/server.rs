@@ -7,6 +7,7 @@
 //! flight finish, and whatever is still open at the deadline is dropped.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -18,6 +19,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::discovery::{Registration, RegistrationError, RegistryArgs};
 use crate::health::HealthStatuses;
+use crate::mtls::{Access, AccessLayer};
 
 /// Parses flag durations such as `2s`, `150ms` or `1m 30s`.
 pub use humantime::parse_duration;
@@ -76,11 +78,14 @@ pub enum ServeError {
 /// for at most `args.drain_timeout`.
 ///
 /// `services` are the fully qualified names reported by `grpc.health.v1`
-/// (besides the server-wide `""`).
+/// (besides the server-wide `""`). With this process's identity installed
+/// ([`crate::mtls::install`]) the port takes mutual TLS and `access` says
+/// which roles may call what; without one it is plaintext and open.
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     services: &[&str],
+    access: Access,
     args: &ServeArgs,
     shutdown: CancellationToken,
 ) -> Result<Drained, ServeError> {
@@ -88,6 +93,7 @@ pub async fn serve(
         listener,
         routes,
         services,
+        access,
         args,
         &RegistryArgs::default(),
         shutdown,
@@ -102,6 +108,7 @@ pub async fn serve_registered(
     listener: TcpListener,
     routes: Routes,
     services: &[&str],
+    access: Access,
     args: &ServeArgs,
     registry: &RegistryArgs,
     shutdown: CancellationToken,
@@ -139,17 +146,30 @@ pub async fn serve_registered(
             )),
     );
 
-    // tonic leaves Nagle on for a listener handed to it; small gRPC frames
-    // would then wait for ACKs (tens of milliseconds a call).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let stop_accepting = CancellationToken::new();
-    let server = Server::builder()
+    let tls = crate::mtls::installed().cloned();
+    let router = Server::builder()
         .accept_http1(true)
-        // Outermost: the span and the latency include injected faults.
+        // Outermost: the span and the latency include injected faults, and
+        // refused callers are counted.
         .layer(crate::instrument::ServerLayer)
+        .layer(AccessLayer(tls.is_some().then_some(access)))
         .layer(crate::fault::FaultLayer(faults))
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, stop_accepting.clone().cancelled_owned());
+        .add_routes(routes);
+    let stopped = stop_accepting.clone().cancelled_owned();
+    let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match tls {
+            Some(tls) => Box::pin(
+                router.serve_with_incoming_shutdown(crate::mtls::incoming(listener, tls), stopped),
+            ),
+            None => {
+                // tonic leaves Nagle on for a listener handed to it; small
+                // gRPC frames would then wait for ACKs (tens of
+                // milliseconds a call).
+                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
+            }
+        };
     tokio::pin!(server);
 
     crate::ready::serving(addr, services);

@@ -10,6 +10,12 @@
 //! ([`supervise`]). Ctrl-C (or SIGTERM) stops the roles callers first —
 //! the barista drains its sagas while payment still answers — each with
 //! SIGTERM, then SIGKILL if it outlives its drain.
+//!
+//! The roles talk mutual TLS: on first start `up` makes a CA in
+//! `<data-dir>/tls/ca/` (kept), and at every start a certificate per
+//! instance (`<data-dir>/tls/<label>/`, SPIFFE identity of its role) and one
+//! for you (`tls/operator/`, for grpcurl and `brewmesh load --grpc`).
+//! `--insecure` runs them all plaintext instead.
 
 mod child;
 mod supervise;
@@ -84,7 +90,7 @@ pub struct Args {
 
 /// Runs the mesh until Ctrl-C/SIGTERM, restarting a child that dies, or
 /// until a role keeps dying.
-pub async fn run(args: Args, format: LogFormat) -> anyhow::Result<()> {
+pub async fn run(args: Args, format: LogFormat, insecure: bool) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("finding the brewmesh executable")?;
     let (lines_tx, lines_rx) = mpsc::channel::<String>(1024);
     let (exits_tx, mut exits) = mpsc::channel(4);
@@ -102,6 +108,7 @@ pub async fn run(args: Args, format: LogFormat) -> anyhow::Result<()> {
     let ready_dir = args.data_dir.join("ready");
     std::fs::create_dir_all(&ready_dir)
         .with_context(|| format!("creating {}", ready_dir.display()))?;
+    let identities = Identities::new(&args.data_dir, insecure)?;
     let launch = Launch {
         exe,
         env: [("BREWMESH_REGISTRY_TOKEN", token.as_str())],
@@ -120,11 +127,13 @@ pub async fn run(args: Args, format: LogFormat) -> anyhow::Result<()> {
             } else {
                 any_port()
             };
+            let label = format!("registry-{n}");
             let mut role = vec!["registry".to_owned()];
+            role.extend(identities.flags(&label, "registry")?);
             role.extend(flag("--listen", listen));
             role.extend(flag("--drain-timeout", &drain));
             role.extend(args.registry_arg.iter().cloned());
-            let instance = start(&launch, &format!("registry-{n}"), &role).await?;
+            let instance = start(&launch, &label, &role).await?;
             registries.push(instance.addr.to_string());
             instances.push(instance);
         }
@@ -149,19 +158,21 @@ pub async fn run(args: Args, format: LogFormat) -> anyhow::Result<()> {
         for (name, replicas, first, extra) in roles {
             for n in 1..=replicas {
                 let listen = if n == 1 { first } else { any_port() };
+                let label = format!("{name}-{n}");
                 let mut role = vec![name.to_owned()];
+                role.extend(identities.flags(&label, name)?);
                 role.extend(flag("--listen", listen));
                 role.extend(flag("--data-dir", args.data_dir.join(name).display()));
                 role.extend(flag("--drain-timeout", &drain));
                 role.extend(flag("--registry", &registry));
                 role.extend(extra.iter().cloned());
-                let label = format!("{name}-{n}");
                 instances.push(start(&launch, &label, &role).await?);
             }
         }
 
         // The gateway last: it finds the services through the registry.
         let mut role = vec!["gateway".to_owned()];
+        role.extend(identities.flags("gateway", "gateway")?);
         role.extend(flag("--listen", args.gateway_listen));
         role.extend(flag("--drain-timeout", &drain));
         role.extend(flag("--registry", &registry));
@@ -171,7 +182,7 @@ pub async fn run(args: Args, format: LogFormat) -> anyhow::Result<()> {
     };
     let outcome = match started.await {
         Ok(()) => {
-            print_banner(&instances);
+            print_banner(&instances, identities.operator().as_deref());
             ready(&instances)?;
             supervise::supervise(&launch, &mut instances, &mut exits, &mut signal).await
         }
@@ -187,6 +198,52 @@ pub async fn run(args: Args, format: LogFormat) -> anyhow::Result<()> {
     drop(lines_tx);
     let _ = printer.await;
     outcome
+}
+
+/// Where each instance's certificate goes, or `--insecure`.
+struct Identities {
+    authority: Option<brewmesh_runtime::mtls::Authority>,
+    dir: PathBuf,
+}
+
+impl Identities {
+    /// The CA kept under `<data_dir>/tls/ca/` (made on first start), and
+    /// the operator's certificate; none with `--insecure`.
+    fn new(data_dir: &std::path::Path, insecure: bool) -> anyhow::Result<Identities> {
+        let dir = data_dir.join("tls");
+        if insecure {
+            return Ok(Identities {
+                authority: None,
+                dir,
+            });
+        }
+        let authority = brewmesh_runtime::mtls::Authority::load_or_create(&dir.join("ca"))
+            .with_context(|| format!("the mesh's CA in {}", dir.join("ca").display()))?;
+        let identities = Identities {
+            authority: Some(authority),
+            dir,
+        };
+        identities.flags("operator", brewmesh_runtime::mtls::role::OPERATOR)?;
+        Ok(identities)
+    }
+
+    /// The flags that give instance `label` the identity of `role`: a
+    /// fresh certificate in `tls/<label>/`, or `--insecure`.
+    fn flags(&self, label: &str, role: &str) -> anyhow::Result<Vec<String>> {
+        let Some(authority) = &self.authority else {
+            return Ok(vec!["--insecure".to_owned()]);
+        };
+        let dir = self.dir.join(label);
+        authority
+            .issue(role, &dir)
+            .with_context(|| format!("issuing {label}'s certificate in {}", dir.display()))?;
+        Ok(flag("--tls-dir", dir.display()).to_vec())
+    }
+
+    /// The operator's certificate directory, when there is one.
+    fn operator(&self) -> Option<PathBuf> {
+        self.authority.as_ref().map(|_| self.dir.join("operator"))
+    }
 }
 
 fn any_port() -> SocketAddr {
@@ -220,7 +277,7 @@ fn ready(instances: &[Instance]) -> anyhow::Result<()> {
         .context("writing the ready file")
 }
 
-fn print_banner(instances: &[Instance]) {
+fn print_banner(instances: &[Instance], operator: Option<&std::path::Path>) {
     let first = |prefix: &str| {
         instances
             .iter()
@@ -234,6 +291,14 @@ fn print_banner(instances: &[Instance]) {
         first("registry"),
         first("gateway"),
     );
+    // grpcurl with the operator's certificate (mutual TLS), or plaintext.
+    let grpcurl = match operator {
+        Some(dir) => format!(
+            "grpcurl -cacert {0}/ca.crt -cert {0}/tls.crt -key {0}/tls.key",
+            dir.display()
+        ),
+        None => "grpcurl -plaintext".to_owned(),
+    };
     let mut listing = String::new();
     for instance in instances {
         listing.push_str(&format!("  {:<11} {}\n", instance.label, instance.addr));
@@ -245,10 +310,10 @@ fn print_banner(instances: &[Instance]) {
            curl -s {gateway}/v1/menu\n  \
            curl -s -XPOST {gateway}/v1/orders -d '{{\"idempotencyKey\":\"order-1\",\"itemId\":\"latte\",\"customerName\":\"Ada\",\"cardToken\":\"tok_visa\"}}'\n  \
            curl -sN {gateway}/v1/orders/ORDER_ID:watch\n  \
-           grpcurl -plaintext {barista} list\n  \
-           grpcurl -plaintext -d '{{\"idempotency_key\":\"order-1\",\"item_id\":\"latte\",\"customer_name\":\"Ada\",\"card_token\":\"tok_visa\"}}' {barista} brewmesh.barista.v1.Barista/PlaceOrder\n  \
-           grpcurl -plaintext -d '{{\"order_id\":\"ORDER_ID\"}}' {barista} brewmesh.barista.v1.Barista/WatchOrder\n  \
-           grpcurl -plaintext -d '{{\"payment_id\":\"PAYMENT_ID\"}}' {payment} brewmesh.payment.v1.Payments/GetPayment\n  \
-           grpcurl -plaintext {registry} brewmesh.registry.v1.Registry/ListServices\n"
+           {grpcurl} {barista} list\n  \
+           {grpcurl} -d '{{\"idempotency_key\":\"order-1\",\"item_id\":\"latte\",\"customer_name\":\"Ada\",\"card_token\":\"tok_visa\"}}' {barista} brewmesh.barista.v1.Barista/PlaceOrder\n  \
+           {grpcurl} -d '{{\"order_id\":\"ORDER_ID\"}}' {barista} brewmesh.barista.v1.Barista/WatchOrder\n  \
+           {grpcurl} -d '{{\"payment_id\":\"PAYMENT_ID\"}}' {payment} brewmesh.payment.v1.Payments/GetPayment\n  \
+           {grpcurl} {registry} brewmesh.registry.v1.Registry/ListServices\n"
     );
 }

@@ -59,11 +59,19 @@ impl Process {
             }
             None => Command::new(binary),
         };
+        // A role started alone is plaintext unless the test gives it an
+        // identity (`--tls-dir`): the tests call it straight.
+        let role = matches!(
+            args.first(),
+            Some(&("registry" | "payment" | "barista" | "gateway"))
+        );
+        let insecure = role && !args.iter().any(|a| *a == "--tls-dir" || *a == "--insecure");
         let mut child = command
             .args(["--log-format", "json"])
             .arg("--ready-file")
             .arg(&ready_file)
             .args(args)
+            .args(insecure.then_some("--insecure"))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -128,9 +136,20 @@ impl Process {
         Process::start(&all)
     }
 
-    /// The arguments of `brewmesh up` with every role on a free port of
-    /// 127.0.0.1 and its data in `dir`, then `extra`.
+    /// The arguments of `brewmesh up --insecure` with every role on a free
+    /// port of 127.0.0.1 and its data in `dir`, then `extra`: plaintext, so
+    /// the test can call any service straight. `tests/mtls.rs` and the
+    /// README-flow test run `up` as it is by default
+    /// ([`Process::up_args_mtls`]).
     pub fn up_args(dir: &std::path::Path, extra: &[&str]) -> Vec<String> {
+        let mut args = Process::up_args_mtls(dir, extra);
+        args.push("--insecure".to_owned());
+        args
+    }
+
+    /// [`Process::up_args`] with mutual TLS between the roles, as `up`
+    /// runs by default (its operator's certificate in `dir/tls/operator`).
+    pub fn up_args_mtls(dir: &std::path::Path, extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = [
             "up",
             "--registry-listen",

@@ -25,7 +25,7 @@ use tower::discover::Change;
 use tower::load::{CompleteOnResponse, Load as _, PeakEwma};
 use tower::util::BoxCloneSyncService;
 
-use crate::client::{InvalidAddress, endpoint};
+use crate::client::{InvalidAddress, connect_lazy, endpoint};
 use crate::ejection::{Ejecting, Ejections, Standing};
 use crate::instrument::ClientLayer;
 
@@ -384,7 +384,7 @@ impl Stream for Changes {
                 match endpoint(new) {
                     Ok(endpoint) => {
                         let endpoint = Ejecting::new(
-                            endpoint.connect_lazy(),
+                            connect_lazy(&endpoint),
                             new.clone(),
                             Arc::clone(&this.ejections),
                         );

@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::client::{InvalidAddress, endpoint};
+use crate::client::{InvalidAddress, connect_lazy, endpoint};
 use crate::secret::Secret;
 use brewmesh::pb::registry::v1::registry_client::RegistryClient;
 use brewmesh::pb::registry::v1::{DeregisterRequest, Instance, KeepAliveRequest, RegisterRequest};
@@ -106,7 +106,7 @@ impl Registration {
         let mut clients = Vec::new();
         let mut tasks = Vec::new();
         for registry in &args.registries {
-            let client = RegistryClient::new(endpoint(registry)?.connect_lazy());
+            let client = RegistryClient::new(connect_lazy(&endpoint(registry)?));
             clients.push((registry.clone(), client.clone()));
             for service in services {
                 let instance = Instance {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 
-use crate::client::{InvalidAddress, endpoint};
+use crate::client::{InvalidAddress, connect_lazy, endpoint};
 use brewmesh::pb::registry::v1::WatchRequest;
 use brewmesh::pb::registry::v1::registry_client::RegistryClient;
 use brewmesh::pb::registry::v1::registry_server;
@@ -104,7 +104,7 @@ pub fn resolve(source: Source) -> Result<watch::Receiver<Addresses>, InvalidAddr
         } => {
             let clients = registries
                 .iter()
-                .map(|r| Ok((r.clone(), RegistryClient::new(endpoint(r)?.connect_lazy()))))
+                .map(|r| Ok((r.clone(), RegistryClient::new(connect_lazy(&endpoint(r)?)))))
                 .collect::<Result<Vec<_>, InvalidAddress>>()?;
             let (tx, rx) = watch::channel(Addresses::default());
             tokio::spawn(follow_registries(clients, service, tx));

@@ -39,6 +39,7 @@ use brewmesh::pb::payment::v1::payments_server;
 use brewmesh_runtime::db::DatabaseArgs;
 use brewmesh_runtime::discovery::RegistryArgs;
 use brewmesh_runtime::discovery::Source;
+use brewmesh_runtime::mtls::{Access, role};
 use brewmesh_runtime::server::{Drained, ServeArgs, ServeError, parse_duration};
 
 pub use service::BaristaService;
@@ -144,6 +145,12 @@ pub enum RunError {
     Serve(#[from] ServeError),
 }
 
+/// Who may call the barista: the gateway (the shop's customers, through
+/// it) and operators.
+pub fn access() -> Access {
+    Access::new().allow(SERVICE_NAME, &[role::GATEWAY, role::OPERATOR])
+}
+
 /// Serves the barista service on `listener` until `shutdown`, then drains:
 /// calls in flight and sagas under way get `drain_timeout` to finish; the
 /// orders of sagas still running then are released at once to another
@@ -211,6 +218,7 @@ pub async fn run(
             listener,
             routes,
             &[SERVICE_NAME],
+            access(),
             &config.serve,
             &config.registry,
             shutdown.clone()

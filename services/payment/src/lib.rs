@@ -21,6 +21,7 @@ use tonic::service::Routes;
 use brewmesh::pb::payment::v1::payments_server::PaymentsServer;
 use brewmesh_runtime::db::DatabaseArgs;
 use brewmesh_runtime::discovery::RegistryArgs;
+use brewmesh_runtime::mtls::{Access, role};
 use brewmesh_runtime::server::{Drained, ServeArgs, ServeError, parse_duration};
 
 pub use service::{DECLINED_CARD_TOKEN, PaymentService};
@@ -60,6 +61,15 @@ pub enum RunError {
     Serve(#[from] ServeError),
 }
 
+/// Who may call the ledger: the barista's sagas, the gateway's payment
+/// routes, operators.
+pub fn access() -> Access {
+    Access::new().allow(
+        SERVICE_NAME,
+        &[role::BARISTA, role::GATEWAY, role::OPERATOR],
+    )
+}
+
 /// Serves the payment service on `listener` until `shutdown`, then drains.
 pub async fn run(
     listener: TcpListener,
@@ -73,6 +83,7 @@ pub async fn run(
         listener,
         routes,
         &[SERVICE_NAME],
+        access(),
         &config.serve,
         &config.registry,
         shutdown,

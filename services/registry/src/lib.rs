@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 use brewmesh::pb::registry::v1::registry_server::RegistryServer;
+use brewmesh_runtime::mtls::{Access, role};
 use brewmesh_runtime::secret::Secret;
 use brewmesh_runtime::server::{Drained, ServeArgs, ServeError, parse_duration};
 
@@ -65,6 +66,28 @@ pub struct Config {
     /// How soon an unreachable instance is checked again.
     #[arg(long, env = "BREWMESH_HEALTH_RETRY", default_value = "500ms", value_parser = parse_duration)]
     pub health_retry: Duration,
+}
+
+/// Who may call the registry: every role finds its peers here. Leases are
+/// taken and kept by the services' own roles (each instance registers only
+/// its role's services: `service.rs`); one is also let go by an operator,
+/// straight or through the gateway's admin route, as Consul's `force-leave`
+/// (with the registry token, as every write).
+pub fn access() -> Access {
+    let all = [
+        role::REGISTRY,
+        role::PAYMENT,
+        role::BARISTA,
+        role::GATEWAY,
+        role::OPERATOR,
+    ];
+    let servers = [role::PAYMENT, role::BARISTA];
+    let release = [role::PAYMENT, role::BARISTA, role::GATEWAY, role::OPERATOR];
+    Access::new()
+        .allow(SERVICE_NAME, &all)
+        .allow(&format!("{SERVICE_NAME}/Register"), &servers)
+        .allow(&format!("{SERVICE_NAME}/KeepAlive"), &servers)
+        .allow(&format!("{SERVICE_NAME}/Deregister"), &release)
 }
 
 /// Serves the registry on `listener` until `shutdown`, then drains.
@@ -131,6 +154,7 @@ pub async fn run(
         listener,
         Routes::new(RegistryServer::new(service)),
         &[SERVICE_NAME],
+        access(),
         &config.serve,
         shutdown,
     )

@@ -94,9 +94,20 @@ impl RegistryApi for RegistryService {
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
         self.authorize(&request)?;
+        let identity = brewmesh_runtime::mtls::peer_identity(&request).cloned();
         let request = request.into_inner();
         request.validate()?;
         let instance = request.instance.unwrap_or_default();
+        // Over mutual TLS an instance registers only its own role's
+        // services: a barista cannot stand in for the ledger.
+        if let Some(identity) = identity
+            && brewmesh_runtime::mtls::role_of_service(&instance.service) != Some(identity.role())
+        {
+            return Err(Status::permission_denied(format!(
+                "{identity} may register only its own role's services, not {:?}",
+                instance.service
+            )));
+        }
         // Unset or zero asks for the default; a negative one was refused.
         let asked = (request.ttl.and_then(|ttl| Duration::try_from(ttl).ok()))
             .filter(|ttl| !ttl.is_zero())
@@ -271,7 +282,9 @@ async fn follow_health(
         .tcp_nodelay(true);
     loop {
         let check = async {
-            let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+            let channel = brewmesh_runtime::client::connect(&endpoint)
+                .await
+                .map_err(|e| e.to_string())?;
             let mut statuses = HealthClient::new(channel)
                 .watch(HealthCheckRequest {
                     service: instance.service.clone(),

@@ -56,8 +56,16 @@ fn instance_on(listener: TcpListener) -> Running<Result<Drained, ServeError>> {
             inject_latency: None,
             faults: Vec::new(),
         };
-        brewmesh_runtime::server::serve(listener, Routes::default(), &[SERVICE], &args, shutdown)
-            .await
+        let access = brewmesh_runtime::mtls::Access::new();
+        brewmesh_runtime::server::serve(
+            listener,
+            Routes::default(),
+            &[SERVICE],
+            access,
+            &args,
+            shutdown,
+        )
+        .await
     })
 }
 

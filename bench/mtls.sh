@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# What mutual TLS between the roles costs, as a ratio to plaintext in one
+# run: two meshes side by side, `up` (mTLS, its default) and `up --insecure`,
+# each loaded in turn through its gateway with h2load on GET
+# /v1/orders/{id} (the gateway → barista GetOrder over one reused
+# connection: the handshakes are amortized, as in a running mesh). Rounds
+# alternate which mesh goes first; the figure is the median of the
+# per-round ratios of requests/s (mTLS / plaintext).
+#
+# Usage: bench/mtls.sh     env: ROUNDS (5), REQUESTS (20000), CONNECTIONS (16)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+ROUNDS=${ROUNDS:-5}
+REQUESTS=${REQUESTS:-20000}
+CONNECTIONS=${CONNECTIONS:-16}
+command -v h2load >/dev/null || {
+  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nghttp2-client
+}
+cargo build --release --locked -p brewmesh-cli
+BIN=$ROOT/target/release/brewmesh
+OUT=$ROOT/target/bench/mtls-$(date +%Y%m%dT%H%M%S)
+mkdir -p "$OUT"
+SCRATCH=$(mktemp -d)
+PIDS=()
+trap 'for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null; done; wait; rm -rf "$SCRATCH"' EXIT
+
+start() { # name, port base, extra flags → a mesh with its gateway on <base>80
+  local name=$1 base=$2; shift 2
+  "$BIN" up "$@" --data-dir "$SCRATCH/$name" --registry-listen "127.0.0.1:${base}51" \
+    --payment-listen "127.0.0.1:${base}52" --barista-listen "127.0.0.1:${base}53" \
+    --gateway-listen "127.0.0.1:${base}80" --ready-file "$SCRATCH/$name.json" \
+    --barista-arg=--espresso-time=1ms --barista-arg=--milk-time=1ms \
+    --payment-arg=--processing-delay=0s > "$OUT/$name.log" 2>&1 < /dev/null &
+  PIDS+=($!)
+}
+start mtls 184
+start plaintext 185 --insecure
+for name in mtls plaintext; do
+  for _ in $(seq 300); do [ -s "$SCRATCH/$name.json" ] && break; sleep 0.1; done
+  [ -s "$SCRATCH/$name.json" ] || { cat "$OUT/$name.log"; echo "$name did not start" >&2; exit 1; }
+done
+order() { # gateway port → an order id
+  curl -s -XPOST "127.0.0.1:$1/v1/orders" \
+    -d '{"idempotencyKey":"bench-1","itemId":"latte","customerName":"Ada","cardToken":"tok_visa"}' |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["orderId"])'
+}
+MTLS_URL="http://127.0.0.1:18480/v1/orders/$(order 18480)"
+PLAIN_URL="http://127.0.0.1:18580/v1/orders/$(order 18580)"
+rate() { # url → requests/s
+  h2load -n "$REQUESTS" -c "$CONNECTIONS" -m 1 "$1" | tee -a "$OUT/h2load.txt" |
+    awk '/^finished in/ {gsub(",", "", $4); print $4}'
+}
+rate "$MTLS_URL" > /dev/null   # warm-up: connections, caches
+rate "$PLAIN_URL" > /dev/null
+: > "$OUT/rounds.txt"
+for round in $(seq "$ROUNDS"); do
+  if [ $((round % 2)) -eq 1 ]; then m=$(rate "$MTLS_URL"); p=$(rate "$PLAIN_URL")
+  else p=$(rate "$PLAIN_URL"); m=$(rate "$MTLS_URL"); fi
+  echo "$round $m $p" | tee -a "$OUT/rounds.txt"
+done
+python3 - "$OUT/rounds.txt" <<'PY'
+import statistics, sys
+rows = [line.split() for line in open(sys.argv[1]) if line.strip()]
+ratios = [float(m) / float(p) for _, m, p in rows]
+print("\n| round | mTLS req/s | plaintext req/s | ratio |\n|---:|---:|---:|---:|")
+for (n, m, p), r in zip(rows, ratios):
+    print(f"| {n} | {float(m):,.0f} | {float(p):,.0f} | {r:.3f} |")
+print(f"\nmedian ratio, mTLS / plaintext requests/s: {statistics.median(ratios):.3f}")
+PY
+echo "raw output: $OUT"
