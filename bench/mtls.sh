@@ -4,10 +4,12 @@
 # each loaded in turn through its gateway with h2load on GET
 # /v1/orders/{id} (the gateway → barista GetOrder over one reused
 # connection: the handshakes are amortized, as in a running mesh). Rounds
-# alternate which mesh goes first; the figure is the median of the
-# per-round ratios of requests/s (mTLS / plaintext).
+# alternate which mesh goes first; the figures are the medians of the
+# per-round ratios of requests/s and of CPU time per request (all of that
+# mesh's processes, from /proc/<pid>/stat), mTLS / plaintext.
 #
-# Usage: bench/mtls.sh     env: ROUNDS (5), REQUESTS (20000), CONNECTIONS (16)
+# Usage: bench/mtls.sh     env: ROUNDS (5), REQUESTS (20000), CONNECTIONS (16),
+#   SAME=1 runs both meshes plaintext (an A/A check of the setup's noise)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -34,7 +36,7 @@ start() { # name, port base, extra flags → a mesh with its gateway on <base>80
     --payment-arg=--processing-delay=0s > "$OUT/$name.log" 2>&1 < /dev/null &
   PIDS+=($!)
 }
-start mtls 184
+start mtls 184 ${SAME:+--insecure}
 start plaintext 185 --insecure
 for name in mtls plaintext; do
   for _ in $(seq 300); do [ -s "$SCRATCH/$name.json" ] && break; sleep 0.1; done
@@ -47,25 +49,39 @@ order() { # gateway port → an order id
 }
 MTLS_URL="http://127.0.0.1:18480/v1/orders/$(order 18480)"
 PLAIN_URL="http://127.0.0.1:18580/v1/orders/$(order 18580)"
-rate() { # url → requests/s
-  h2load -n "$REQUESTS" -c "$CONNECTIONS" -m 1 "$1" | tee -a "$OUT/h2load.txt" |
-    awk '/^finished in/ {gsub(",", "", $4); print $4}'
+ROLES_mtls=$(pgrep -P "${PIDS[0]}" | tr '\n' ' ')
+ROLES_plaintext=$(pgrep -P "${PIDS[1]}" | tr '\n' ' ')
+cpu() { # pids → CPU ticks (user + system)
+  local total=0
+  for p in "$@"; do total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+  echo "$total"
 }
-rate "$MTLS_URL" > /dev/null   # warm-up: connections, caches
-rate "$PLAIN_URL" > /dev/null
+rate() { # mesh name, url → "requests/s CPU-µs-per-request"
+  local roles="ROLES_$1" before after rps
+  before=$(cpu ${!roles})
+  rps=$(h2load -n "$REQUESTS" -c "$CONNECTIONS" -m 1 "$2" | tee -a "$OUT/h2load.txt" |
+    awk '/^finished in/ {gsub(",", "", $4); print $4}')
+  after=$(cpu ${!roles})
+  echo "$rps $(( (after - before) * 1000000 / $(getconf CLK_TCK) / REQUESTS ))"
+}
+rate mtls "$MTLS_URL" > /dev/null   # warm-up: connections, caches
+rate plaintext "$PLAIN_URL" > /dev/null
 : > "$OUT/rounds.txt"
 for round in $(seq "$ROUNDS"); do
-  if [ $((round % 2)) -eq 1 ]; then m=$(rate "$MTLS_URL"); p=$(rate "$PLAIN_URL")
-  else p=$(rate "$PLAIN_URL"); m=$(rate "$MTLS_URL"); fi
+  if [ $((round % 2)) -eq 1 ]; then m=$(rate mtls "$MTLS_URL"); p=$(rate plaintext "$PLAIN_URL")
+  else p=$(rate plaintext "$PLAIN_URL"); m=$(rate mtls "$MTLS_URL"); fi
   echo "$round $m $p" | tee -a "$OUT/rounds.txt"
 done
 python3 - "$OUT/rounds.txt" <<'PY'
 import statistics, sys
-rows = [line.split() for line in open(sys.argv[1]) if line.strip()]
-ratios = [float(m) / float(p) for _, m, p in rows]
-print("\n| round | mTLS req/s | plaintext req/s | ratio |\n|---:|---:|---:|---:|")
-for (n, m, p), r in zip(rows, ratios):
-    print(f"| {n} | {float(m):,.0f} | {float(p):,.0f} | {r:.3f} |")
-print(f"\nmedian ratio, mTLS / plaintext requests/s: {statistics.median(ratios):.3f}")
+rows = [[float(x) for x in line.split()] for line in open(sys.argv[1]) if line.strip()]
+rates = [m / p for _, m, _, p, _ in rows]
+cpus = [mc / pc for _, _, mc, _, pc in rows]
+print("\n| round | mTLS req/s | plaintext req/s | ratio | mTLS CPU µs/req | plaintext CPU µs/req | ratio |")
+print("|---:|---:|---:|---:|---:|---:|---:|")
+for (n, m, mc, p, pc), r, c in zip(rows, rates, cpus):
+    print(f"| {n:.0f} | {m:,.0f} | {p:,.0f} | {r:.3f} | {mc:.0f} | {pc:.0f} | {c:.3f} |")
+print(f"\nmedian, mTLS / plaintext: requests/s {statistics.median(rates):.3f}, "
+      f"CPU per request {statistics.median(cpus):.3f}")
 PY
 echo "raw output: $OUT"
