@@ -98,7 +98,7 @@ wait_port "$ENVOY"
 
 # Both answer the same thing before anything is measured.
 for gw in "$GRPC_GATEWAY" "$BREWMESH" "$ENVOY"; do
-  curl -sf -XPOST "http://$gw/v1/payments" -d "$BODY" | grep -q '"status":"OK"' \
+  curl -sf -XPOST "http://$gw/v1/payments" --json "$BODY" | grep -q '"status":"OK"' \
     || { echo "$gw does not answer Charge" >&2; exit 1; }
 done
 for gw in "$BREWMESH" "$ENVOY"; do

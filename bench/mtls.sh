@@ -43,8 +43,8 @@ for name in mtls plaintext; do
   [ -s "$SCRATCH/$name.json" ] || { cat "$OUT/$name.log"; echo "$name did not start" >&2; exit 1; }
 done
 order() { # gateway port → an order id
-  curl -s -XPOST "127.0.0.1:$1/v1/orders" \
-    -d '{"idempotencyKey":"bench-1","itemId":"latte","customerName":"Ada","cardToken":"tok_visa"}' |
+  curl -s "127.0.0.1:$1/v1/orders" \
+    --json '{"idempotencyKey":"bench-1","itemId":"latte","customerName":"Ada","cardToken":"tok_visa"}' |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["orderId"])'
 }
 MTLS_URL="http://127.0.0.1:18480/v1/orders/$(order 18480)"

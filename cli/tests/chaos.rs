@@ -95,7 +95,7 @@ fn first_served(gateway: &str, struck: Instant) -> Duration {
             r#"{{"idempotencyKey":"probe-{n}","itemId":"espresso","customerName":"Probe","cardToken":"tok_visa"}}"#
         );
         let placed = Command::new("curl")
-            .args(["-s", "--max-time", "2", "-XPOST", "-d", &body])
+            .args(["-s", "--max-time", "2", "-XPOST", "--json", &body])
             .arg(format!("{gateway}/v1/orders"))
             .output()
             .unwrap();

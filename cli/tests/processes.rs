@@ -360,7 +360,7 @@ async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
         "-s",
         "-XPOST",
         &format!("{gateway}/v1/orders"),
-        "-d",
+        "--json",
         r#"{"idempotencyKey":"order-2","itemId":"latte","customerName":"Ada","cardToken":"tok_visa"}"#,
     ]));
     let rest_order = placed["orderId"].as_str().expect("an order id").to_owned();
@@ -440,7 +440,7 @@ async fn a_watch_whose_barista_dies_ends_unavailable_with_a_resume_hint() {
     let placed = json(&curl(&[
         "-XPOST",
         &format!("{}/v1/orders", gateway.url()),
-        "-d",
+        "--json",
         r#"{"idempotencyKey":"dies-1","itemId":"espresso","customerName":"Ada","cardToken":"tok_visa"}"#,
     ]));
     let order_id = placed["orderId"].as_str().unwrap().to_owned();
@@ -628,7 +628,7 @@ async fn up_restarts_a_killed_child_and_loses_no_order() {
     let placed = json(&curl(&[
         "-XPOST",
         &format!("{gateway}/v1/orders"),
-        "-d",
+        "--json",
         r#"{"idempotencyKey":"supervised-1","itemId":"latte","customerName":"Ada","cardToken":"tok_visa"}"#,
     ]));
     let order_id = placed["orderId"].as_str().unwrap().to_owned();
@@ -661,7 +661,7 @@ async fn up_restarts_a_killed_child_and_loses_no_order() {
     let again = json(&curl(&[
         "-XPOST",
         &format!("{gateway}/v1/orders"),
-        "-d",
+        "--json",
         r#"{"idempotencyKey":"supervised-2","itemId":"espresso","customerName":"Ada","cardToken":"tok_visa"}"#,
     ]));
     assert_eq!(again["state"], "ORDER_STATE_ACCEPTED", "{again}");

@@ -43,7 +43,7 @@ fn order(gateway: &str, key: &str, card: &str, traceparent: Option<&str>) -> Str
         r#"{{"idempotencyKey":"{key}","itemId":"latte","customerName":"Ada","cardToken":"{card}"}}"#
     );
     let url = format!("{gateway}/v1/orders");
-    let mut args = vec!["-XPOST", url.as_str(), "-d", body.as_str()];
+    let mut args = vec!["-XPOST", url.as_str(), "--json", body.as_str()];
     let header;
     if let Some(traceparent) = traceparent {
         header = format!("traceparent: {traceparent}");
@@ -239,7 +239,7 @@ async fn one_rest_order_is_one_trace_through_gateway_barista_and_payment() {
         &format!("{gateway}/v1/orders"),
         "-H",
         &format!("traceparent: 00-{cancelled_trace}-3333333333333333-01"),
-        "-d",
+        "--json",
         r#"{"idempotencyKey":"traced-3","itemId":"latte","customerName":"Ada","cardToken":"tok_visa"}"#,
     ]))
     .unwrap();
@@ -247,7 +247,7 @@ async fn one_rest_order_is_one_trace_through_gateway_barista_and_payment() {
     curl(&[
         "-XPOST",
         &format!("{gateway}/v1/orders/{id}:cancel"),
-        "-d",
+        "--json",
         "{}",
     ]);
     let spans = spans_of(&collector, cancelled_trace, |s| {

@@ -102,6 +102,12 @@ pub enum GatewayError {
     },
     /// A body that is not JSON: 415.
     NotJson,
+    /// Headers to forward upstream over the limit
+    /// ([`crate::metadata::MAX_METADATA_BYTES`]): 431, RESOURCE_EXHAUSTED.
+    HeadersTooLarge {
+        /// The request's header bytes.
+        size: usize,
+    },
     /// A body over the limit: 413.
     TooLarge {
         /// The most bytes a body may have.
@@ -147,6 +153,7 @@ impl GatewayError {
             | GatewayError::BadRequest(_) => Code::InvalidArgument,
             GatewayError::UnsupportedEncoding(_) => Code::Unimplemented,
             GatewayError::NoInstance(_) => Code::Unavailable,
+            GatewayError::HeadersTooLarge { .. } => Code::ResourceExhausted,
             GatewayError::Upstream { status, .. } => status.code(),
         }
     }
@@ -159,6 +166,7 @@ impl GatewayError {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
             GatewayError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             _ => http_status(self.code()),
         }
     }
@@ -175,6 +183,11 @@ impl GatewayError {
                 "the body must be JSON (Content-Type: application/json)".to_owned()
             }
             GatewayError::TooLarge { limit } => format!("the body is larger than {limit} bytes"),
+            GatewayError::HeadersTooLarge { size } => format!(
+                "the request's headers carry {size} bytes; at most {} of metadata \
+                 (Authorization, trace context, Grpc-Metadata-*) are passed on",
+                crate::metadata::MAX_METADATA_BYTES
+            ),
             GatewayError::UnsupportedEncoding(encoding) => format!(
                 "Content-Encoding {encoding:?} is not supported; send the body as gzip, zstd or identity"
             ),

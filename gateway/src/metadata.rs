@@ -6,6 +6,21 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName};
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 
+/// Most bytes of the headers passed upstream as metadata (names and
+/// values): a bigger set would make the backend refuse the headers of the
+/// connection every client's calls share, and reset it for all of them;
+/// the one request is refused here instead.
+pub const MAX_METADATA_BYTES: usize = 8 * 1024;
+
+/// Why a request's headers cannot go upstream.
+#[derive(Debug)]
+pub(crate) enum Unforwardable {
+    /// A `-bin` header that is not base64.
+    NotBase64(String),
+    /// More than [`MAX_METADATA_BYTES`] to forward (the size).
+    TooLarge(usize),
+}
+
 /// Headers that go upstream under their own name.
 const PASSED_THROUGH: &[&str] = &["authorization", "traceparent", "tracestate", "baggage"];
 
@@ -15,13 +30,14 @@ const PASSED_THROUGH: &[&str] = &["authorization", "traceparent", "tracestate", 
 pub(crate) fn forward_headers(
     headers: &HeaderMap,
     metadata: &mut MetadataMap,
-) -> Result<(), String> {
+) -> Result<(), Unforwardable> {
     use base64::Engine as _;
     const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
         &base64::alphabet::STANDARD,
         base64::engine::GeneralPurposeConfig::new()
             .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
     );
+    let mut size = 0;
     for (name, value) in headers {
         let name = name.as_str();
         let key = if PASSED_THROUGH.contains(&name) {
@@ -31,10 +47,18 @@ pub(crate) fn forward_headers(
         } else {
             continue;
         };
+        size += key.len() + value.len();
+        if size > MAX_METADATA_BYTES {
+            let total = headers
+                .iter()
+                .map(|(n, v)| n.as_str().len() + v.len())
+                .sum();
+            return Err(Unforwardable::TooLarge(total));
+        }
         if key.ends_with("-bin") {
-            let bytes = BASE64
-                .decode(value.as_bytes())
-                .map_err(|error| format!("header {name}: not base64 ({error})"))?;
+            let bytes = BASE64.decode(value.as_bytes()).map_err(|error| {
+                Unforwardable::NotBase64(format!("header {name}: not base64 ({error})"))
+            })?;
             if let Ok(key) = MetadataKey::from_bytes(key.as_bytes()) {
                 metadata.append_bin(key, MetadataValue::from_bytes(&bytes));
             }

@@ -16,7 +16,7 @@ use crate::cache::none_match;
 use crate::codec::RawCodec;
 use crate::compression::{Encoding, InflateError};
 use crate::errors::{GatewayError, json_response};
-use crate::metadata::{add_metadata, deadline, forward_headers};
+use crate::metadata::{Unforwardable, add_metadata, deadline, forward_headers};
 use crate::protocols::past_deadline;
 use crate::routes::{BodyRule, Matched, Route};
 use crate::state::Gateway;
@@ -72,7 +72,10 @@ async fn respond(
     let mut grpc = tonic::client::Grpc::new(upstream.clone());
     let streaming = route.rpc.method.is_server_streaming();
     let mut call = tonic::Request::new(message);
-    forward_headers(&parts.headers, call.metadata_mut()).map_err(GatewayError::Invalid)?;
+    forward_headers(&parts.headers, call.metadata_mut()).map_err(|e| match e {
+        Unforwardable::NotBase64(reason) => GatewayError::Invalid(reason),
+        Unforwardable::TooLarge(size) => GatewayError::HeadersTooLarge { size },
+    })?;
     let timeout = match deadline(&parts.headers).map_err(GatewayError::Invalid)? {
         Some(timeout) => timeout,
         None if streaming => gateway.stream_timeout,
@@ -139,16 +142,12 @@ fn json_content(headers: &HeaderMap) -> bool {
         None => true,
         Some(value) => {
             let mime = value.split(';').next().unwrap_or_default().trim();
-            // `curl -d` without `-H` says form encoding, and grpc-gateway
-            // reads that as JSON too; other types are refused.
-            [
-                "application/json",
-                "application/x-www-form-urlencoded",
-                "text/plain",
-            ]
-            .iter()
-            .any(|m| mime.eq_ignore_ascii_case(m))
-                || mime.ends_with("+json")
+            // Not text/plain or a form, which grpc-gateway reads as JSON
+            // too: a page on any origin may send those without a CORS
+            // preflight, so reading them would let it place an order
+            // behind the allow-list's back.
+            mime.eq_ignore_ascii_case("application/json")
+                || mime.to_ascii_lowercase().ends_with("+json")
         }
     }
 }

@@ -39,6 +39,7 @@ use brewmesh_runtime::ejection::grpc_timeout_value;
 use crate::compression::{self, Encoding, InflateError};
 use crate::envelope::{self, COMPRESSED};
 use crate::errors::{GatewayError, http_status, json_response};
+use crate::metadata::MAX_METADATA_BYTES;
 pub use crate::protocols::Codec;
 use crate::protocols::{
     LOCAL, connect_error_json, end_stream, hop_header, metadata_headers, past_deadline,
@@ -46,11 +47,6 @@ use crate::protocols::{
 use crate::state::Gateway;
 use crate::transcode;
 use crate::translate::{Mode, Translated};
-
-/// Most bytes of the headers passed upstream as metadata: a bigger set
-/// would make the backend refuse the shared connection's headers (and
-/// reset it, for every client on it); refused here instead.
-pub const MAX_METADATA_BYTES: usize = 8 * 1024;
 
 /// The headers that name how a protocol's messages are compressed.
 const MESSAGE_ENCODING: [&str; 4] = [
@@ -485,7 +481,7 @@ fn upstream_request(
         headers.append(name.clone(), value.clone());
     }
     if size > MAX_METADATA_BYTES {
-        return Err(Status::invalid_argument(format!(
+        return Err(Status::resource_exhausted(format!(
             "the request's headers carry {size} bytes of metadata; at most {MAX_METADATA_BYTES} are passed on"
         )));
     }

@@ -555,6 +555,24 @@ async fn bad_input_gets_a_clear_4xx_never_a_500() {
             415,
             Code::InvalidArgument,
         ),
+        // JSON sent as the types a page on another origin may send without
+        // a CORS preflight is not read.
+        (
+            Method::POST,
+            "/v1/echo/b",
+            vec![("content-type", "text/plain;charset=UTF-8")],
+            r#"{"text": "x"}"#.into(),
+            415,
+            Code::InvalidArgument,
+        ),
+        (
+            Method::POST,
+            "/v1/echo/b",
+            vec![("content-type", "application/x-www-form-urlencoded")],
+            r#"{"text": "x"}"#.into(),
+            415,
+            Code::InvalidArgument,
+        ),
         // A body over the limit (4 KiB in this suite).
         (
             Method::POST,

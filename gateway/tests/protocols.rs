@@ -399,7 +399,7 @@ async fn bad_deadlines_and_oversized_metadata_are_invalid_argument_and_deadlines
         .post(ECHO, &[WEB, ("x-big", &big)], frame(0, &[]))
         .await;
     let (_, status, message) = grpc_web(&answer);
-    assert_eq!(status, 3, "{message}");
+    assert_eq!(status, 8, "RESOURCE_EXHAUSTED: {message}");
     // A deadline shorter than the backend's wait.
     let answer = mesh
         .post(

@@ -488,3 +488,54 @@ async fn a_stream_ends_at_the_gateways_stream_deadline_or_at_the_clients() {
         "{watch}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_s_oversized_headers_are_refused_and_every_other_stream_lives_on() {
+    // A second per step, so the watch is open while the abuse goes by.
+    let shop = shop(Duration::from_secs(60), |c| {
+        c.espresso_time = Duration::from_secs(1);
+        c.milk_time = Duration::from_secs(1);
+    })
+    .await;
+    let http = shop.http.clone();
+    let placed = http
+        .post(
+            "/v1/orders",
+            &order_body("big-headers-1", "latte", "tok_visa"),
+        )
+        .await;
+    let order_id = placed.json()["orderId"].as_str().unwrap().to_owned();
+    let watch = {
+        let (http, path) = (http.clone(), format!("/v1/orders/{order_id}:watch"));
+        tokio::spawn(async move { http.get(&path).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // 100 KB of Authorization and 40 KB of Grpc-Metadata-*: 431 for this
+    // request alone; nothing reaches the barista's shared connection.
+    let token = format!("Bearer {}", "x".repeat(100 * 1024));
+    let metadata = "y".repeat(40 * 1024);
+    let get = format!("/v1/orders/{order_id}");
+    for header in [
+        ("authorization", token.as_str()),
+        ("grpc-metadata-note", metadata.as_str()),
+    ] {
+        let answer = http.send(Method::GET, &get, &[header], Bytes::new()).await;
+        let status = answer.assert_status(431, Code::ResourceExhausted);
+        assert!(
+            status["message"].as_str().unwrap().contains("at most 8192"),
+            "{status}"
+        );
+    }
+
+    // The watch that shared the gateway's connection to the barista ends
+    // as an order does, with its capture.
+    let watched = watch.await.unwrap();
+    let last = watched.text().lines().last().map(str::to_owned).unwrap();
+    assert!(
+        last.contains("ORDER_EVENT_TYPE_PAYMENT_CAPTURED"),
+        "{}",
+        watched.text()
+    );
+    assert_eq!(http.get(&get).await.status, 200);
+}

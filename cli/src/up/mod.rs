@@ -308,7 +308,7 @@ fn print_banner(instances: &[Instance], operator: Option<&std::path::Path>) {
          The shop's web page: http://{gateway}/\n\n\
          Try:\n  \
            curl -s {gateway}/v1/menu\n  \
-           curl -s -XPOST {gateway}/v1/orders -d '{{\"idempotencyKey\":\"order-1\",\"itemId\":\"latte\",\"customerName\":\"Ada\",\"cardToken\":\"tok_visa\"}}'\n  \
+           curl -s --json '{{\"idempotencyKey\":\"order-1\",\"itemId\":\"latte\",\"customerName\":\"Ada\",\"cardToken\":\"tok_visa\"}}' {gateway}/v1/orders\n  \
            curl -sN {gateway}/v1/orders/ORDER_ID:watch\n  \
            {grpcurl} {barista} list\n  \
            {grpcurl} -d '{{\"idempotency_key\":\"order-1\",\"item_id\":\"latte\",\"customer_name\":\"Ada\",\"card_token\":\"tok_visa\"}}' {barista} brewmesh.barista.v1.Barista/PlaceOrder\n  \
