@@ -123,6 +123,25 @@ pub struct Config {
     #[arg(long, env = "BREWMESH_GATEWAY_CORS_CREDENTIALS")]
     pub cors_credentials: bool,
 
+    /// How long a client may take to send a request's headers (HTTP/1.1);
+    /// then the connection is closed.
+    #[arg(long, env = "BREWMESH_GATEWAY_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// How long a connection may stay open with no request in flight;
+    /// then it is closed (HTTP/2: with a GOAWAY).
+    #[arg(long, env = "BREWMESH_GATEWAY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// How long a client may take to send a request's whole body; then
+    /// 408.
+    #[arg(long, env = "BREWMESH_GATEWAY_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+
+    /// HTTP/2 streams open at once on one connection.
+    #[arg(long, env = "BREWMESH_GATEWAY_MAX_STREAMS", default_value_t = 256)]
+    pub max_streams: u32,
+
     /// How long requests in flight (streams too) may take to finish once
     /// draining starts.
     #[arg(long, env = "BREWMESH_DRAIN_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
@@ -152,6 +171,10 @@ impl Default for Config {
             jaeger_ui: None,
             cors_origins: Vec::new(),
             cors_credentials: false,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(30),
+            max_streams: 256,
             drain_timeout: Duration::from_secs(15),
         }
     }

@@ -102,6 +102,11 @@ pub enum GatewayError {
     },
     /// A body that is not JSON: 415.
     NotJson,
+    /// A body that did not arrive whole in time: 408, DEADLINE_EXCEEDED.
+    SlowBody {
+        /// How long it may take.
+        patience: std::time::Duration,
+    },
     /// Headers to forward upstream over the limit
     /// ([`crate::metadata::MAX_METADATA_BYTES`]): 431, RESOURCE_EXHAUSTED.
     HeadersTooLarge {
@@ -154,6 +159,7 @@ impl GatewayError {
             GatewayError::UnsupportedEncoding(_) => Code::Unimplemented,
             GatewayError::NoInstance(_) => Code::Unavailable,
             GatewayError::HeadersTooLarge { .. } => Code::ResourceExhausted,
+            GatewayError::SlowBody { .. } => Code::DeadlineExceeded,
             GatewayError::Upstream { status, .. } => status.code(),
         }
     }
@@ -167,6 +173,7 @@ impl GatewayError {
             }
             GatewayError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            GatewayError::SlowBody { .. } => StatusCode::REQUEST_TIMEOUT,
             _ => http_status(self.code()),
         }
     }
@@ -183,6 +190,9 @@ impl GatewayError {
                 "the body must be JSON (Content-Type: application/json)".to_owned()
             }
             GatewayError::TooLarge { limit } => format!("the body is larger than {limit} bytes"),
+            GatewayError::SlowBody { patience } => {
+                format!("the request's body did not arrive whole within {patience:?}")
+            }
             GatewayError::HeadersTooLarge { size } => format!(
                 "the request's headers carry {size} bytes; at most {} of metadata \
                  (Authorization, trace context, Grpc-Metadata-*) are passed on",

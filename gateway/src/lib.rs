@@ -29,6 +29,7 @@ pub mod descriptors;
 pub mod envelope;
 pub mod errors;
 pub mod jsonplan;
+pub mod listen;
 pub mod mesh;
 pub mod metadata;
 pub mod observe;
@@ -45,12 +46,10 @@ pub mod transcode;
 pub mod translate;
 pub mod web;
 
-use std::future::IntoFuture as _;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::routing::{any, get};
-use axum::serve::ListenerExt as _;
 use brewmesh_runtime::server::Drained;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -141,25 +140,19 @@ pub async fn run(
     let services: Vec<&str> = gateway.upstreams.keys().map(String::as_str).collect();
     brewmesh_runtime::ready::serving(addr, &services);
     let app = router(gateway.clone());
-    let stopping = shutdown.clone();
-    // Nagle's algorithm would hold small answers back for tens of ms.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let serve = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stopping.cancelled().await });
-    let deadline = async {
-        shutdown.cancelled().await;
-        gateway.drain();
-        tracing::info!(deadline = ?config.drain_timeout, "draining");
-        tokio::time::sleep(config.drain_timeout).await;
+    let limits = listen::Limits {
+        header_timeout: config.header_timeout,
+        idle_timeout: config.idle_timeout,
+        max_streams: config.max_streams,
     };
-    tokio::select! {
-        served = serve.into_future() => {
-            served?;
+    let connections = listen::serve(listener, app, limits, shutdown.cancelled()).await;
+    gateway.drain();
+    tracing::info!(deadline = ?config.drain_timeout, "draining");
+    match tokio::time::timeout(config.drain_timeout, connections.finish()).await {
+        Ok(()) => {
             tracing::info!("drained");
             Ok(Drained::Gracefully)
         }
-        () = deadline => Ok(Drained::AtDeadline),
+        Err(_) => Ok(Drained::AtDeadline),
     }
 }

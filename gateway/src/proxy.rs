@@ -51,7 +51,13 @@ async fn respond(
     if has_body && !json_content(&parts.headers) {
         return Err(GatewayError::NotJson);
     }
-    let body = read_body(body, &parts.headers, gateway.max_body_bytes).await?;
+    let body = read_body(
+        body,
+        &parts.headers,
+        gateway.max_body_bytes,
+        gateway.body_timeout,
+    )
+    .await?;
     let message = transcode::request(route, &bindings, parts.uri.query(), &body)
         .map_err(GatewayError::BadRequest)?;
 
@@ -153,11 +159,13 @@ fn json_content(headers: &HeaderMap) -> bool {
 }
 
 /// The request's body, at most `limit` bytes, inflated as its
-/// `Content-Encoding` says (to at most `limit` bytes too).
+/// `Content-Encoding` says (to at most `limit` bytes too), arrived whole
+/// within `patience`.
 pub(crate) async fn read_body(
     body: Body,
     headers: &HeaderMap,
     limit: usize,
+    patience: std::time::Duration,
 ) -> Result<Bytes, GatewayError> {
     let too_large = || GatewayError::TooLarge { limit };
     let encoding = match headers.get(header::CONTENT_ENCODING) {
@@ -172,7 +180,10 @@ pub(crate) async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let raw = match Limited::new(body, limit).collect().await {
+    let collected = tokio::time::timeout(patience, Limited::new(body, limit).collect())
+        .await
+        .map_err(|_| GatewayError::SlowBody { patience })?;
+    let raw = match collected {
         Ok(collected) => collected.to_bytes(),
         Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large()),
         Err(error) => return Err(GatewayError::Invalid(format!("reading the body: {error}"))),

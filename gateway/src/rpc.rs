@@ -273,12 +273,12 @@ async fn call(
             tonic::body::Body::new(body)
         }
         Protocol::GrpcWeb { text } => {
-            let raw = read(body, &parts.headers, limit).await?;
+            let raw = read(body, &parts.headers, limit, gateway.body_timeout).await?;
             let raw = if text { from_base64(&raw)? } else { raw };
             checked_envelopes(method, &raw, &parts.headers, limit, Codec::Proto)?
         }
         Protocol::ConnectStream(codec) => {
-            let raw = read(body, &parts.headers, limit).await?;
+            let raw = read(body, &parts.headers, limit, gateway.body_timeout).await?;
             checked_envelopes(method, &raw, &parts.headers, limit, codec)?
         }
         Protocol::ConnectUnary(codec) => {
@@ -286,7 +286,7 @@ async fn call(
             let raw = if parts.method == Method::GET {
                 get_message(parts.uri.query(), limit)?
             } else {
-                read(body, &parts.headers, limit).await?
+                read(body, &parts.headers, limit, gateway.body_timeout).await?
             };
             let message = input_message(method, &raw, codec)?;
             tonic::body::Body::new(Full::new(envelope::encode(0, &message)))
@@ -539,10 +539,16 @@ pub fn no_side_effects(method: &MethodDescriptor) -> bool {
         .is_some_and(|o| o.idempotency_level() == IdempotencyLevel::NoSideEffects)
 }
 
-async fn read(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, Status> {
-    crate::proxy::read_body(body, headers, limit)
+async fn read(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    patience: Duration,
+) -> Result<Bytes, Status> {
+    crate::proxy::read_body(body, headers, limit, patience)
         .await
         .map_err(|error| match &error {
+            GatewayError::SlowBody { .. } => Status::deadline_exceeded(error.message()),
             GatewayError::TooLarge { limit } => {
                 Status::resource_exhausted(format!("the request body is larger than {limit} bytes"))
             }

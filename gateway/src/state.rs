@@ -59,6 +59,8 @@ pub struct Gateway {
     pub(crate) timeout: Duration,
     pub(crate) stream_timeout: Duration,
     pub(crate) max_body_bytes: usize,
+    /// How long a request's whole body may take to arrive.
+    pub(crate) body_timeout: Duration,
     /// Below this, nothing is compressed.
     pub(crate) compress_min_bytes: u16,
     pub(crate) cache: cache::Store,
@@ -210,6 +212,7 @@ impl Gateway {
             timeout: config.timeout,
             stream_timeout: config.stream_timeout,
             max_body_bytes: config.max_body_bytes,
+            body_timeout: config.body_timeout,
             compress_min_bytes: config.compress_min_bytes,
             cache,
             openapi,
