@@ -142,6 +142,22 @@ pub struct Config {
     #[arg(long, env = "BREWMESH_GATEWAY_MAX_STREAMS", default_value_t = 256)]
     pub max_streams: u32,
 
+    /// Requests a second each client IP may make (a token bucket); over
+    /// it, 429 with `Retry-After`. Off by default: behind a proxy every
+    /// client has the proxy's address, so limit there instead.
+    #[arg(long, env = "BREWMESH_GATEWAY_RATE_LIMIT")]
+    pub rate_limit: Option<std::num::NonZeroU32>,
+
+    /// Requests a client IP may make at once, in a burst [default: the
+    /// rate].
+    #[arg(long, env = "BREWMESH_GATEWAY_RATE_BURST")]
+    pub rate_burst: Option<std::num::NonZeroU32>,
+
+    /// Requests in flight at once, streams included; more are refused at
+    /// once with 503 and `Retry-After` (shed, never queued).
+    #[arg(long, env = "BREWMESH_GATEWAY_MAX_IN_FLIGHT", default_value_t = 10_000)]
+    pub max_in_flight: usize,
+
     /// How long requests in flight (streams too) may take to finish once
     /// draining starts.
     #[arg(long, env = "BREWMESH_DRAIN_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
@@ -175,6 +191,9 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(30),
             max_streams: 256,
+            rate_limit: None,
+            rate_burst: None,
+            max_in_flight: 10_000,
             drain_timeout: Duration::from_secs(15),
         }
     }

@@ -127,6 +127,8 @@ pub enum GatewayError {
     BadRequest(Vec<Violation>),
     /// No instance of the route's service is known: 503, at once.
     NoInstance(String),
+    /// Not let in ([`crate::admission`]): 429 or 503, with `Retry-After`.
+    Refused(crate::admission::Refusal),
     /// The backend's own status, with its details as JSON when their
     /// types are known, and its trailers.
     Upstream {
@@ -160,6 +162,7 @@ impl GatewayError {
             GatewayError::NoInstance(_) => Code::Unavailable,
             GatewayError::HeadersTooLarge { .. } => Code::ResourceExhausted,
             GatewayError::SlowBody { .. } => Code::DeadlineExceeded,
+            GatewayError::Refused(refusal) => refusal.status().code(),
             GatewayError::Upstream { status, .. } => status.code(),
         }
     }
@@ -190,6 +193,7 @@ impl GatewayError {
                 "the body must be JSON (Content-Type: application/json)".to_owned()
             }
             GatewayError::TooLarge { limit } => format!("the body is larger than {limit} bytes"),
+            GatewayError::Refused(refusal) => refusal.status().message().to_owned(),
             GatewayError::SlowBody { patience } => {
                 format!("the request's body did not arrive whole within {patience:?}")
             }
@@ -246,6 +250,12 @@ impl IntoResponse for GatewayError {
             && let Ok(value) = HeaderValue::from_str(allow)
         {
             response.headers_mut().insert(header::ALLOW, value);
+        }
+        if let GatewayError::Refused(refusal) = &self {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(refusal.retry_after()),
+            );
         }
         if let GatewayError::UnsupportedEncoding(_) = &self {
             response.headers_mut().insert(

@@ -59,6 +59,8 @@ pub struct Gateway {
     pub(crate) timeout: Duration,
     pub(crate) stream_timeout: Duration,
     pub(crate) max_body_bytes: usize,
+    /// The rate limits and the in-flight cap.
+    pub(crate) admission: crate::admission::Admission,
     /// How long a request's whole body may take to arrive.
     pub(crate) body_timeout: Duration,
     /// Below this, nothing is compressed.
@@ -213,6 +215,11 @@ impl Gateway {
             stream_timeout: config.stream_timeout,
             max_body_bytes: config.max_body_bytes,
             body_timeout: config.body_timeout,
+            admission: crate::admission::Admission::new(
+                config.rate_limit,
+                config.rate_burst,
+                config.max_in_flight,
+            ),
             compress_min_bytes: config.compress_min_bytes,
             cache,
             openapi,

@@ -98,3 +98,91 @@ async fn a_slow_body_gets_408_and_the_connection_ends() {
     assert!(seen.contains(r#""code":4"#), "DEADLINE_EXCEEDED: {seen}");
     assert!(after >= LIMIT, "answered after {after:?}");
 }
+
+/// One HTTP/1.1 GET of `path` from the local address `from`: the answer's
+/// head and body as text.
+async fn get_from(addr: std::net::SocketAddr, from: [u8; 4], path: &str) -> String {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((from, 0).into()).unwrap();
+    let mut tcp = socket.connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&answer).into()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_over_its_rate_gets_429_while_others_are_served() {
+    let config = brewmesh_gateway::Config {
+        backends: vec![(
+            "brewmesh.barista.v1.Barista".into(),
+            vec!["127.0.0.1:1".into()],
+        )],
+        rate_limit: std::num::NonZeroU32::new(1),
+        rate_burst: std::num::NonZeroU32::new(3),
+        ..Default::default()
+    };
+    let (gateway, _) = gateway(config).await;
+    let mut statuses = Vec::new();
+    // A burst of 3, then 1 a second: of 10 at once, some are over.
+    for _ in 0..10 {
+        let answer = get_from(gateway.addr, [127, 0, 0, 1], "/openapi.json").await;
+        statuses.push(answer[9..12].to_owned());
+        if answer.starts_with("HTTP/1.1 429") {
+            assert!(
+                answer.to_ascii_lowercase().contains("retry-after: 1"),
+                "{answer}"
+            );
+            assert!(
+                answer.contains(r#""code":8"#),
+                "RESOURCE_EXHAUSTED: {answer}"
+            );
+        }
+    }
+    assert_eq!(statuses[..3], ["200", "200", "200"], "{statuses:?}");
+    assert!(statuses[3..].iter().any(|s| s == "429"), "{statuses:?}");
+    // Another client, and the probes, are served meanwhile.
+    let other = get_from(gateway.addr, [127, 0, 0, 2], "/openapi.json").await;
+    assert!(other.starts_with("HTTP/1.1 200"), "{other:.200}");
+    let probe = get_from(gateway.addr, [127, 0, 0, 1], "/metrics").await;
+    assert!(probe.starts_with("HTTP/1.1 200"), "{probe:.200}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_gateway_sheds_at_once_with_503() {
+    let config = brewmesh_gateway::Config {
+        backends: vec![(
+            "brewmesh.barista.v1.Barista".into(),
+            vec!["127.0.0.1:1".into()],
+        )],
+        max_in_flight: 1,
+        body_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let (gateway, _) = gateway(config).await;
+    // The one place taken by a body that is slow to come.
+    let mut slow = TcpStream::connect(gateway.addr).await.unwrap();
+    slow.write_all(
+        b"POST /v1/orders HTTP/1.1\r\nHost: shop\r\ncontent-type: application/json\r\n\
+          content-length: 100\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let shed = get_from(gateway.addr, [127, 0, 0, 2], "/openapi.json").await;
+    assert!(shed.starts_with("HTTP/1.1 503"), "{shed:.300}");
+    assert!(
+        shed.to_ascii_lowercase().contains("retry-after: 1"),
+        "{shed}"
+    );
+    assert!(shed.contains(r#""code":14"#), "UNAVAILABLE: {shed}");
+    // Once it has its 408, the place is free again.
+    let (answer, _) = until_closed(&mut slow, Instant::now()).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let served = get_from(gateway.addr, [127, 0, 0, 2], "/openapi.json").await;
+    assert!(served.starts_with("HTTP/1.1 200"), "{served:.200}");
+}
