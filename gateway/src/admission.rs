@@ -65,7 +65,7 @@ impl Admission {
     }
 
     /// Lets a request from `client` in (the permit is held until its
-    /// answer ends), or says why not.
+    /// answer ends: `listen.rs`), or says why not.
     pub fn admit(&self, client: IpAddr) -> Result<OwnedSemaphorePermit, Refusal> {
         if let Some(limiter) = &self.limiter {
             if self.checks.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {

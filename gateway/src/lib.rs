@@ -84,58 +84,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             Arc::clone(&gateway),
             rpc::intercept,
         ))
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&gateway),
-            origins,
-        ))
-        .layer(axum::middleware::from_fn_with_state(gateway, admit))
-}
-
-/// Before anything else: the client's rate and the in-flight cap
-/// ([`admission`]); a refusal in the request's protocol's own form.
-async fn admit(
-    axum::extract::State(gateway): axum::extract::State<Arc<Gateway>>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let path = request.uri().path();
-    let client = request
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|info| info.0.ip());
-    // Probes and scrapes get through a flood; a request that came through
-    // no listener (a test's router) has no client.
-    let (Some(client), false) = (client, path == "/healthz" || path == "/metrics") else {
-        return next.run(request).await;
-    };
-    let permit = match gateway.admission.admit(client) {
-        Ok(permit) => permit,
-        Err(refusal) => {
-            let protocol =
-                rpc::Protocol::of(request.method(), request.headers(), request.uri().query());
-            let mut response = match protocol {
-                Some(protocol) if rpc::rpc_path(path).is_some() => {
-                    protocol.error(&gateway.pool, &refusal.status())
-                }
-                _ => axum::response::IntoResponse::into_response(errors::GatewayError::Refused(
-                    refusal,
-                )),
-            };
-            response.headers_mut().insert(
-                http::header::RETRY_AFTER,
-                http::HeaderValue::from(refusal.retry_after()),
-            );
-            return response;
-        }
-    };
-    let response = next.run(request).await;
-    // Held until the answer's body ends: a stream counts while it runs.
-    response.map(|body| {
-        axum::body::Body::new(http_body_util::BodyExt::map_frame(body, move |frame| {
-            let _ = &permit;
-            frame
-        }))
-    })
+        .layer(axum::middleware::from_fn_with_state(gateway, origins))
 }
 
 /// In front of everything: requests from other origins as `--cors-origin`
@@ -197,7 +146,14 @@ pub async fn run(
         idle_timeout: config.idle_timeout,
         max_streams: config.max_streams,
     };
-    let connections = listen::serve(listener, app, limits, shutdown.cancelled()).await;
+    let connections = listen::serve(
+        listener,
+        app,
+        Arc::clone(&gateway),
+        limits,
+        shutdown.cancelled(),
+    )
+    .await;
     gateway.drain();
     tracing::info!(deadline = ?config.drain_timeout, "draining");
     match tokio::time::timeout(config.drain_timeout, connections.finish()).await {

@@ -11,7 +11,9 @@
 //! - a request's body must arrive whole within `--body-timeout`
 //!   ([`crate::proxy::read_body`]: 408).
 //!
-//! Each request carries its connection's peer address (`ConnectInfo`).
+//! Each request is let in by [`crate::admission`] first (its client's rate,
+//! the in-flight cap) and carries its connection's peer address
+//! (`ConnectInfo`).
 //! Shutdown stops accepting at once; [`Draining::finish`] then asks each
 //! connection to end and waits until they have, under the drain deadline.
 
@@ -30,8 +32,16 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
+
+use axum::response::{IntoResponse as _, Response};
+
+use crate::admission::Refusal;
+use crate::errors::GatewayError;
+use crate::rpc;
+use crate::state::Gateway;
 
 /// What a connection may take.
 #[derive(Debug, Clone, Copy)]
@@ -88,31 +98,58 @@ impl Activity {
     }
 }
 
-/// One request in flight, until its response's body is done or dropped.
-struct InFlight(Arc<Activity>);
+/// One request in flight, until its response's body is done or dropped;
+/// with its place under the gateway's in-flight cap.
+struct InFlight {
+    activity: Arc<Activity>,
+    /// Given back when this is dropped.
+    _place: Option<OwnedSemaphorePermit>,
+}
 
 impl InFlight {
-    fn begin(activity: &Arc<Activity>) -> InFlight {
+    fn begin(activity: &Arc<Activity>, place: Option<OwnedSemaphorePermit>) -> InFlight {
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
         activity.touch();
-        InFlight(Arc::clone(activity))
+        InFlight {
+            activity: Arc::clone(activity),
+            _place: place,
+        }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.touch();
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.activity.touch();
+        self.activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-/// The router for one connection: its peer address on every request, and
-/// every request counted in flight until its answer ends.
+/// The router for one connection: every request let in (or refused) by
+/// the admission, its peer address on it, and counted in flight until its
+/// answer ends.
 #[derive(Clone)]
 struct Tracked {
     app: Router,
+    gateway: Arc<Gateway>,
     peer: SocketAddr,
     activity: Arc<Activity>,
+}
+
+/// A refused request's answer, in its protocol's own form, with
+/// `Retry-After`.
+fn refused<B>(gateway: &Gateway, request: &http::Request<B>, refusal: Refusal) -> Response<Body> {
+    let protocol = rpc::Protocol::of(request.method(), request.headers(), request.uri().query());
+    let mut response = match protocol {
+        Some(protocol) if rpc::rpc_path(request.uri().path()).is_some() => {
+            protocol.error(&gateway.pool, &refusal.status())
+        }
+        _ => GatewayError::Refused(refusal).into_response(),
+    };
+    response.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from(refusal.retry_after()),
+    );
+    response
 }
 
 impl<B> tower::Service<http::Request<B>> for Tracked
@@ -129,7 +166,19 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let in_flight = InFlight::begin(&self.activity);
+        // Probes and scrapes get through a flood.
+        let path = request.uri().path();
+        let place = match path == "/healthz" || path == "/metrics" {
+            true => None,
+            false => match self.gateway.admission.admit(self.peer.ip()) {
+                Ok(place) => Some(place),
+                Err(refusal) => {
+                    let answer = refused(&self.gateway, &request, refusal);
+                    return Box::pin(std::future::ready(Ok(answer)));
+                }
+            },
+        };
+        let in_flight = InFlight::begin(&self.activity, place);
         request
             .extensions_mut()
             .insert(ConnectInfo::<SocketAddr>(self.peer));
@@ -151,6 +200,7 @@ where
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    gateway: Arc<Gateway>,
     limits: Limits,
     stop: impl Future<Output = ()>,
 ) -> Draining {
@@ -190,6 +240,7 @@ pub async fn serve(
         });
         let service = Tracked {
             app: app.clone(),
+            gateway: Arc::clone(&gateway),
             peer,
             activity: Arc::clone(&activity),
         };

@@ -3,6 +3,7 @@
 //! document, newline-delimited JSON or Server-Sent Events.
 
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -180,9 +181,15 @@ pub(crate) async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(too_large());
     }
-    let collected = tokio::time::timeout(patience, Limited::new(body, limit).collect())
-        .await
-        .map_err(|_| GatewayError::SlowBody { patience })?;
+    // A body already here (the common case) needs no timer.
+    let mut collecting = std::pin::pin!(Limited::new(body, limit).collect());
+    let first = std::future::poll_fn(|cx| Poll::Ready(collecting.as_mut().poll(cx))).await;
+    let collected = match first {
+        Poll::Ready(collected) => collected,
+        Poll::Pending => tokio::time::timeout(patience, collecting)
+            .await
+            .map_err(|_| GatewayError::SlowBody { patience })?,
+    };
     let raw = match collected {
         Ok(collected) => collected.to_bytes(),
         Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => return Err(too_large()),
