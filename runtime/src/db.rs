@@ -76,10 +76,31 @@ impl DatabaseArgs {
             Some(url) => Ok(url.clone()),
             None => {
                 std::fs::create_dir_all(&self.data_dir)?;
-                Ok(sqlite_url(&std::path::absolute(&self.data_dir)?.join(file)))
+                let path = std::path::absolute(&self.data_dir)?.join(file);
+                if let Err(error) = keep_private(&self.data_dir, &path) {
+                    // A mounted volume's root may not be ours to change.
+                    tracing::warn!(dir = %self.data_dir.display(), %error, "the data could not be made private to this user");
+                }
+                Ok(sqlite_url(&path))
             }
         }
     }
+}
+
+/// The data directory readable by its owner only (0700), and the database
+/// file 0600, made so before SQLite opens it: SQLite gives its `-wal` and
+/// `-shm` files the database's mode. Orders, names and payments are nobody
+/// else's to read.
+fn keep_private(dir: &Path, file: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(file)?;
+    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
 }
 
 /// The sqlx URL of a SQLite file, created on first open.
@@ -309,6 +330,33 @@ mod tests {
 
     const V1: Migration = &["CREATE TABLE t (a BIGINT NOT NULL)"];
     const V2: Migration = &["ALTER TABLE t ADD COLUMN b TEXT NOT NULL DEFAULT ''"];
+
+    #[tokio::test]
+    async fn the_data_directory_and_its_files_are_the_owner_s_alone() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let args = DatabaseArgs {
+            data_dir: dir.path().join("data"),
+            database_url: None,
+            sqlite_synchronous: Synchronous::Normal,
+        };
+        let pool = args
+            .open("x.db", &[&["CREATE TABLE t (n INTEGER)"]])
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO t (n) VALUES (1)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let mode = |name: &str| {
+            let path = args.data_dir.join(name);
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777
+        };
+        assert_eq!(mode(""), 0o700);
+        for file in ["x.db", "x.db-wal", "x.db-shm"] {
+            assert_eq!(mode(file), 0o600, "{file}");
+        }
+    }
 
     #[tokio::test]
     async fn migrations_apply_once_in_order_and_a_newer_schema_is_refused() {

@@ -161,6 +161,12 @@ impl Registry {
                 publish(&mut state, &entry.instance.service);
             }
         }
+        // A name nobody watches any more is forgotten: anyone may watch
+        // any made-up name, and each would otherwise stay for good. A new
+        // watch starts again from the current set.
+        state
+            .watchers
+            .retain(|_, sender| sender.receiver_count() > 0);
         expired.len()
     }
 
@@ -328,6 +334,25 @@ mod tests {
         assert!(!rx.has_changed().unwrap());
         assert!(registry.deregister(&lease));
         assert!(rx.borrow_and_update().instances.is_empty());
+    }
+
+    #[test]
+    fn names_nobody_watches_any_more_are_forgotten() {
+        let registry = Registry::default();
+        let kept = registry.watch("svc");
+        let made_up: Vec<_> = (0..40_000)
+            .map(|n| registry.watch(&format!("made-up-{n}")))
+            .collect();
+        assert_eq!(registry.lock().watchers.len(), 40_001);
+        drop(made_up);
+        registry.expire(Instant::now());
+        assert_eq!(registry.lock().watchers.len(), 1);
+        // The one still watched still gets the changes.
+        let lease = registry
+            .register(instance("a"), Duration::from_secs(10))
+            .lease_id;
+        registry.set_health(&lease, HealthStatus::Serving);
+        assert!(kept.has_changed().unwrap());
     }
 
     #[test]
