@@ -383,7 +383,7 @@ async fn a_wrong_content_type_or_method_is_refused_naming_what_is_taken() {
 }
 
 #[tokio::test]
-async fn bad_deadlines_and_oversized_metadata_are_invalid_argument_and_deadlines_hold() {
+async fn bad_deadlines_and_oversized_metadata_are_refused_and_deadlines_hold() {
     let mesh = mesh().await;
     let json = ("content-type", "application/json");
     let answer = mesh
