@@ -139,17 +139,18 @@ struct Tracked {
 /// `Retry-After`.
 fn refused<B>(gateway: &Gateway, request: &http::Request<B>, refusal: Refusal) -> Response<Body> {
     let protocol = rpc::Protocol::of(request.method(), request.headers(), request.uri().query());
-    let mut response = match protocol {
+    match protocol {
         Some(protocol) if rpc::rpc_path(request.uri().path()).is_some() => {
-            protocol.error(&gateway.pool, &refusal.status())
+            let mut response = protocol.error(&gateway.pool, &refusal.status());
+            response.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from(refusal.retry_after()),
+            );
+            response
         }
+        // Its own answer carries the Retry-After.
         _ => GatewayError::Refused(refusal).into_response(),
-    };
-    response.headers_mut().insert(
-        http::header::RETRY_AFTER,
-        http::HeaderValue::from(refusal.retry_after()),
-    );
-    response
+    }
 }
 
 impl<B> tower::Service<http::Request<B>> for Tracked
