@@ -66,6 +66,9 @@ struct Material {
 pub struct MeshTls {
     dir: PathBuf,
     current: RwLock<Arc<Material>>,
+    /// The stamp of a set that did not load: not read (or warned of) again
+    /// at every connection until the files change once more.
+    refused: std::sync::Mutex<Option<Stamp>>,
 }
 
 impl std::fmt::Debug for MeshTls {
@@ -82,10 +85,11 @@ const FILES: [&str; 3] = ["tls.crt", "tls.key", "ca.crt"];
 impl MeshTls {
     /// Reads `dir` (`tls.crt`, `tls.key`, `ca.crt`).
     pub fn load(dir: &Path) -> Result<Arc<MeshTls>, TlsError> {
-        let material = Material::read(dir)?;
+        let material = Material::read(dir, stamp(dir))?;
         Ok(Arc::new(MeshTls {
             dir: dir.to_owned(),
             current: RwLock::new(Arc::new(material)),
+            refused: std::sync::Mutex::new(None),
         }))
     }
 
@@ -102,8 +106,13 @@ impl MeshTls {
         if stamp == current.stamp {
             return current;
         }
-        match Material::read(&self.dir) {
+        let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        if *refused == Some(stamp) {
+            return current;
+        }
+        match Material::read(&self.dir, stamp) {
             Ok(material) => {
+                *refused = None;
                 tracing::info!(dir = %self.dir.display(), identity = %material.identity, "certificates reloaded");
                 let material = Arc::new(material);
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&material);
@@ -112,9 +121,10 @@ impl MeshTls {
             Err(error) => {
                 tracing::warn!(
                     dir = %self.dir.display(),
-                    error = format!("{:#}", anyhow_like(&error)),
+                    error = anyhow_like(&error),
                     "the certificates changed but do not load; keeping the last good ones"
                 );
+                *refused = Some(stamp);
                 current
             }
         }
@@ -181,10 +191,9 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 impl Material {
-    fn read(dir: &Path) -> Result<Material, TlsError> {
-        // The stamp first: files changed while being read are read again
-        // at the next connection.
-        let stamp = stamp(dir);
+    /// Reads `dir`, whose files had `stamp` just before (taken first: files
+    /// changed while being read are read again at the next connection).
+    fn read(dir: &Path, stamp: Stamp) -> Result<Material, TlsError> {
         let chain = certificates(&dir.join("tls.crt"))?;
         let key_path = dir.join("tls.key");
         let key =
