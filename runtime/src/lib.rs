@@ -42,6 +42,7 @@ pub mod defaults;
 pub mod discovery;
 pub mod ejection;
 pub mod fault;
+pub mod files;
 pub mod health;
 pub mod idempotency;
 pub mod ids;

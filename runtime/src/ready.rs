@@ -43,11 +43,7 @@ pub fn announce(addr: SocketAddr, more: serde_json::Value) -> std::io::Result<()
 
 /// Writes `document` to `path` whole: a reader sees all of it or nothing.
 pub fn write(path: &Path, document: &serde_json::Value) -> std::io::Result<()> {
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = PathBuf::from(partial);
-    std::fs::write(&partial, document.to_string())?;
-    std::fs::rename(&partial, path)
+    crate::files::write_whole(path, document.to_string().as_bytes(), 0o666)
 }
 
 /// The ready file at `path`, once it is there.

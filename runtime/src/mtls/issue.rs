@@ -3,7 +3,6 @@
 //! written as cert-manager writes a Secret (`tls.crt`, `tls.key`,
 //! `ca.crt`). On Kubernetes the Secrets come from cert-manager instead.
 
-use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -155,19 +154,7 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
-/// Writes `path` whole (a temporary file renamed over it), mode 0600.
+/// Writes `path` whole, mode 0600.
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut partial = path.as_os_str().to_owned();
-    partial.push(".partial");
-    let partial = std::path::PathBuf::from(partial);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&partial)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&partial, path)
+    crate::files::write_whole(path, text.as_bytes(), 0o600)
 }
