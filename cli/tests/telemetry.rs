@@ -153,7 +153,10 @@ async fn one_rest_order_is_one_trace_through_gateway_barista_and_payment() {
     let traceparent = format!("00-{trace_id}-{client_span}-01");
     order(&gateway, "traced-1", "tok_visa", Some(&traceparent));
     let spans = spans_of(&collector, trace_id, |s| {
-        has(s, "barista", "capture") && has(s, "payment", "ledger Capture")
+        // The saga's span ends last, after its capture step.
+        has(s, "barista", "capture")
+            && has(s, "barista", "order saga")
+            && has(s, "payment", "ledger Capture")
     });
 
     // REST call → gateway → barista, each with its parent.
@@ -251,7 +254,10 @@ async fn one_rest_order_is_one_trace_through_gateway_barista_and_payment() {
         "{}",
     ]);
     let spans = spans_of(&collector, cancelled_trace, |s| {
-        has(s, "barista", "void") && has(s, "payment", "ledger Void")
+        // The saga's span ends after its void step: wait for both.
+        has(s, "barista", "void")
+            && has(s, "barista", "order saga")
+            && has(s, "payment", "ledger Void")
     });
     let void = named(&spans, "barista", "void");
     assert_eq!(
