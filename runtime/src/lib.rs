@@ -17,7 +17,8 @@
 //!   contract.
 //! - [`validate`]: `INVALID_ARGUMENT` with `google.rpc.BadRequest` field
 //!   violations.
-//! - [`client`]: gRPC channels to peers given by address.
+//! - [`client`]: gRPC channels to peers given by address; [`caller`]: the
+//!   end user a request is for, as the gateway vouches.
 //! - [`discovery`]: registration with the registry, resolvers (static,
 //!   DNS, registry) and P2C/peak-EWMA balanced channels; [`ejection`] takes
 //!   endpoints that keep failing out for a while.
@@ -36,6 +37,7 @@
 //! only wires flags to them. Test support is a crate of its own
 //! (`brewmesh-testing`), a dev-dependency only.
 
+pub mod caller;
 pub mod client;
 pub mod db;
 pub mod defaults;

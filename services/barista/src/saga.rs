@@ -841,6 +841,7 @@ mod tests {
             card_token: card.into(),
             step,
             owner: A.into(),
+            customer: String::new(),
         }
     }
 

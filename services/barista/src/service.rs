@@ -17,6 +17,7 @@ use brewmesh::pb::barista::v1::{
     Menu, Order, OrderEvent, OrderEventType as E, OrderState as S, PlaceOrderRequest,
     WatchOrderRequest,
 };
+use brewmesh_runtime::caller::Caller;
 use brewmesh_runtime::idempotency::fingerprint;
 use brewmesh_runtime::validate::{Validate as _, Violations, next_page_token, page_size};
 
@@ -41,12 +42,15 @@ impl BaristaService {
         Self { shop, shutdown }
     }
 
-    /// The order as stored, with its saga's step; NOT_FOUND if there is none.
-    async fn record(&self, order_id: &str) -> Result<OrderRecord, BaristaError> {
+    /// The order as stored, with its saga's step; NOT_FOUND if there is
+    /// none, or if it is another customer's than `caller` (whose orders
+    /// are not theirs to know of).
+    async fn record(&self, order_id: &str, caller: &Caller) -> Result<OrderRecord, BaristaError> {
         self.shop
             .store()
             .get(order_id)
             .await?
+            .filter(|record| caller.confined_to().is_none_or(|c| c == record.customer))
             .ok_or_else(|| BaristaError::NotFound(order_id.to_owned()))
     }
 }
@@ -64,13 +68,23 @@ impl Barista for BaristaService {
         &self,
         request: Request<PlaceOrderRequest>,
     ) -> Result<Response<Order>, Status> {
+        let customer = Caller::of(&request)
+            .subject()
+            .unwrap_or_default()
+            .to_owned();
         let request = request.into_inner();
         request.validate()?;
         let Some(item) = menu::find(&request.item_id) else {
             return Err(BaristaError::NotOnTheMenu(request.item_id).into());
         };
 
-        let fingerprint = fingerprint("PlaceOrder", &request);
+        // Whose it is belongs to the request: another customer's key, the
+        // same body, is a reused key, not their order to be handed.
+        let mut fingerprint = fingerprint("PlaceOrder", &request);
+        if !customer.is_empty() {
+            fingerprint.push_str(" by ");
+            fingerprint.push_str(&customer);
+        }
         let new = NewOrder {
             idempotency_key: request.idempotency_key,
             fingerprint,
@@ -78,6 +92,7 @@ impl Barista for BaristaService {
             customer_name: request.customer_name,
             card_token: request.card_token,
             price: item.price.clone().unwrap_or_default(),
+            customer,
         };
         Ok(Response::new(self.shop.place(new, &item).await?))
     }
@@ -86,15 +101,19 @@ impl Barista for BaristaService {
         &self,
         request: Request<GetOrderRequest>,
     ) -> Result<Response<Order>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
         request.validate()?;
-        Ok(Response::new(self.record(&request.order_id).await?.order))
+        Ok(Response::new(
+            self.record(&request.order_id, &caller).await?.order,
+        ))
     }
 
     async fn list_orders(
         &self,
         request: Request<ListOrdersRequest>,
     ) -> Result<Response<ListOrdersResponse>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
         let mut violations = Violations::new();
         request.validate_at("", &mut violations);
@@ -109,7 +128,7 @@ impl Barista for BaristaService {
         let (orders, last) = self
             .shop
             .store()
-            .list(state, before, limit)
+            .list(state, caller.confined_to(), before, limit)
             .await
             .map_err(BaristaError::from)?;
         let next_page_token = next_page_token(last.is_some(), last.as_deref());
@@ -123,9 +142,14 @@ impl Barista for BaristaService {
         &self,
         request: Request<CancelOrderRequest>,
     ) -> Result<Response<Order>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
         request.validate()?;
         let order_id = request.order_id.as_str();
+        if caller.confined_to().is_some() {
+            // Another customer's order is not found, and not cancelled.
+            self.record(order_id, &caller).await?;
+        }
         let reason = if request.reason.is_empty() {
             "cancelled by the customer".to_owned()
         } else {
@@ -180,11 +204,12 @@ impl Barista for BaristaService {
         &self,
         request: Request<WatchOrderRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let caller = Caller::of(&request);
         let request = request.into_inner();
         request.validate()?;
         // Subscribe before the first read, so no event falls between the two.
         let changes = self.shop.journal().watch(&request.order_id);
-        let record = self.record(&request.order_id).await?;
+        let record = self.record(&request.order_id, &caller).await?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(follow(
             Arc::clone(&self.shop),

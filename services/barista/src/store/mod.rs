@@ -74,6 +74,8 @@ pub struct OrderRecord {
     pub step: Step,
     /// The barista instance driving the saga.
     pub owner: String,
+    /// Whose order it is (the subject the gateway authenticated), or ''.
+    pub customer: String,
 }
 
 /// A new order for [`OrderStore::insert`].
@@ -91,6 +93,8 @@ pub struct NewOrder {
     pub card_token: String,
     /// The drink's price.
     pub price: Money,
+    /// Whose order it is (the subject the gateway authenticated), or ''.
+    pub customer: String,
 }
 
 /// What [`OrderStore::insert`] did.
@@ -234,21 +238,24 @@ impl OrderStore {
     }
 
     /// Up to `limit` orders older than `before`, newest first, only those in
-    /// `state` unless it is UNSPECIFIED (an unreadable one skipped); and,
-    /// when more follow, the id to continue before.
+    /// `state` unless it is UNSPECIFIED, and only `customer`'s if given (an
+    /// unreadable one skipped); and, when more follow, the id to continue
+    /// before.
     pub async fn list(
         &self,
         state: OrderState,
+        customer: Option<&str>,
         before: Option<&str>,
         limit: u32,
     ) -> Result<(Vec<Order>, Option<String>), sqlx::Error> {
         let rows = sqlx::query(&format!(
             "SELECT {COLUMNS} FROM orders WHERE ($1 = 0 OR state = $1) AND ($2 = '' OR order_id < $2) \
-             ORDER BY order_id DESC LIMIT $3"
+             AND ($4 = '' OR customer = $4) ORDER BY order_id DESC LIMIT $3"
         ))
         .bind(state as i64)
         .bind(before.unwrap_or(""))
         .bind(i64::from(limit) + 1)
+        .bind(customer.unwrap_or(""))
         .fetch_all(&self.pool)
         .await?;
         let more = rows.len() > limit as usize;
@@ -408,6 +415,7 @@ mod tests {
                 currency_code: "EUR".into(),
                 amount_minor: 350,
             },
+            customer: String::new(),
         };
         match store.insert(new, "barista-test", i64::MAX).await.unwrap() {
             Inserted::New(record) => record.order.order_id,

@@ -66,6 +66,7 @@ pub(super) fn record(row: &AnyRow) -> Result<OrderRecord, sqlx::Error> {
         card_token: row.try_get("card_token")?,
         step,
         owner: row.try_get("owner")?,
+        customer: row.try_get("customer")?,
     })
 }
 

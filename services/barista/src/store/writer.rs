@@ -188,7 +188,7 @@ impl Apply for InsertOrder {
         // conflict it returns nothing and the key's earlier order is read.
         let inserted = sqlx::query(&format!(
             "INSERT INTO orders (idempotency_key, fingerprint, {COLUMNS}, lease_until) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING {COLUMNS}"
         ))
         .bind(&new.idempotency_key)
@@ -206,6 +206,7 @@ impl Apply for InsertOrder {
         .bind(now) // create_time
         .bind(now) // update_time
         .bind(&self.owner)
+        .bind(&new.customer)
         .bind(self.lease_until)
         .fetch_optional(&mut **tx)
         .await?;
