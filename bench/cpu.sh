@@ -18,7 +18,7 @@ BIN=$ROOT/target/release/brewmesh
 OUT=$ROOT/target/bench/cpu-$(date +%Y%m%dT%H%M%S)
 mkdir -p "$OUT"
 DATA=$(mktemp -d)
-"$BIN" up --insecure --data-dir "$DATA" --registry-listen 127.0.0.1:18351 --payment-listen 127.0.0.1:18352 \
+"$BIN" up --insecure --no-auth --data-dir "$DATA" --registry-listen 127.0.0.1:18351 --payment-listen 127.0.0.1:18352 \
   --barista-listen 127.0.0.1:18353 --gateway-listen 127.0.0.1:18380 \
   --barista-arg=--espresso-time=1ms --barista-arg=--milk-time=1ms \
   --barista-arg=--espresso-machines=64 --barista-arg=--steam-wands=64 --barista-arg=--queue-depth=4096 \

@@ -50,7 +50,7 @@ done | tee "$OUT/startup.md"
 
 # RSS: the mesh from `brewmesh up`, idle, then under LOAD_SECONDS of load.
 DATA=$(mktemp -d)
-"$BIN" up --insecure --data-dir "$DATA" --registry-listen 127.0.0.1:18151 --payment-listen 127.0.0.1:18152 \
+"$BIN" up --insecure --no-auth --data-dir "$DATA" --registry-listen 127.0.0.1:18151 --payment-listen 127.0.0.1:18152 \
   --barista-listen 127.0.0.1:18153 --gateway-listen 127.0.0.1:18180 \
   --barista-arg=--espresso-time=50ms --barista-arg=--milk-time=50ms \
   --barista-arg=--espresso-machines=64 --barista-arg=--steam-wands=64 --barista-arg=--queue-depth=1024 \

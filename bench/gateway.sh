@@ -87,7 +87,7 @@ taskset -c 1 "$GWPEER_DIR/bin/coffee-grpc-server" -addr "$BACKEND" > "$OUT/backe
 wait_port "$BACKEND"
 taskset -c 0 "$GWPEER_DIR/bin/coffee-gateway" -http "$GRPC_GATEWAY" -grpc "$BACKEND" -v2json \
   > "$OUT/grpc-gateway.log" 2>&1 & PIDS+=($!)
-taskset -c 0 "$BIN" --log-format json gateway --insecure --listen "$BREWMESH" --no-builtin \
+taskset -c 0 "$BIN" --log-format json gateway --insecure --no-auth --listen "$BREWMESH" --no-builtin \
   --descriptor-set "$OUT/coffee.pb" --backend "coffee.v1.Payment=$BACKEND" \
   > "$OUT/brewmesh.log" 2>&1 & PIDS+=($!)
 taskset -c 0 envoy -c "$OUT/envoy.yaml" --concurrency 1 -l warn --base-id 7 \

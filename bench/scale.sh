@@ -25,7 +25,7 @@ mkdir -p "$OUT"
 run() { # replicas round label binary
   local r=$1 data; data=$(mktemp -d)
   local BIN=$4 tag="$3-$1-$2"
-  "$BIN" up --insecure --data-dir "$data" --registry-listen 127.0.0.1:18251 --payment-listen 127.0.0.1:18252 \
+  "$BIN" up --insecure --no-auth --data-dir "$data" --registry-listen 127.0.0.1:18251 --payment-listen 127.0.0.1:18252 \
     --barista-listen 127.0.0.1:18253 --gateway-listen 127.0.0.1:18280 --barista-replicas "$r" \
     --barista-arg=--espresso-time=250ms --barista-arg=--espresso-machines=2 \
     --barista-arg=--queue-depth=8 --payment-arg=--processing-delay=0s \

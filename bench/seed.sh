@@ -27,7 +27,7 @@ for N in "$@"; do
   C=${CONCURRENCY:-$N}
   DATA=$(mktemp -d)
   # Ports of their own, so a mesh already running on the defaults is left alone.
-  "$BIN" up --insecure --data-dir "$DATA" --ready-file "$DATA/ready.json" \
+  "$BIN" up --insecure --no-auth --data-dir "$DATA" --ready-file "$DATA/ready.json" \
     --registry-listen 127.0.0.1:18051 --payment-listen 127.0.0.1:18052 \
     --barista-listen 127.0.0.1:18053 --gateway-listen 127.0.0.1:18080 \
     --barista-arg=--espresso-machines=65535 --barista-arg=--steam-wands=65535 \

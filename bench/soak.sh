@@ -26,7 +26,7 @@ mkdir -p "$OUT"
 export BREWMESH_REGISTRY_TOKEN=soak-$$-$RANDOM
 GW=http://127.0.0.1:18180
 
-"$BIN" up --insecure --data-dir "$DATA" --ready-file "$DATA/up.json" \
+"$BIN" up --insecure --no-auth --data-dir "$DATA" --ready-file "$DATA/up.json" \
   --registry-listen 127.0.0.1:18151 --payment-listen 127.0.0.1:18152 \
   --barista-listen 127.0.0.1:18153 --gateway-listen 127.0.0.1:18180 \
   --payment-replicas 2 --barista-replicas 2 \

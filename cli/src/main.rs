@@ -7,6 +7,7 @@
 mod audit;
 mod certs;
 mod load;
+mod token;
 mod up;
 
 use std::future::Future;
@@ -64,6 +65,8 @@ enum Command {
     Audit(audit::Args),
     /// Make a CA and a certificate per role (for `--tls-dir`).
     Certs(certs::Args),
+    /// Print a bearer token signed by `up`'s local issuer.
+    Token(token::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -90,6 +93,7 @@ fn main() -> anyhow::Result<()> {
                 up::run(args, format, tls.insecure).await
             }
             Command::Certs(args) => certs::run(args),
+            Command::Token(args) => token::run(args),
             Command::Load(args) => {
                 client_identity(&tls)?;
                 load::run(args).await
@@ -124,6 +128,13 @@ fn main() -> anyhow::Result<()> {
                 .await
             }
             Command::Gateway(config) => {
+                anyhow::ensure!(
+                    config.jwks.is_some() || config.no_auth,
+                    "brewmesh gateway checks its clients' bearer tokens: pass --jwks FILE \
+                     (the JSON Web Key Set of the tokens' issuer; `brewmesh up` makes one \
+                     under its data directory), or --no-auth to let every client call \
+                     everything"
+                );
                 let addr = config.listen.unwrap_or(default_addr(GATEWAY_ADDR));
                 serve(
                     role::GATEWAY,

@@ -263,7 +263,7 @@ fn json(text: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread")]
 async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
     let dir = tempfile::tempdir().unwrap();
-    let args = Process::up_args_mtls(
+    let args = Process::up_args_secure(
         dir.path(),
         &[
             "--payment-arg=--processing-delay=50ms",
@@ -349,34 +349,87 @@ async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
     ]));
     assert_eq!(paid["state"], "PAYMENT_STATE_CAPTURED");
 
-    // The README's curl flow, through the gateway `up` started.
+    // The README's curl flow, through the gateway `up` started, with the
+    // tokens it wrote.
     let gateway = up.instance("gateway").to_string();
+    let token = |who: &str| {
+        let path = dir.path().join("auth").join(format!("{who}.jwt"));
+        format!(
+            "Authorization: Bearer {}",
+            std::fs::read_to_string(path).unwrap()
+        )
+    };
+    let (customer, staff) = (token("customer"), token("staff"));
     let menu = json(&curl(&["-s", &format!("{gateway}/v1/menu")]));
     assert!(
         menu["items"].as_array().is_some_and(|i| !i.is_empty()),
         "{menu}"
     );
+    let order_2 = r#"{"idempotencyKey":"order-2","itemId":"latte","customerName":"Ada","cardToken":"tok_visa"}"#;
+    let anonymous = curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--json",
+        order_2,
+        &format!("{gateway}/v1/orders"),
+    ]);
+    assert_eq!(anonymous, "401", "no token, no order");
     let placed = json(&curl(&[
         "-s",
-        "-XPOST",
-        &format!("{gateway}/v1/orders"),
+        "-H",
+        &customer,
         "--json",
-        r#"{"idempotencyKey":"order-2","itemId":"latte","customerName":"Ada","cardToken":"tok_visa"}"#,
+        order_2,
+        &format!("{gateway}/v1/orders"),
     ]));
     let rest_order = placed["orderId"].as_str().expect("an order id").to_owned();
-    let watched = curl(&["-sN", &format!("{gateway}/v1/orders/{rest_order}:watch")]);
+    let watched = curl(&[
+        "-sN",
+        "-H",
+        &customer,
+        &format!("{gateway}/v1/orders/{rest_order}:watch"),
+    ]);
     let last = watched.lines().last().map(json).unwrap_or_default();
     assert_eq!(
         last["result"]["type"], "ORDER_EVENT_TYPE_PAYMENT_CAPTURED",
         "{watched}"
     );
-    let got = json(&curl(&["-s", &format!("{gateway}/v1/orders/{rest_order}")]));
-    let rest_payment = got["paymentId"].as_str().expect("a payment id");
-    let paid = json(&curl(&[
+    let got = json(&curl(&[
         "-s",
-        &format!("{gateway}/v1/payments/{rest_payment}"),
+        "-H",
+        &customer,
+        &format!("{gateway}/v1/orders/{rest_order}"),
     ]));
+    let rest_payment = got["paymentId"].as_str().expect("a payment id");
+    let payment_url = format!("{gateway}/v1/payments/{rest_payment}");
+    let refused = json(&curl(&["-s", "-H", &customer, &payment_url]));
+    assert_eq!(refused["code"], 7, "a customer reads no payment: {refused}");
+    let paid = json(&curl(&["-s", "-H", &staff, &payment_url]));
     assert_eq!(paid["state"], "PAYMENT_STATE_CAPTURED");
+    // `brewmesh token` mints one from the same issuer.
+    let minted = std::process::Command::new(env!("CARGO_BIN_EXE_brewmesh"))
+        .args(["token", "--subject", "bob", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(minted.status.success(), "{minted:?}");
+    let bob = format!(
+        "Authorization: Bearer {}",
+        String::from_utf8(minted.stdout).unwrap().trim()
+    );
+    let hidden = json(&curl(&[
+        "-s",
+        "-H",
+        &bob,
+        &format!("{gateway}/v1/orders/{rest_order}"),
+    ]));
+    assert_eq!(
+        hidden["code"], 5,
+        "Ada's order is not Bob's to see: {hidden}"
+    );
     let health = json(&curl(&["-s", &format!("{gateway}/healthz")]));
     assert_eq!(health["status"], "SERVING", "{health}");
 

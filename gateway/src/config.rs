@@ -158,6 +158,31 @@ pub struct Config {
     #[arg(long, env = "BREWMESH_GATEWAY_MAX_IN_FLIGHT", default_value_t = 10_000)]
     pub max_in_flight: usize,
 
+    /// Clients must send a bearer JWT signed by a key of this JSON Web Key
+    /// Set file (an OIDC provider's `jwks_uri` document), read again when
+    /// it changes; its scopes decide what they may call. Without it every
+    /// client is anonymous and may call everything (`brewmesh gateway`
+    /// then wants `--no-auth`).
+    #[arg(long, env = "BREWMESH_GATEWAY_JWKS")]
+    pub jwks: Option<PathBuf>,
+
+    /// No --jwks, on purpose: every client is anonymous and may call every
+    /// route, payments and the registry included. Logged as a warning.
+    #[arg(long, conflicts_with = "jwks")]
+    pub no_auth: bool,
+
+    /// The `iss` every token must carry.
+    #[arg(long, env = "BREWMESH_GATEWAY_JWT_ISSUER", requires = "jwks")]
+    pub jwt_issuer: Option<String>,
+
+    /// An `aud` every token must carry.
+    #[arg(long, env = "BREWMESH_GATEWAY_JWT_AUDIENCE", requires = "jwks")]
+    pub jwt_audience: Option<String>,
+
+    /// Clock skew allowed on a token's `exp` and `nbf`.
+    #[arg(long, env = "BREWMESH_GATEWAY_JWT_LEEWAY", default_value = "60s", value_parser = parse_duration)]
+    pub jwt_leeway: Duration,
+
     /// How long requests in flight (streams too) may take to finish once
     /// draining starts.
     #[arg(long, env = "BREWMESH_DRAIN_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
@@ -194,6 +219,11 @@ impl Default for Config {
             rate_limit: None,
             rate_burst: None,
             max_in_flight: 10_000,
+            jwks: None,
+            no_auth: false,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_leeway: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(15),
         }
     }

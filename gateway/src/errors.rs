@@ -129,6 +129,9 @@ pub enum GatewayError {
     NoInstance(String),
     /// Not let in ([`crate::admission`]): 429 or 503, with `Retry-After`.
     Refused(crate::admission::Refusal),
+    /// No valid token, or not the scope ([`crate::auth`]): 401 or 403,
+    /// with `WWW-Authenticate`.
+    Denied(crate::auth::Denied),
     /// The backend's own status, with its details as JSON when their
     /// types are known, and its trailers.
     Upstream {
@@ -163,6 +166,7 @@ impl GatewayError {
             GatewayError::HeadersTooLarge { .. } => Code::ResourceExhausted,
             GatewayError::SlowBody { .. } => Code::DeadlineExceeded,
             GatewayError::Refused(refusal) => refusal.status().code(),
+            GatewayError::Denied(denied) => denied.status().code(),
             GatewayError::Upstream { status, .. } => status.code(),
         }
     }
@@ -194,6 +198,7 @@ impl GatewayError {
             }
             GatewayError::TooLarge { limit } => format!("the body is larger than {limit} bytes"),
             GatewayError::Refused(refusal) => refusal.status().message().to_owned(),
+            GatewayError::Denied(denied) => denied.status().message().to_owned(),
             GatewayError::SlowBody { patience } => {
                 format!("the request's body did not arrive whole within {patience:?}")
             }
@@ -229,6 +234,13 @@ impl IntoResponse for GatewayError {
                         .headers_mut()
                         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
                 }
+                return response;
+            }
+            GatewayError::Denied(denied) => {
+                let mut response = status_response(http, &denied.json());
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, denied.challenge());
                 return response;
             }
             GatewayError::BadRequest(violations) => json!([{

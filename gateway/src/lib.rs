@@ -21,6 +21,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod auth;
 pub mod cache;
 pub mod codec;
 pub mod compression;
@@ -29,6 +30,7 @@ pub mod cors;
 pub mod descriptors;
 pub mod envelope;
 pub mod errors;
+pub mod issuer;
 pub mod jsonplan;
 pub mod listen;
 pub mod mesh;
@@ -136,6 +138,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<Drained, RunError> {
     let gateway = Arc::new(Gateway::build(&config).await?);
+    if !gateway.auth.on() {
+        tracing::warn!(
+            "no --jwks: every client is anonymous and may call every route, \
+             payments and the registry included"
+        );
+    }
     let addr = listener.local_addr()?;
     let _ = gateway.address.set(addr);
     let services: Vec<&str> = gateway.upstreams.keys().map(String::as_str).collect();

@@ -47,6 +47,11 @@ pub(crate) fn forward_headers(
         } else {
             continue;
         };
+        // Who the caller is, the gateway says ([`crate::auth`]), never the
+        // client.
+        if brewmesh_runtime::caller::reserved(key) {
+            continue;
+        }
         size += key.len() + value.len();
         if size > MAX_METADATA_BYTES {
             let total = headers

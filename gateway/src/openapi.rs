@@ -18,7 +18,12 @@ const QUERY_DEPTH: usize = 3;
 
 /// The document for `routes`; a server stream lasts `stream_timeout` unless
 /// the client sends a longer `Grpc-Timeout`.
-pub fn document(pool: &DescriptorPool, routes: &[Route], stream_timeout: Duration) -> Value {
+pub fn document(
+    pool: &DescriptorPool,
+    routes: &[Route],
+    stream_timeout: Duration,
+    auth: bool,
+) -> Value {
     let mut schemas = Schemas::default();
     let status = schemas.message_ref("google.rpc.Status", pool);
     let mut paths: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
@@ -120,6 +125,15 @@ pub fn document(pool: &DescriptorPool, routes: &[Route], stream_timeout: Duratio
         if !links.is_empty() {
             success["links"] = Value::Object(links);
         }
+        if auth {
+            // Each operation's scope, as crate::auth asks for it.
+            let security = match crate::auth::need(&route.rpc.service, method.name()) {
+                crate::auth::Need::Nothing => json!([]),
+                crate::auth::Need::Token => json!([{"bearer": []}]),
+                crate::auth::Need::Scope(scope) => json!([{"bearer": [scope]}]),
+            };
+            operation.insert("security".into(), security);
+        }
         operation.insert(
             "responses".into(),
             json!({
@@ -158,8 +172,22 @@ pub fn document(pool: &DescriptorPool, routes: &[Route], stream_timeout: Duratio
         },
         "tags": tags,
         "paths": paths,
-        "components": {"schemas": schemas.done},
+        "components": components(schemas.done, auth),
     })
+}
+
+fn components(schemas: BTreeMap<String, Value>, auth: bool) -> Value {
+    let mut components = json!({"schemas": schemas});
+    if auth {
+        components["securitySchemes"] = json!({"bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+            "description": "An OAuth2/OIDC access token signed by a key of the gateway's --jwks; \
+                            its `scope` claim holds the scopes each operation names.",
+        }});
+    }
+    components
 }
 
 /// OpenAPI links from a method that creates a resource (a POST whose body

@@ -52,6 +52,11 @@ async fn respond(
     if has_body && !json_content(&parts.headers) {
         return Err(GatewayError::NotJson);
     }
+    // Before the body is read: a client not let in costs no more.
+    let principal = gateway
+        .auth
+        .check(&parts.headers, &route.rpc.service, route.rpc.method.name())
+        .map_err(GatewayError::Denied)?;
     let body = read_body(
         body,
         &parts.headers,
@@ -83,6 +88,9 @@ async fn respond(
         Unforwardable::NotBase64(reason) => GatewayError::Invalid(reason),
         Unforwardable::TooLarge(size) => GatewayError::HeadersTooLarge { size },
     })?;
+    if let Some(principal) = &principal {
+        principal.pass_on(call.metadata_mut());
+    }
     let timeout = match deadline(&parts.headers).map_err(GatewayError::Invalid)? {
         Some(timeout) => timeout,
         None if streaming => gateway.stream_timeout,

@@ -36,6 +36,7 @@ use tower::ServiceExt as _;
 
 use brewmesh_runtime::ejection::grpc_timeout_value;
 
+use crate::auth::Principal;
 use crate::compression::{self, Encoding, InflateError};
 use crate::envelope::{self, COMPRESSED};
 use crate::errors::{GatewayError, http_status, json_response};
@@ -224,7 +225,26 @@ async fn handle(gateway: &Arc<Gateway>, service: &str, method: &str, request: Re
         .into_response();
     }
     let arrived = tokio::time::Instant::now();
-    match call(gateway, protocol, &descriptor, service, request, arrived).await {
+    let principal = match gateway.auth.check(request.headers(), service, method) {
+        Ok(principal) => principal,
+        Err(denied) => {
+            let mut response = protocol.error(pool, &denied.status());
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, denied.challenge());
+            return response;
+        }
+    };
+    let call = call(
+        gateway,
+        protocol,
+        &descriptor,
+        service,
+        request,
+        principal.as_deref(),
+        arrived,
+    );
+    match call.await {
         Ok(response) => response,
         Err(status) => protocol.error(pool, &status),
     }
@@ -251,6 +271,7 @@ async fn call(
     method: &MethodDescriptor,
     service: &str,
     request: Request,
+    principal: Option<&Principal>,
     arrived: tokio::time::Instant,
 ) -> Result<Response, Status> {
     let (parts, body) = request.into_parts();
@@ -292,7 +313,10 @@ async fn call(
             tonic::body::Body::new(Full::new(envelope::encode(0, &message)))
         }
     };
-    let upstream = upstream_request(protocol, &parts, method, upstream_body, ends)?;
+    let mut upstream = upstream_request(protocol, &parts, method, upstream_body, ends)?;
+    if let Some(principal) = principal {
+        principal.pass_on_headers(upstream.headers_mut());
+    }
     let answer = tokio::time::timeout_at(ends, forward(gateway, service, upstream))
         .await
         .unwrap_or_else(|_| Err(Status::deadline_exceeded("the deadline passed")))?;
@@ -474,7 +498,9 @@ fn upstream_request(
         // The messages go upstream uncompressed, whatever this client's
         // protocol did with them.
         let encoding = protocol != Protocol::Grpc && MESSAGE_ENCODING.contains(&name.as_str());
-        if hop_header(name) || encoding {
+        // Who the caller is, the gateway says ([`crate::auth`]), never the
+        // client.
+        if hop_header(name) || encoding || brewmesh_runtime::caller::reserved(name.as_str()) {
             continue;
         }
         size += name.as_str().len() + value.len();

@@ -43,6 +43,9 @@ pub enum RunError {
     /// The shared cache is configured but cannot be reached.
     #[error(transparent)]
     Cache(#[from] cache::SharedError),
+    /// The `--jwks` file cannot be read.
+    #[error(transparent)]
+    Keys(#[from] crate::auth::KeysError),
     /// The listener failed.
     #[error("serving HTTP")]
     Serve(#[from] std::io::Error),
@@ -82,6 +85,8 @@ pub struct Gateway {
     pub(crate) draining: CancellationToken,
     /// Which other origins may call it from a browser.
     pub(crate) cors: crate::cors::Cors,
+    /// Who the clients are, and what they may call.
+    pub(crate) auth: crate::auth::Auth,
 }
 
 impl Gateway {
@@ -197,8 +202,9 @@ impl Gateway {
             Some(url) => cache::Store::Shared(cache::Shared::connect(url).await?),
             None => cache::Store::Local(cache::Cache::new(config.cache_entries)),
         };
-        let openapi =
-            Bytes::from(openapi::document(&pool, &table, config.stream_timeout).to_string());
+        let auth = config.jwks.is_some();
+        let openapi = openapi::document(&pool, &table, config.stream_timeout, auth);
+        let openapi = Bytes::from(openapi.to_string());
         let mut routes: HashMap<http::Method, Vec<Arc<Route>>> = HashMap::new();
         for route in table {
             routes
@@ -235,6 +241,15 @@ impl Gateway {
             health,
             draining,
             cors: crate::cors::Cors::new(&config.cors_origins, config.cors_credentials),
+            auth: match &config.jwks {
+                Some(jwks) => crate::auth::Auth::new(crate::auth::AuthConfig {
+                    jwks: jwks.clone(),
+                    issuer: config.jwt_issuer.clone(),
+                    audience: config.jwt_audience.clone(),
+                    leeway: config.jwt_leeway,
+                })?,
+                None => crate::auth::Auth::off(),
+            },
         })
     }
 }

@@ -3,6 +3,24 @@
 
 const BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest";
 
+// The bearer token the page was opened with (`brewmesh up` prints the
+// link, /#token=…), kept for the tab's session and taken out of the
+// address bar at once; every call sends it.
+const TOKEN_KEY = "brewmesh.token";
+{
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  const token = fragment.get("token");
+  if (token) {
+    sessionStorage.setItem(TOKEN_KEY, token);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+}
+
+function bearer() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { authorization: `Bearer ${token}` } : {};
+}
+
 // A failed call: the HTTP status, the Status's code and message, its
 // field violations, and the Retry-After the gateway sent (seconds).
 export class ApiError extends Error {
@@ -29,6 +47,9 @@ export class ApiError extends Error {
     if (this.httpStatus === 0) {
       return `The gateway could not be reached: ${this.message}`;
     }
+    if (this.httpStatus === 401) {
+      return `Sign in first (401): ${this.message}. Open the link \`brewmesh up\` printed, with its #token=.`;
+    }
     return this.message;
   }
 }
@@ -53,7 +74,7 @@ export function idempotencyKey() {
 
 // One call; resolves to the JSON body, rejects with an ApiError.
 export async function call(method, path, { body, headers = {}, signal } = {}) {
-  const init = { method, headers: { accept: "application/json", ...headers }, signal };
+  const init = { method, headers: { accept: "application/json", ...bearer(), ...headers }, signal };
   if (body !== undefined) {
     init.headers["content-type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -94,7 +115,7 @@ export function watchOrder(orderId, { onEvent, onError }) {
   const open = () => {
     if (closed) return;
     const url = `/v1/orders/${encodeURIComponent(orderId)}:watch?after_sequence=${last}`;
-    source = new EventSource(url);
+    source = eventSource(url);
     source.onmessage = (message) => {
       retries = 0;
       const event = JSON.parse(message.data);
@@ -133,6 +154,54 @@ export function watchOrder(orderId, { onEvent, onError }) {
   };
   open();
   return { close };
+}
+
+// An EventSource, which sends no headers; with a token, the same stream
+// read over fetch: `onmessage` for each event, an `error` event (with the
+// google.rpc.Status as its data, if the gateway sent one) when it fails
+// or ends, as an EventSource does.
+function eventSource(url) {
+  const auth = bearer();
+  if (!auth.authorization) return new EventSource(url);
+  const controller = new AbortController();
+  const listeners = [];
+  const source = {
+    onmessage: null,
+    addEventListener(type, listener) {
+      if (type === "error") listeners.push(listener);
+    },
+    close: () => controller.abort(),
+  };
+  const emit = (type, data) => {
+    if (controller.signal.aborted) return;
+    if (type === "error") for (const listener of listeners) listener({ data });
+    else if (source.onmessage) source.onmessage({ data });
+  };
+  (async () => {
+    const response = await fetch(url, { headers: { accept: "text/event-stream", ...auth }, signal: controller.signal });
+    if (!response.ok) return emit("error", await response.text());
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value.replaceAll("\r\n", "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const frame = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        let type = "message";
+        const data = [];
+        for (const line of frame.split("\n")) {
+          if (line.startsWith("event:")) type = line.slice(6).trim();
+          else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+        }
+        if (data.length) emit(type, data.join("\n"));
+      }
+    }
+    emit("error", "");
+  })().catch(() => emit("error", ""));
+  return source;
 }
 
 // An order's last event, as WatchOrder ends: FAILED or CANCELLED, or for a

@@ -12,6 +12,13 @@
 - CancelOrder needs an order still being made: half of its positive cases
   cancel one placed just before (a generated id names no order, 404, and
   a listed one is mostly made already, FAILED_PRECONDITION).
+- Capture and Void need an AUTHORIZED payment, Refund a CAPTURED one: half
+  of their positive cases take one made just before (a generated id names
+  no payment, 404, and the others are mostly settled already,
+  FAILED_PRECONDITION, which schemathesis would warn of as a schema that
+  does not match).
+- The hooks' own calls carry the staff's token (BREWMESH_TOKEN), as
+  schemathesis's do.
 - The check that a schema-valid request the server refuses with 400 (only
   allowed for the state-changing operations, schemathesis.toml) was refused
   for the resource's state, FAILED_PRECONDITION, not as invalid input.
@@ -70,6 +77,7 @@ def _menu_ids():
 # Only a value that is already valid is swapped for a real one: a negative
 # case must stay as invalid as it was generated.
 _ORDER_ID = re.compile(r"^ord_[0-9a-f]{32}$")
+_PAYMENT_ID = re.compile(r"^pay_[0-9a-f]{32}$")
 
 
 def _valid_item_id(value):
@@ -90,19 +98,43 @@ def map_body(ctx, body):
     return body
 
 
-def _fresh_order():
+def _post(path, body):
     base = os.environ["BREWMESH_GATEWAY_URL"]
-    body = json.dumps({
-        "idempotencyKey": f"schemathesis-{_rng.getrandbits(64)}",
+    request = urllib.request.Request(
+        f"{base}{path}",
+        data=json.dumps(body).encode(),
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": f"Bearer {os.environ['BREWMESH_TOKEN']}",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.load(answer)
+
+
+def _key():
+    return f"schemathesis-{_rng.getrandbits(64)}"
+
+
+def _fresh_order():
+    return _post("/v1/orders", {
+        "idempotencyKey": _key(),
         "itemId": _rng.choice(_menu_ids()),
         "customerName": "schemathesis",
         "cardToken": "tok_visa",
-    }).encode()
-    request = urllib.request.Request(
-        f"{base}/v1/orders", data=body, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        return json.load(answer)["orderId"]
+    })["orderId"]
+
+
+def _fresh_payment(captured):
+    payment = _post("/v1/payments:authorize", {
+        "idempotencyKey": _key(),
+        "orderId": f"schemathesis-{_rng.getrandbits(64)}",
+        "amount": {"currencyCode": "USD", "amountMinor": 450},
+        "cardToken": "tok_visa",
+    })["paymentId"]
+    if captured:
+        _post(f"/v1/payments/{payment}:capture", {"idempotencyKey": _key()})
+    return payment
 
 
 @schemathesis.hook
@@ -115,6 +147,14 @@ def map_path_parameters(ctx, path_parameters):
         and _rng.random() < 0.5
     ):
         path_parameters["order_id"] = _fresh_order()
+    settling = re.match(r"^/v1/payments/\{payment_id\}:(capture|void|refund)$", operation.path)
+    if (
+        settling
+        and isinstance(path_parameters, dict)
+        and _PAYMENT_ID.match(str(path_parameters.get("payment_id")))
+        and _rng.random() < 0.5
+    ):
+        path_parameters["payment_id"] = _fresh_payment(settling.group(1) == "refund")
     return path_parameters
 
 

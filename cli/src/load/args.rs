@@ -12,6 +12,12 @@ pub struct Args {
     #[arg(long, default_value = brewmesh_runtime::defaults::GATEWAY_ADDR)]
     pub(super) gateway: String,
 
+    /// The bearer token to show the gateway [default: the customer's that
+    /// `up` wrote, `$BREWMESH_DATA_DIR/auth/customer.jwt`, if there is
+    /// one].
+    #[arg(long, env = "BREWMESH_TOKEN", hide_env_values = true)]
+    pub(super) token: Option<String>,
+
     /// Drive the barista straight over gRPC at this address instead.
     #[arg(long)]
     pub(super) grpc: Option<String>,
@@ -99,6 +105,18 @@ fn parse_mix(value: &str) -> Result<(String, u32), String> {
 
 impl Args {
     /// The gateway's base URL, without a trailing slash.
+    /// `Authorization: Bearer …`, from --token or `up`'s customer token.
+    pub(super) fn authorization(&self) -> Option<http::HeaderValue> {
+        let token = self.token.clone().or_else(|| {
+            let dir = std::env::var_os("BREWMESH_DATA_DIR").unwrap_or(".brewmesh".into());
+            let file = PathBuf::from(dir).join("auth").join("customer.jwt");
+            std::fs::read_to_string(file).ok()
+        })?;
+        let mut value = http::HeaderValue::from_str(&format!("Bearer {}", token.trim())).ok()?;
+        value.set_sensitive(true);
+        Some(value)
+    }
+
     pub(super) fn gateway_url(&self) -> String {
         let base = self.gateway.trim_end_matches('/');
         if base.contains("://") {

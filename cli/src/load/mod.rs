@@ -48,6 +48,7 @@ enum Driver {
     Rest {
         clients: Arc<Vec<HttpClient>>,
         base: Arc<str>,
+        authorization: Option<http::HeaderValue>,
     },
     Grpc(Arc<Vec<BaristaClient<tonic::transport::Channel>>>),
 }
@@ -79,15 +80,25 @@ impl Driver {
         Ok(Driver::Rest {
             clients: Arc::new(clients),
             base: args.gateway_url().into(),
+            authorization: args.authorization(),
         })
     }
 
     /// Customer `n`: `order`, on connection `n` modulo their number.
     async fn customer(&self, n: u64, order: PlaceOrderRequest, until: Until) -> Result<(), Ending> {
         match self {
-            Driver::Rest { clients, base } => {
+            Driver::Rest {
+                clients,
+                base,
+                authorization,
+            } => {
                 let client = &clients[n as usize % clients.len()];
-                follow::visit(&Rest { client, base }, order, until).await
+                let rest = Rest {
+                    client,
+                    base,
+                    authorization: authorization.as_ref(),
+                };
+                follow::visit(&rest, order, until).await
             }
             Driver::Grpc(clients) => {
                 let client = clients[n as usize % clients.len()].clone();

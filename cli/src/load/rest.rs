@@ -20,6 +20,8 @@ pub(super) type HttpClient = Client<HttpConnector, Full<Bytes>>;
 pub(super) struct Rest<'a> {
     pub(super) client: &'a HttpClient,
     pub(super) base: &'a str,
+    /// The bearer token, if the gateway wants one.
+    pub(super) authorization: Option<&'a http::HeaderValue>,
 }
 
 /// The code and message of a google.rpc.Status in JSON.
@@ -36,8 +38,14 @@ fn unavailable(error: impl ToString) -> Ending {
 }
 
 impl Rest<'_> {
-    /// Sends `request`; a non-2xx answer becomes its Status's ending.
-    async fn send(&self, request: http::Request<Full<Bytes>>) -> Result<Incoming, Ending> {
+    /// Sends `request`, with the token; a non-2xx answer becomes its
+    /// Status's ending.
+    async fn send(&self, mut request: http::Request<Full<Bytes>>) -> Result<Incoming, Ending> {
+        if let Some(authorization) = self.authorization {
+            request
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, authorization.clone());
+        }
         let response = self.client.request(request).await.map_err(unavailable)?;
         if response.status().is_success() {
             return Ok(response.into_body());

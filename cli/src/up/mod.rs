@@ -83,6 +83,12 @@ pub struct Args {
     #[arg(long, allow_hyphen_values = true)]
     gateway_arg: Vec<String>,
 
+    /// Let every client of the gateway call everything, with no token
+    /// (by default the gateway checks tokens from a local issuer kept in
+    /// `<data-dir>/auth/`, and `up` prints a customer's and the staff's).
+    #[arg(long)]
+    no_auth: bool,
+
     /// How long each role may drain before it is killed.
     #[arg(long, default_value = "15s", value_parser = brewmesh_runtime::server::parse_duration)]
     drain_timeout: Duration,
@@ -109,6 +115,14 @@ pub async fn run(args: Args, format: LogFormat, insecure: bool) -> anyhow::Resul
     std::fs::create_dir_all(&ready_dir)
         .with_context(|| format!("creating {}", ready_dir.display()))?;
     let identities = Identities::new(&args.data_dir, insecure)?;
+    let auth = match args.no_auth {
+        true => None,
+        false => {
+            let issuer = crate::token::issuer(&args.data_dir)?;
+            let tokens = crate::token::write_up_tokens(&issuer, &args.data_dir)?;
+            Some((issuer.jwks(), tokens))
+        }
+    };
     let launch = Launch {
         exe,
         env: [("BREWMESH_REGISTRY_TOKEN", token.as_str())],
@@ -176,13 +190,22 @@ pub async fn run(args: Args, format: LogFormat, insecure: bool) -> anyhow::Resul
         role.extend(flag("--listen", args.gateway_listen));
         role.extend(flag("--drain-timeout", &drain));
         role.extend(flag("--registry", &registry));
+        match &auth {
+            Some((jwks, _)) => {
+                role.extend(flag("--jwks", jwks.display()));
+                role.extend(flag("--jwt-issuer", brewmesh_gateway::issuer::ISSUER));
+                role.extend(flag("--jwt-audience", brewmesh_gateway::issuer::AUDIENCE));
+            }
+            None => role.push("--no-auth".to_owned()),
+        }
         role.extend(args.gateway_arg.iter().cloned());
         instances.push(start(&launch, "gateway", &role).await?);
         anyhow::Ok(())
     };
     let outcome = match started.await {
         Ok(()) => {
-            print_banner(&instances, identities.operator().as_deref());
+            let tokens = auth.as_ref().map(|(_, tokens)| tokens);
+            print_banner(&instances, identities.operator().as_deref(), tokens);
             ready(&instances)?;
             supervise::supervise(&launch, &mut instances, &mut exits, &mut signal).await
         }
@@ -277,7 +300,11 @@ fn ready(instances: &[Instance]) -> anyhow::Result<()> {
         .context("writing the ready file")
 }
 
-fn print_banner(instances: &[Instance], operator: Option<&std::path::Path>) {
+fn print_banner(
+    instances: &[Instance],
+    operator: Option<&std::path::Path>,
+    tokens: Option<&[PathBuf; 2]>,
+) {
     let first = |prefix: &str| {
         instances
             .iter()
@@ -303,13 +330,34 @@ fn print_banner(instances: &[Instance], operator: Option<&std::path::Path>) {
     for instance in instances {
         listing.push_str(&format!("  {:<11} {}\n", instance.label, instance.addr));
     }
+    // The customer's token on every order call, the staff's on payments.
+    let (page, tokens, bearer, staff) = match tokens {
+        Some([customer, staff]) => (
+            match std::fs::read_to_string(customer) {
+                Ok(token) => format!("http://{gateway}/#token={token}"),
+                Err(_) => format!("http://{gateway}/"),
+            },
+            format!(
+                "Tokens (valid 24 h; `brewmesh token` mints others):\n  \
+                   TOKEN=$(cat {})   # ada, a customer: her own orders\n  \
+                   STAFF=$(cat {})   # staff: every order, payments, the registry\n\n",
+                customer.display(),
+                staff.display()
+            ),
+            " -H \"Authorization: Bearer $TOKEN\"",
+            " -H \"Authorization: Bearer $STAFF\"",
+        ),
+        None => (format!("http://{gateway}/"), String::new(), "", ""),
+    };
     eprintln!(
         "\nbrewmesh is up (Ctrl-C stops it):\n{listing}\n\
-         The shop's web page: http://{gateway}/\n\n\
+         The shop's web page: {page}\n\n\
+         {tokens}\
          Try:\n  \
            curl -s {gateway}/v1/menu\n  \
-           curl -s --json '{{\"idempotencyKey\":\"order-1\",\"itemId\":\"latte\",\"customerName\":\"Ada\",\"cardToken\":\"tok_visa\"}}' {gateway}/v1/orders\n  \
-           curl -sN {gateway}/v1/orders/ORDER_ID:watch\n  \
+           curl -s{bearer} --json '{{\"idempotencyKey\":\"order-1\",\"itemId\":\"latte\",\"customerName\":\"Ada\",\"cardToken\":\"tok_visa\"}}' {gateway}/v1/orders\n  \
+           curl -sN{bearer} {gateway}/v1/orders/ORDER_ID:watch\n  \
+           curl -s{staff} {gateway}/v1/payments\n  \
            {grpcurl} {barista} list\n  \
            {grpcurl} -d '{{\"idempotency_key\":\"order-1\",\"item_id\":\"latte\",\"customer_name\":\"Ada\",\"card_token\":\"tok_visa\"}}' {barista} brewmesh.barista.v1.Barista/PlaceOrder\n  \
            {grpcurl} -d '{{\"order_id\":\"ORDER_ID\"}}' {barista} brewmesh.barista.v1.Barista/WatchOrder\n  \

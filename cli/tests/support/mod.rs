@@ -66,12 +66,17 @@ impl Process {
             Some(&("registry" | "payment" | "barista" | "gateway"))
         );
         let insecure = role && !args.iter().any(|a| *a == "--tls-dir" || *a == "--insecure");
+        // And a gateway started alone lets every client in unless the test
+        // gives it a key set.
+        let open = args.first() == Some(&"gateway")
+            && !args.iter().any(|a| *a == "--jwks" || *a == "--no-auth");
         let mut child = command
             .args(["--log-format", "json"])
             .arg("--ready-file")
             .arg(&ready_file)
             .args(args)
             .args(insecure.then_some("--insecure"))
+            .args(open.then_some("--no-auth"))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -136,20 +141,22 @@ impl Process {
         Process::start(&all)
     }
 
-    /// The arguments of `brewmesh up --insecure` with every role on a free
-    /// port of 127.0.0.1 and its data in `dir`, then `extra`: plaintext, so
-    /// the test can call any service straight. `tests/mtls.rs` and the
-    /// README-flow test run `up` as it is by default
-    /// ([`Process::up_args_mtls`]).
+    /// The arguments of `brewmesh up --insecure --no-auth` with every role
+    /// on a free port of 127.0.0.1 and its data in `dir`, then `extra`:
+    /// plaintext and no tokens, so the test can call any service straight.
+    /// The README-flow test runs `up` as it is by default
+    /// ([`Process::up_args_secure`]).
     pub fn up_args(dir: &std::path::Path, extra: &[&str]) -> Vec<String> {
-        let mut args = Process::up_args_mtls(dir, extra);
+        let mut args = Process::up_args_secure(dir, extra);
         args.push("--insecure".to_owned());
+        args.push("--no-auth".to_owned());
         args
     }
 
-    /// [`Process::up_args`] with mutual TLS between the roles, as `up`
-    /// runs by default (its operator's certificate in `dir/tls/operator`).
-    pub fn up_args_mtls(dir: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    /// [`Process::up_args`] as `up` runs by default: mutual TLS between the
+    /// roles (the operator's certificate in `dir/tls/operator`) and a
+    /// gateway that checks tokens (`up`'s in `dir/auth/*.jwt`).
+    pub fn up_args_secure(dir: &std::path::Path, extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = [
             "up",
             "--registry-listen",

@@ -2,8 +2,10 @@
 // playwright-core) against a real `brewmesh up` on port-0 addresses: the
 // customer's paths (a latte to READY and CAPTURED, a declined card, a
 // cancel while brewing, a field left empty), the orders list, the mesh
-// view seeing an instance die, and "serve N customers". Every request the
-// page makes must go to the gateway. A screenshot of each view goes to
+// view seeing an instance die, and "serve N customers". The mesh checks
+// tokens, as `up` does by default: each page is opened with the staff's
+// token in its address (`/#token=…`, as `up` prints the link). Every
+// request the page makes must go to the gateway. A screenshot of each view goes to
 // $SCREENSHOTS. Run by scripts/browser.sh.
 
 import { after, before, test } from "node:test";
@@ -18,11 +20,13 @@ let scratch;
 let stop;
 let gateway;
 let browser;
+let token;
 const foreign = [];
 
 before(async () => {
   mkdirSync(SHOTS, { recursive: true });
   ({ gateway, scratch, stop } = await startMesh("browser", [
+    "--auth",
     "--barista-replicas", "2",
     // Brewing long enough to cancel during it, a card network fast enough
     // that the authorization comes first.
@@ -31,6 +35,7 @@ before(async () => {
     // A small queue, so that serving N customers finds the shop full.
     "--barista-arg=--queue-depth=1",
   ]));
+  token = readFileSync(join(scratch, "data", "auth", "staff.jwt"), "utf8").trim();
   browser = await launchChromium();
 });
 
@@ -54,7 +59,10 @@ async function open(hash = "") {
     if (message.type() === "error" && !/Failed to load resource/.test(message.text())) errors.push(message.text());
   });
   page.errors = errors;
-  await page.goto(`${gateway}/${hash}`);
+  await page.goto(`${gateway}/#token=${token}`);
+  // Taken, and out of the address bar.
+  await until("the token off the address", async () => !page.url().includes("token="));
+  if (hash) await page.evaluate((h) => { location.hash = h; }, hash);
   return page;
 }
 
