@@ -430,6 +430,17 @@ async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
         hidden["code"], 5,
         "Ada's order is not Bob's to see: {hidden}"
     );
+    // grpcurl through the gateway's port, with her token.
+    let through = json(&crate::grpcurl(&[
+        "-plaintext",
+        "-H",
+        &customer.replacen("Authorization", "authorization", 1),
+        "-d",
+        &format!(r#"{{"order_id":"{rest_order}"}}"#),
+        &gateway,
+        "brewmesh.barista.v1.Barista/GetOrder",
+    ]));
+    assert_eq!(through["orderId"], rest_order.as_str());
     let health = json(&curl(&["-s", &format!("{gateway}/healthz")]));
     assert_eq!(health["status"], "SERVING", "{health}");
 

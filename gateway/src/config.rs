@@ -158,6 +158,12 @@ pub struct Config {
     #[arg(long, env = "BREWMESH_GATEWAY_MAX_IN_FLIGHT", default_value_t = 10_000)]
     pub max_in_flight: usize,
 
+    /// Bytes of answers made and not yet taken by their clients, all of
+    /// them together; past it, new requests are refused at once with 503
+    /// and `Retry-After` until clients read (or go).
+    #[arg(long, env = "BREWMESH_GATEWAY_MAX_HELD_BYTES", default_value_t = 64 << 20)]
+    pub max_held_bytes: usize,
+
     /// Clients must send a bearer JWT signed by a key of this JSON Web Key
     /// Set file (an OIDC provider's `jwks_uri` document), read again when
     /// it changes; its scopes decide what they may call. Without it every
@@ -219,6 +225,7 @@ impl Default for Config {
             rate_limit: None,
             rate_burst: None,
             max_in_flight: 10_000,
+            max_held_bytes: 64 << 20,
             jwks: None,
             no_auth: false,
             jwt_issuer: None,

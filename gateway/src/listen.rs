@@ -12,8 +12,9 @@
 //!   ([`crate::proxy::read_body`]: 408).
 //!
 //! Each request is let in by [`crate::admission`] first (its client's rate,
-//! the in-flight cap) and carries its connection's peer address
-//! (`ConnectInfo`).
+//! the in-flight cap, the unread answers' budget), carries its
+//! connection's peer address (`ConnectInfo`), and its answer goes out
+//! paced ([`crate::admission::Paced`]).
 //! Shutdown stops accepting at once; [`Draining::finish`] then asks each
 //! connection to end and waits until they have, under the drain deadline.
 
@@ -27,7 +28,6 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
-use http_body_util::BodyExt as _;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
@@ -184,15 +184,11 @@ where
             .extensions_mut()
             .insert(ConnectInfo::<SocketAddr>(self.peer));
         let answer = tower::Service::call(&mut self.app, request.map(Body::new));
+        let gateway = Arc::clone(&self.gateway);
         Box::pin(async move {
             let response = answer.await?;
-            Ok(response.map(|body| {
-                // Held by the body: ends when the answer has been sent.
-                Body::new(body.map_frame(move |frame| {
-                    let _ = &in_flight;
-                    frame
-                }))
-            }))
+            // Handed out as the client takes it; in flight until it is sent.
+            Ok(response.map(|body| Body::new(gateway.admission.pace(body, in_flight))))
         })
     }
 }

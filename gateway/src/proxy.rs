@@ -67,10 +67,12 @@ async fn respond(
     let message = transcode::request(route, &bindings, parts.uri.query(), &body)
         .map_err(GatewayError::BadRequest)?;
 
-    // Cached: safe GETs only, and never a caller's personal answer.
+    // Cached: safe GETs only, and never a caller's personal answer (a
+    // route open to anyone, when tokens are checked, has none).
+    let public = gateway.auth.on() && principal.is_none();
     let cache_key = (route.method == Method::GET
         && route.rpc.cache_ttl.is_some()
-        && !parts.headers.contains_key(header::AUTHORIZATION))
+        && (public || !parts.headers.contains_key(header::AUTHORIZATION)))
     .then(|| parts.uri.to_string());
     if let Some(key) = &cache_key
         && let Some(entry) = gateway.cache.get(key).await

@@ -225,6 +225,7 @@ impl Gateway {
                 config.rate_limit,
                 config.rate_burst,
                 config.max_in_flight,
+                config.max_held_bytes,
             ),
             compress_min_bytes: config.compress_min_bytes,
             cache,

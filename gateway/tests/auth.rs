@@ -140,11 +140,14 @@ async fn a_missing_expired_wrong_audience_or_badly_signed_token_gets_401() {
     let order =
         r#"{"idempotencyKey":"k","itemId":"latte","customerName":"Ada","cardToken":"tok_visa"}"#;
 
-    // The menu is anyone's.
+    // The menu is anyone's, and the same for all: cached with a token too.
     assert_eq!(
         shop.call(Method::GET, "/v1/menu", None, "").await.status,
         200
     );
+    let ada = shop.token("ada", "orders");
+    let menu = shop.call(Method::GET, "/v1/menu", Some(&ada), "").await;
+    assert_eq!(menu.headers["x-cache"], "HIT", "{:?}", menu.headers);
 
     unauthorized(
         &shop.call(Method::POST, "/v1/orders", None, order).await,
