@@ -1,6 +1,6 @@
-//! A client that asks and never reads, against a real `brewmesh up`: the
-//! memory it can make the gateway hold is bounded, and given back when it
-//! goes.
+//! What a client can make brewmesh's processes hold, bounded: a client
+//! that asks the gateway and never reads (a real `brewmesh up`), and one
+//! that watches made-up service names on a registry.
 
 #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
 
@@ -148,4 +148,63 @@ async fn unread_answers_leave_the_gateways_memory_bounded_and_given_back() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Watches `names` made-up service names on the registry at `url`, each
+/// for its first answer, a hundred at a time, and lets them all go.
+async fn watch_made_up(url: &str, round: usize, names: usize) {
+    use brewmesh::pb::registry::v1::WatchRequest;
+    use brewmesh::pb::registry::v1::registry_client::RegistryClient;
+    let channel = brewmesh_runtime::client::channel(url).unwrap();
+    let mut batch = tokio::task::JoinSet::new();
+    for n in 0..names {
+        let mut client = RegistryClient::new(channel.clone());
+        batch.spawn(async move {
+            let request = WatchRequest {
+                service: format!("made.up.v{round}.Service{n}"),
+            };
+            let mut stream = client.watch(request).await.unwrap().into_inner();
+            stream.message().await.unwrap().expect("the current set");
+        });
+        if batch.len() >= 100 {
+            batch.join_next().await.unwrap().unwrap();
+        }
+    }
+    while let Some(done) = batch.join_next().await {
+        done.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watching_made_up_names_leaves_the_registrys_memory_bounded() {
+    let registry = Process::start(&["registry", "--registry-token", "abuse-test-token"]);
+    let pid = u64::from(registry.pid());
+    let url = registry.url();
+    let before = rss(pid);
+    watch_made_up(&url, 1, 20_000).await;
+    // The sweeper (4 times a second) forgets names nobody watches.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let first = rss(pid);
+    watch_made_up(&url, 2, 20_000).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let second = rss(pid);
+    eprintln!(
+        "registry: {} MiB, after 20,000 names {} MiB, after 40,000 {} MiB",
+        before >> 20,
+        first >> 20,
+        second >> 20
+    );
+    // Another 20,000 names reuse what the first left, rather than add to it.
+    assert!(
+        second.saturating_sub(first) < 4 << 20,
+        "{} → {} MiB for the second 20,000 names",
+        first >> 20,
+        second >> 20
+    );
+    assert!(
+        second.saturating_sub(before) < 24 << 20,
+        "{} → {} MiB for 40,000 names",
+        before >> 20,
+        second >> 20
+    );
 }

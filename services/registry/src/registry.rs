@@ -167,6 +167,10 @@ impl Registry {
         state
             .watchers
             .retain(|_, sender| sender.receiver_count() > 0);
+        // And the table they took is given back once it is mostly empty.
+        if state.watchers.capacity() > 4 * state.watchers.len().max(256) {
+            state.watchers.shrink_to_fit();
+        }
         expired.len()
     }
 
