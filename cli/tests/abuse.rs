@@ -52,7 +52,7 @@ async fn unread_answers_leave_the_gateways_memory_bounded_and_given_back() {
     );
     let up = Process::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let gateway = up.instance("gateway");
-    // A thousand orders: each page of them is ~400 KB of JSON.
+    // A thousand orders, so that a page of them is a large answer.
     let loaded = std::process::Command::new(env!("CARGO_BIN_EXE_brewmesh"))
         .args([
             "load",

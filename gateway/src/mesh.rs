@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::extract::State;
-use axum::response::Response;
+use axum::response::{IntoResponse as _, Response};
 use http::StatusCode;
 use serde::Serialize;
 
@@ -63,7 +63,12 @@ pub struct Process {
 }
 
 /// `GET /mesh`.
-pub async fn handle(State(gateway): State<Arc<Gateway>>) -> Response {
+pub async fn handle(State(gateway): State<Arc<Gateway>>, headers: http::HeaderMap) -> Response {
+    // The topology is the registry's to show: its scope, as ListInstances.
+    let registry = "brewmesh.registry.v1.Registry";
+    if let Err(denied) = gateway.auth.check(&headers, registry, "ListInstances") {
+        return crate::errors::GatewayError::Denied(denied).into_response();
+    }
     let mesh = gather(&gateway).await;
     let body = serde_json::to_vec(&mesh).unwrap_or_default();
     let mut response = json_response(StatusCode::OK, body);

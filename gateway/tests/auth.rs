@@ -329,6 +329,11 @@ async fn a_customer_sees_only_their_orders_and_cannot_touch_payments() {
         );
         assert_eq!(answer.json()["code"], 7, "PERMISSION_DENIED");
     }
+    // So is the mesh's topology.
+    let mesh = shop.call(Method::GET, "/mesh", Some(&ada), "").await;
+    assert_eq!(mesh.status, 403, "{}", mesh.text());
+    let mesh = shop.call(Method::GET, "/mesh", Some(&staff), "").await;
+    assert_eq!(mesh.status, 200, "{}", mesh.text());
     let read = shop
         .call(
             Method::GET,
