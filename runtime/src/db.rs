@@ -301,6 +301,38 @@ mod tests {
         assert_eq!((lock.as_str(), idle.as_str()), ("3s", "2s"));
     }
 
+    /// On PostgreSQL over TLS (`scripts/postgres.sh` turns it on), a URL
+    /// with `sslmode=verify-full` and the server's CA gets an encrypted
+    /// session; one trusting another CA is refused before it logs in.
+    #[tokio::test]
+    async fn postgres_over_tls_checks_the_servers_certificate() {
+        let (Ok(server), Ok(ca)) = (
+            std::env::var("BREWMESH_TEST_POSTGRES_URL"),
+            std::env::var("BREWMESH_TEST_POSTGRES_CA"),
+        ) else {
+            return;
+        };
+        let url = |ca: &str| {
+            format!(
+                "{}/postgres?sslmode=verify-full&sslrootcert={ca}",
+                server.trim_end_matches('/')
+            )
+        };
+        let pool = open(&url(&ca), Synchronous::Normal, &[]).await.unwrap();
+        let ssl: bool =
+            sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        assert!(ssl, "the session is encrypted");
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("other-ca.crt");
+        let authority = crate::mtls::Authority::create().unwrap();
+        std::fs::write(&other, authority.certificate_pem()).unwrap();
+        let refused = open(&url(&other.display().to_string()), Synchronous::Normal, &[]).await;
+        assert!(refused.is_err(), "a server the CA did not sign is refused");
+    }
+
     /// Another connection holds the write lock past the busy timeout: a
     /// write fails, and its status is UNAVAILABLE (retry), not INTERNAL.
     #[tokio::test]
