@@ -70,13 +70,27 @@ pub struct Shared {
 const PREFIX: &str = "brewmesh:gateway:";
 
 impl Shared {
-    /// Connects to `url` (`redis://host:port/db`, `redis+unix:///path`).
-    pub async fn connect(url: &str) -> Result<Self, SharedError> {
+    /// Connects to `url` (`redis://host:port/db`, `redis+unix:///path`,
+    /// or over TLS `rediss://host:port/db`, the server checked against the
+    /// system's roots or, if given, the PEM CA certificates in `ca`).
+    pub async fn connect(url: &str, ca: Option<&std::path::Path>) -> Result<Self, SharedError> {
         let fail = |reason: String| SharedError {
             url: url.to_owned(),
             reason,
         };
-        let client = redis::Client::open(url).map_err(|e| fail(e.to_string()))?;
+        let client = match ca {
+            Some(ca) => {
+                let root = std::fs::read(ca)
+                    .map_err(|e| fail(format!("reading the CA {}: {e}", ca.display())))?;
+                let certificates = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root),
+                };
+                redis::Client::build_with_tls(url, certificates)
+            }
+            None => redis::Client::open(url),
+        }
+        .map_err(|e| fail(e.to_string()))?;
         let connection =
             tokio::time::timeout(Duration::from_secs(5), ConnectionManager::new(client))
                 .await

@@ -102,6 +102,11 @@ pub struct Config {
     #[arg(long, env = "BREWMESH_GATEWAY_REDIS_URL")]
     pub redis_url: Option<String>,
 
+    /// With a `rediss://` URL: the CA certificates (PEM) Redis's
+    /// certificate must lead to, instead of the system's.
+    #[arg(long, env = "BREWMESH_GATEWAY_REDIS_CA", requires = "redis_url")]
+    pub redis_ca: Option<PathBuf>,
+
     /// Most answers the in-process cache holds.
     #[arg(long, env = "BREWMESH_GATEWAY_CACHE_ENTRIES", default_value_t = 10_000)]
     pub cache_entries: usize,
@@ -214,6 +219,7 @@ impl Default for Config {
                 Duration::from_secs(5),
             )],
             redis_url: None,
+            redis_ca: None,
             cache_entries: 10_000,
             jaeger_ui: None,
             cors_origins: Vec::new(),

@@ -199,7 +199,9 @@ impl Gateway {
             .add_service(reflection_alpha);
 
         let cache = match &config.redis_url {
-            Some(url) => cache::Store::Shared(cache::Shared::connect(url).await?),
+            Some(url) => {
+                cache::Store::Shared(cache::Shared::connect(url, config.redis_ca.as_deref()).await?)
+            }
             None => cache::Store::Local(cache::Cache::new(config.cache_entries)),
         };
         let auth = config.jwks.is_some();

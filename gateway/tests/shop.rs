@@ -352,6 +352,34 @@ async fn gateway_replicas_share_the_cache_in_redis_and_survive_its_loss() {
     assert_eq!(without.body, first.body);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_shared_cache_takes_redis_over_tls_and_checks_its_certificate() {
+    let shop = shop(Duration::from_secs(60), |_| {}).await;
+    let redis = support::Redis::start_tls().await;
+    let shared = brewmesh_gateway::Config {
+        redis_url: Some(redis.url.clone()),
+        redis_ca: redis.ca.clone(),
+        ..shop.config.clone()
+    };
+    let (_a, a) = gateway(shared.clone()).await;
+    let (_b, b) = gateway(shared).await;
+    assert_eq!(a.get("/v1/menu").await.header("x-cache"), Some("MISS"));
+    assert_eq!(b.get("/v1/menu").await.header("x-cache"), Some("HIT"));
+
+    // Trusting another CA, the gateway does not start on it.
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("ca.crt");
+    let authority = brewmesh_runtime::mtls::Authority::create().unwrap();
+    std::fs::write(&other, authority.certificate_pem()).unwrap();
+    let wrong = brewmesh_gateway::Config {
+        redis_url: Some(redis.url.clone()),
+        redis_ca: Some(other),
+        ..shop.config.clone()
+    };
+    let refused = brewmesh_gateway::state::Gateway::build(&wrong).await;
+    assert!(refused.is_err(), "a Redis another CA signed is refused");
+}
+
 /// A service with no instance known (a registry that knows no payment) is
 /// answered 503 UNAVAILABLE at once, not 504 after the gateway's timeout.
 #[tokio::test(flavor = "multi_thread")]

@@ -152,8 +152,10 @@ pub async fn gateway(config: brewmesh_gateway::Config) -> (Running<GatewayRun>, 
 /// killed when dropped.
 pub struct Redis {
     child: std::process::Child,
-    /// `redis+unix:///…/redis.sock`.
+    /// `redis+unix:///…/redis.sock`, or `rediss://127.0.0.1:port`.
     pub url: String,
+    /// Over TLS: the CA its certificate leads to.
+    pub ca: Option<std::path::PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -172,11 +174,61 @@ impl Redis {
             .spawn()
             .expect("redis-server is installed (scripts/test.sh installs it)");
         let url = format!("redis+unix://{}", socket.display());
-        let redis = Redis {
+        Redis::ready(Redis {
             child,
             url,
+            ca: None,
             _dir: dir,
-        };
+        })
+        .await
+    }
+
+    /// One that speaks TLS only, on a free port of 127.0.0.1, with a
+    /// certificate from a throwaway CA.
+    pub async fn start_tls() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = dir.path().join("tls");
+        let authority = brewmesh_runtime::mtls::Authority::create().unwrap();
+        // Any role: what matters is the name, 127.0.0.1.
+        authority.issue("registry", &tls).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
+            .arg("--tls-cert-file")
+            .arg(tls.join("tls.crt"))
+            .arg("--tls-key-file")
+            .arg(tls.join("tls.key"))
+            .arg("--tls-ca-cert-file")
+            .arg(tls.join("ca.crt"))
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test.sh installs it)");
+        Redis::ready(Redis {
+            child,
+            url: format!("rediss://127.0.0.1:{port}"),
+            ca: Some(tls.join("ca.crt")),
+            _dir: dir,
+        })
+        .await
+    }
+
+    async fn ready(redis: Redis) -> Redis {
         for _ in 0..200 {
             if redis.ping().await {
                 return redis;
@@ -187,7 +239,17 @@ impl Redis {
     }
 
     async fn ping(&self) -> bool {
-        let Ok(client) = redis::Client::open(self.url.as_str()) else {
+        let client = match &self.ca {
+            Some(ca) => redis::Client::build_with_tls(
+                self.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(ca).unwrap()),
+                },
+            ),
+            None => redis::Client::open(self.url.as_str()),
+        };
+        let Ok(client) = client else {
             return false;
         };
         let Ok(mut connection) = client.get_multiplexed_async_connection().await else {
