@@ -460,6 +460,30 @@ async fn traces_and_logs_also_go_over_otlp_http_protobuf() {
     logs_of(&collector, trace_id, &["gateway", "barista", "payment"]);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn traces_go_to_a_collector_over_tls_checked_against_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (collector, endpoint) = Collector::start_tls(dir.path()).await;
+    let ca = dir.path().join("tls").join("ca.crt").display().to_string();
+    let data = dir.path().join("mesh");
+    let up = mesh(
+        &data,
+        Some(&endpoint),
+        &[("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.as_str())],
+    );
+    let gateway = format!("http://{}", up.instance("gateway"));
+    let trace_id = "5a7d0c4e9b2f41d8a3c6e1f0b9d8c7a6";
+    order(
+        &gateway,
+        "tls-1",
+        "tok_visa",
+        Some(&format!("00-{trace_id}-2222222222222222-01")),
+    );
+    spans_of(&collector, trace_id, |s| {
+        has(s, "gateway", "POST /v1/orders") && has(s, "payment", "ledger Capture")
+    });
+}
+
 /// Asserts that gateway, barista and payment each logged a line with
 /// `trace_id`.
 fn every_hop_logged(up: &Process, trace_id: &str) {

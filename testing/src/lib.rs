@@ -288,6 +288,26 @@ impl Collector {
     /// Starts one; it runs until the runtime ends. Returns it and its
     /// `http://127.0.0.1:port` endpoint (for either protocol).
     pub async fn start() -> (Collector, String) {
+        Collector::start_with(None).await
+    }
+
+    /// [`Collector::start`] over TLS, OTLP/gRPC only: its certificate is
+    /// `tls/tls.crt` under `dir`, for 127.0.0.1, from the throwaway CA in
+    /// `tls/ca.crt` (what `OTEL_EXPORTER_OTLP_CERTIFICATE` names). Returns
+    /// its `https://127.0.0.1:port` endpoint.
+    pub async fn start_tls(dir: &std::path::Path) -> (Collector, String) {
+        let tls = dir.join("tls");
+        let authority = brewmesh_runtime::mtls::Authority::create().expect("a CA");
+        authority.issue("registry", &tls).expect("a certificate");
+        let read = |name: &str| std::fs::read(tls.join(name)).expect("the certificate files");
+        let identity = tonic::transport::Identity::from_pem(read("tls.crt"), read("tls.key"));
+        Collector::start_with(Some(
+            tonic::transport::ServerTlsConfig::new().identity(identity),
+        ))
+        .await
+    }
+
+    async fn start_with(tls: Option<tonic::transport::ServerTlsConfig>) -> (Collector, String) {
         use prost::Message as _;
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -332,13 +352,18 @@ impl Collector {
                     }
                 }),
             );
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            server = server.tls_config(tls).expect("the collector's TLS");
+        }
         tokio::spawn(
-            tonic::transport::Server::builder()
+            server
                 .accept_http1(true)
                 .add_routes(tonic::service::Routes::from(router))
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
         );
-        (collector, format!("http://{addr}"))
+        (collector, format!("{scheme}://{addr}"))
     }
 
     fn keep_spans(&self, request: otlp::ExportTraceServiceRequest) {

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use opentelemetry::KeyValue;
 use opentelemetry::propagation::TextMapCompositePropagator;
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithHttpConfig as _;
+use opentelemetry_otlp::{WithHttpConfig as _, WithTonicConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
@@ -205,6 +205,47 @@ fn logs_configured() -> bool {
     !env_is("OTEL_SDK_DISABLED", "true") && env_is("OTEL_LOGS_EXPORTER", "otlp")
 }
 
+/// TLS for the gRPC exporters, from the standard variables: the CA (PEM)
+/// an `https://` collector's certificate must lead to,
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE`, and this process's certificate and key
+/// for a collector that asks for one, `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE`
+/// and `OTEL_EXPORTER_OTLP_CLIENT_KEY`. Without them an `https://` endpoint
+/// is checked against the public roots.
+fn otlp_tls() -> Result<Option<tonic::transport::ClientTlsConfig>, TelemetryError> {
+    let read = |var: &str| -> Result<Option<Vec<u8>>, TelemetryError> {
+        match std::env::var_os(var) {
+            Some(path) => std::fs::read(&path)
+                .map(Some)
+                .map_err(|e| TelemetryError(format!("{var} ({}): {e}", path.to_string_lossy()))),
+            None => Ok(None),
+        }
+    };
+    let ca = read("OTEL_EXPORTER_OTLP_CERTIFICATE")?;
+    let cert = read("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE")?;
+    let key = read("OTEL_EXPORTER_OTLP_CLIENT_KEY")?;
+    if ca.is_none() && cert.is_none() {
+        return Ok(None);
+    }
+    // The CA given replaces the public roots, as the variable means.
+    let mut tls = tonic::transport::ClientTlsConfig::new();
+    tls = match ca {
+        Some(ca) => tls.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+        None => tls.with_webpki_roots(),
+    };
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(TelemetryError(
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and _CLIENT_KEY go together".to_owned(),
+            ));
+        }
+    }
+    Ok(Some(tls))
+}
+
 fn http_protocol(signal_var: &str) -> bool {
     let protocol = std::env::var(signal_var)
         .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))
@@ -255,9 +296,12 @@ pub fn init(format: LogFormat, identity: Identity) -> Result<Telemetry, Telemetr
                 .with_http_client(OnRuntime::current()?)
                 .build()
         } else {
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .build()
+            let builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+            match otlp_tls()? {
+                Some(tls) => builder.with_tls_config(tls),
+                None => builder,
+            }
+            .build()
         }
         .map_err(|e| TelemetryError(e.to_string()))?;
         // OTEL_TRACES_SAMPLER/_ARG decide before a span is made
@@ -320,9 +364,12 @@ pub fn init(format: LogFormat, identity: Identity) -> Result<Telemetry, Telemetr
                 .with_http_client(OnRuntime::current()?)
                 .build()
         } else {
-            opentelemetry_otlp::LogExporter::builder()
-                .with_tonic()
-                .build()
+            let builder = opentelemetry_otlp::LogExporter::builder().with_tonic();
+            match otlp_tls()? {
+                Some(tls) => builder.with_tls_config(tls),
+                None => builder,
+            }
+            .build()
         }
         .map_err(|e| TelemetryError(e.to_string()))?;
         let provider = SdkLoggerProvider::builder()
@@ -344,9 +391,12 @@ pub fn init(format: LogFormat, identity: Identity) -> Result<Telemetry, Telemetr
                 .with_http_client(OnRuntime::current()?)
                 .build()
         } else {
-            opentelemetry_otlp::MetricExporter::builder()
-                .with_tonic()
-                .build()
+            let builder = opentelemetry_otlp::MetricExporter::builder().with_tonic();
+            match otlp_tls()? {
+                Some(tls) => builder.with_tls_config(tls),
+                None => builder,
+            }
+            .build()
         }
         .map_err(|e| TelemetryError(e.to_string()))?;
         // The interval comes from OTEL_METRIC_EXPORT_INTERVAL (60 s).
