@@ -409,6 +409,31 @@ async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
     assert_eq!(refused["code"], 7, "a customer reads no payment: {refused}");
     let paid = json(&curl(&["-s", "-H", &staff, &payment_url]));
     assert_eq!(paid["state"], "PAYMENT_STATE_CAPTURED");
+    // Nor may she move money: capture, refund and void are the staff's.
+    for action in ["capture", "refund", "void"] {
+        let moved = json(&curl(&[
+            "-s",
+            "-H",
+            &customer,
+            "--json",
+            r#"{"idempotencyKey":"customer-try"}"#,
+            &format!("{payment_url}:{action}"),
+        ]));
+        assert_eq!(moved["code"], 7, "a customer's {action}: {moved}");
+    }
+    // A token whose signature was changed is refused with a challenge.
+    let mut forged = customer.clone().into_bytes();
+    let inside = forged.len() - 10; // within the signature, a whole 6 bits
+    forged[inside] = if forged[inside] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    let refused = curl(&["-s", "-i", "-H", &forged, &format!("{gateway}/v1/orders")]);
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+    assert!(
+        refused
+            .to_ascii_lowercase()
+            .contains("www-authenticate: bearer realm=\"brewmesh\", error=\"invalid_token\""),
+        "{refused}"
+    );
     // `brewmesh token` mints one from the same issuer.
     let minted = std::process::Command::new(env!("CARGO_BIN_EXE_brewmesh"))
         .args(["token", "--subject", "bob", "--data-dir"])
