@@ -16,6 +16,11 @@
 //! instance (`<data-dir>/tls/<label>/`, SPIFFE identity of its role) and one
 //! for you (`tls/operator/`, for grpcurl and `brewmesh load --grpc`).
 //! `--insecure` runs them all plaintext instead.
+//!
+//! The gateway checks clients' bearer tokens against a local issuer's key
+//! set (`<data-dir>/auth/`, made on first start and kept; `crate::token`),
+//! and `up` writes a customer's and the staff's token there at every start
+//! and prints them; `--no-auth` lets every client in instead.
 
 mod child;
 mod supervise;
