@@ -13,11 +13,8 @@ use http::Method;
 use serde_json::json;
 
 use brewmesh_gateway::issuer::{AUDIENCE, ISSUER, Issuer};
-use brewmesh_testing::{Running, spawn};
-use support::{Answer, GatewayRun, Http, gateway, serve_args};
-
-type PaymentRun = Result<brewmesh_runtime::server::Drained, brewmesh_payment::RunError>;
-type BaristaRun = Result<brewmesh_runtime::server::Drained, brewmesh_barista::RunError>;
+use brewmesh_testing::Running;
+use support::{Answer, Backends, GatewayRun, Http, gateway};
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 const STAFF: &str = "orders orders:all payments registry";
@@ -26,55 +23,19 @@ struct Shop {
     http: Http,
     issuer: Issuer,
     dir: tempfile::TempDir,
-    _servers: (
-        Running<PaymentRun>,
-        Running<BaristaRun>,
-        Running<GatewayRun>,
-    ),
+    _servers: (Backends, Running<GatewayRun>),
 }
 
 async fn shop() -> Shop {
     let dir = tempfile::tempdir().unwrap();
     let issuer = Issuer::load_or_create(&dir.path().join("auth")).unwrap();
-    let payment_config = brewmesh_payment::Config {
-        serve: serve_args(),
-        database: brewmesh_testing::database(dir.path(), "payment").await,
-        processing_delay: Duration::ZERO,
-        registry: Default::default(),
-    };
-    let payment = spawn(|l, s| brewmesh_payment::run(l, payment_config, s)).await;
-    let barista_config = brewmesh_barista::Config {
-        serve: serve_args(),
-        database: brewmesh_testing::database(dir.path(), "barista").await,
-        registry: Default::default(),
-        payment_addrs: vec![payment.addr.to_string()],
-        payment_dns: None,
-        payment_timeout: Duration::from_secs(5),
-        espresso_machines: 2,
-        steam_wands: 2,
-        queue_depth: 4,
-        espresso_time: Duration::from_millis(20),
-        milk_time: Duration::from_millis(20),
-        brew_failure_rate: 0.0,
-        order_lease: Duration::from_secs(2),
-        watch_poll: Duration::from_millis(200),
-    };
-    let barista = spawn(|l, s| brewmesh_barista::run(l, barista_config, s)).await;
+    let backends = Backends::start(dir.path(), |barista| {
+        barista.espresso_time = Duration::from_millis(20);
+        barista.milk_time = Duration::from_millis(20);
+    })
+    .await;
     let config = brewmesh_gateway::Config {
-        backends: vec![
-            (
-                "brewmesh.barista.v1.Barista".into(),
-                vec![barista.addr.to_string()],
-            ),
-            (
-                "brewmesh.payment.v1.Payments".into(),
-                vec![payment.addr.to_string()],
-            ),
-            (
-                "brewmesh.registry.v1.Registry".into(),
-                vec!["127.0.0.1:1".into()],
-            ),
-        ],
+        backends: backends.routes(),
         jwks: Some(issuer.jwks()),
         jwt_issuer: Some(ISSUER.into()),
         jwt_audience: Some(AUDIENCE.into()),
@@ -86,7 +47,7 @@ async fn shop() -> Shop {
         http,
         issuer,
         dir,
-        _servers: (payment, barista, gw),
+        _servers: (backends, gw),
     }
 }
 

@@ -13,20 +13,13 @@ use serde_json::json;
 use tonic::Code;
 
 use brewmesh_testing::{Running, spawn};
-use support::{GatewayRun, Http, gateway, serve_args};
-
-type PaymentRun = Result<brewmesh_runtime::server::Drained, brewmesh_payment::RunError>;
-type BaristaRun = Result<brewmesh_runtime::server::Drained, brewmesh_barista::RunError>;
+use support::{Backends, GatewayRun, Http, gateway, serve_args};
 
 struct Shop {
     http: Http,
     /// The gateway's settings, to start more gateways on the same backends.
     config: brewmesh_gateway::Config,
-    _servers: (
-        Running<PaymentRun>,
-        Running<BaristaRun>,
-        Running<GatewayRun>,
-    ),
+    _servers: (Backends, Running<GatewayRun>),
     _dir: tempfile::TempDir,
 }
 
@@ -34,47 +27,9 @@ struct Shop {
 /// with the menu cached for `menu_ttl`.
 async fn shop(menu_ttl: Duration, tweak: impl FnOnce(&mut brewmesh_barista::Config)) -> Shop {
     let dir = tempfile::tempdir().unwrap();
-    let payment_config = brewmesh_payment::Config {
-        serve: serve_args(),
-        database: brewmesh_testing::database(dir.path(), "payment").await,
-        processing_delay: Duration::ZERO,
-        registry: Default::default(),
-    };
-    let payment = spawn(|l, s| brewmesh_payment::run(l, payment_config, s)).await;
-    let mut barista_config = brewmesh_barista::Config {
-        serve: serve_args(),
-        database: brewmesh_testing::database(dir.path(), "barista").await,
-        registry: Default::default(),
-        payment_addrs: vec![payment.addr.to_string()],
-        payment_dns: None,
-        payment_timeout: Duration::from_secs(5),
-        espresso_machines: 2,
-        steam_wands: 2,
-        queue_depth: 4,
-        espresso_time: Duration::from_millis(100),
-        milk_time: Duration::from_millis(100),
-        brew_failure_rate: 0.0,
-        order_lease: Duration::from_secs(2),
-        watch_poll: Duration::from_millis(200),
-    };
-    tweak(&mut barista_config);
-    let barista = spawn(|l, s| brewmesh_barista::run(l, barista_config, s)).await;
+    let backends = Backends::start(dir.path(), tweak).await;
     let config = brewmesh_gateway::Config {
-        backends: vec![
-            (
-                "brewmesh.barista.v1.Barista".into(),
-                vec![barista.addr.to_string()],
-            ),
-            (
-                "brewmesh.payment.v1.Payments".into(),
-                vec![payment.addr.to_string()],
-            ),
-            // Nothing listens there: the registry is not part of this suite.
-            (
-                "brewmesh.registry.v1.Registry".into(),
-                vec!["127.0.0.1:1".into()],
-            ),
-        ],
+        backends: backends.routes(),
         cached: vec![("brewmesh.barista.v1.Barista.GetMenu".into(), menu_ttl)],
         ..Default::default()
     };
@@ -82,7 +37,7 @@ async fn shop(menu_ttl: Duration, tweak: impl FnOnce(&mut brewmesh_barista::Conf
     Shop {
         http,
         config,
-        _servers: (payment, barista, gw),
+        _servers: (backends, gw),
         _dir: dir,
     }
 }

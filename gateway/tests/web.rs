@@ -17,12 +17,11 @@ use brewmesh::pb::registry::v1::registry_client::RegistryClient;
 use brewmesh::pb::registry::v1::{Instance, RegisterRequest};
 use brewmesh_runtime::discovery::RegistryArgs;
 use brewmesh_testing::{Running, spawn};
-use support::{GatewayRun, Http, gateway, serve_args};
+use support::{GatewayRun, Http, PaymentRun, gateway, serve_args};
 
 const TOKEN: &str = "web-test-token";
 
 type RegistryRun = Result<brewmesh_runtime::server::Drained, brewmesh_runtime::server::ServeError>;
-type PaymentRun = Result<brewmesh_runtime::server::Drained, brewmesh_payment::RunError>;
 
 struct Mesh {
     http: Http,

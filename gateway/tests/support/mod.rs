@@ -140,6 +140,70 @@ pub fn serve_args() -> brewmesh_runtime::server::ServeArgs {
 }
 
 pub type GatewayRun = Result<brewmesh_runtime::server::Drained, brewmesh_gateway::RunError>;
+pub type PaymentRun = Result<brewmesh_runtime::server::Drained, brewmesh_payment::RunError>;
+pub type BaristaRun = Result<brewmesh_runtime::server::Drained, brewmesh_barista::RunError>;
+
+/// The shop behind a gateway: payment with no card delay and a barista
+/// calling it, each on port 0 with its database in a directory.
+pub struct Backends {
+    pub payment: Running<PaymentRun>,
+    pub barista: Running<BaristaRun>,
+}
+
+impl Backends {
+    /// Payment, and a barista with 100 ms steps (`tweak` changes its
+    /// settings), their data in `dir`.
+    pub async fn start(
+        dir: &std::path::Path,
+        tweak: impl FnOnce(&mut brewmesh_barista::Config),
+    ) -> Backends {
+        let payment_config = brewmesh_payment::Config {
+            serve: serve_args(),
+            database: brewmesh_testing::database(dir, "payment").await,
+            processing_delay: Duration::ZERO,
+            registry: Default::default(),
+        };
+        let payment = spawn(|l, s| brewmesh_payment::run(l, payment_config, s)).await;
+        let mut barista_config = brewmesh_barista::Config {
+            serve: serve_args(),
+            database: brewmesh_testing::database(dir, "barista").await,
+            registry: Default::default(),
+            payment_addrs: vec![payment.addr.to_string()],
+            payment_dns: None,
+            payment_timeout: Duration::from_secs(5),
+            espresso_machines: 2,
+            steam_wands: 2,
+            queue_depth: 4,
+            espresso_time: Duration::from_millis(100),
+            milk_time: Duration::from_millis(100),
+            brew_failure_rate: 0.0,
+            order_lease: Duration::from_secs(2),
+            watch_poll: Duration::from_millis(200),
+        };
+        tweak(&mut barista_config);
+        let barista = spawn(|l, s| brewmesh_barista::run(l, barista_config, s)).await;
+        Backends { payment, barista }
+    }
+
+    /// The gateway's `--backend`s for them; the registry's points at a
+    /// port nothing listens on (it is not part of these suites).
+    pub fn routes(&self) -> Vec<(String, Vec<String>)> {
+        vec![
+            (
+                "brewmesh.barista.v1.Barista".into(),
+                vec![self.barista.addr.to_string()],
+            ),
+            (
+                "brewmesh.payment.v1.Payments".into(),
+                vec![self.payment.addr.to_string()],
+            ),
+            (
+                "brewmesh.registry.v1.Registry".into(),
+                vec!["127.0.0.1:1".into()],
+            ),
+        ]
+    }
+}
 
 /// A gateway on 127.0.0.1:0 with `config`.
 pub async fn gateway(config: brewmesh_gateway::Config) -> (Running<GatewayRun>, Http) {
