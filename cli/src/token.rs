@@ -58,18 +58,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `up`'s tokens, written to `<data-dir>/auth/{customer,staff}.jwt` (0600):
-/// the customer's and the staff's paths.
-pub fn write_up_tokens(issuer: &Issuer, data_dir: &Path) -> anyhow::Result<[PathBuf; 2]> {
+/// What `up` wrote: each token's file, and the customer's token (the
+/// page's link carries it).
+pub struct UpTokens {
+    pub customer: PathBuf,
+    pub staff: PathBuf,
+    pub customer_token: String,
+}
+
+/// `up`'s tokens, written to `<data-dir>/auth/{customer,staff}.jwt` (0600).
+pub fn write_up_tokens(issuer: &Issuer, data_dir: &Path) -> anyhow::Result<UpTokens> {
     let dir = data_dir.join("auth");
-    let mut paths = Vec::new();
-    for (file, (subject, scopes)) in [("customer.jwt", CUSTOMER), ("staff.jwt", STAFF)] {
-        let token = issuer.mint(subject, scopes, UP_TTL)?;
-        let path = dir.join(file);
-        brewmesh_runtime::files::write_whole(&path, token.as_bytes(), 0o600)
-            .with_context(|| format!("writing {}", path.display()))?;
-        paths.push(path);
-    }
-    let [customer, staff] = <[PathBuf; 2]>::try_from(paths).expect("two tokens");
-    Ok([customer, staff])
+    let write =
+        |file: &str, (subject, scopes): (&str, &str)| -> anyhow::Result<(PathBuf, String)> {
+            let token = issuer.mint(subject, scopes, UP_TTL)?;
+            let path = dir.join(file);
+            brewmesh_runtime::files::write_whole(&path, token.as_bytes(), 0o600)
+                .with_context(|| format!("writing {}", path.display()))?;
+            Ok((path, token))
+        };
+    let (customer, customer_token) = write("customer.jwt", CUSTOMER)?;
+    let (staff, _) = write("staff.jwt", STAFF)?;
+    Ok(UpTokens {
+        customer,
+        staff,
+        customer_token,
+    })
 }

@@ -204,8 +204,16 @@ impl Gateway {
             }
             None => cache::Store::Local(cache::Cache::new(config.cache_entries)),
         };
-        let auth = config.jwks.is_some();
-        let openapi = openapi::document(&pool, &table, config.stream_timeout, auth);
+        let auth = match &config.jwks {
+            Some(jwks) => crate::auth::Auth::new(crate::auth::AuthConfig {
+                jwks: jwks.clone(),
+                issuer: config.jwt_issuer.clone(),
+                audience: config.jwt_audience.clone(),
+                leeway: config.jwt_leeway,
+            })?,
+            None => crate::auth::Auth::off(),
+        };
+        let openapi = openapi::document(&pool, &table, config.stream_timeout, auth.on());
         let openapi = Bytes::from(openapi.to_string());
         let mut routes: HashMap<http::Method, Vec<Arc<Route>>> = HashMap::new();
         for route in table {
@@ -244,15 +252,7 @@ impl Gateway {
             health,
             draining,
             cors: crate::cors::Cors::new(&config.cors_origins, config.cors_credentials),
-            auth: match &config.jwks {
-                Some(jwks) => crate::auth::Auth::new(crate::auth::AuthConfig {
-                    jwks: jwks.clone(),
-                    issuer: config.jwt_issuer.clone(),
-                    audience: config.jwt_audience.clone(),
-                    leeway: config.jwt_leeway,
-                })?,
-                None => crate::auth::Auth::off(),
-            },
+            auth,
         })
     }
 }

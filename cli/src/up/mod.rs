@@ -308,7 +308,7 @@ fn ready(instances: &[Instance]) -> anyhow::Result<()> {
 fn print_banner(
     instances: &[Instance],
     operator: Option<&std::path::Path>,
-    tokens: Option<&[PathBuf; 2]>,
+    tokens: Option<&crate::token::UpTokens>,
 ) {
     let first = |prefix: &str| {
         instances
@@ -337,17 +337,14 @@ fn print_banner(
     }
     // The customer's token on every order call, the staff's on payments.
     let (page, tokens, bearer, staff) = match tokens {
-        Some([customer, staff]) => (
-            match std::fs::read_to_string(customer) {
-                Ok(token) => format!("http://{gateway}/#token={token}"),
-                Err(_) => format!("http://{gateway}/"),
-            },
+        Some(written) => (
+            format!("http://{gateway}/#token={}", written.customer_token),
             format!(
                 "Tokens (valid 24 h; `brewmesh token` mints others):\n  \
                    TOKEN=$(cat {})   # ada, a customer: her own orders\n  \
                    STAFF=$(cat {})   # staff: every order, payments, the registry\n\n",
-                customer.display(),
-                staff.display()
+                written.customer.display(),
+                written.staff.display()
             ),
             " -H \"Authorization: Bearer $TOKEN\"",
             " -H \"Authorization: Bearer $STAFF\"",
