@@ -39,6 +39,11 @@ struct Cli {
     #[arg(long, global = true, env = "BREWMESH_READY_FILE")]
     ready_file: Option<std::path::PathBuf>,
 
+    /// Whether the per-request metrics are recorded and served at
+    /// `/metrics` (`off`: /metrics answers 404).
+    #[arg(long, global = true, env = "BREWMESH_METRICS", default_value = "on")]
+    metrics: brewmesh_runtime::metrics::Switch,
+
     #[command(flatten)]
     tls: TlsArgs,
 
@@ -73,6 +78,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Some(path) = &cli.ready_file {
         brewmesh_runtime::ready::set_file(path.clone());
+    }
+    if cli.metrics == brewmesh_runtime::metrics::Switch::Off {
+        brewmesh_runtime::metrics::switch_off();
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the Tokio runtime")?;
     let tls = cli.tls;

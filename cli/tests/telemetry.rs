@@ -431,6 +431,36 @@ async fn metrics_count_exactly_the_orders_served() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn with_metrics_off_every_process_serves_but_answers_metrics_with_404() {
+    let dir = tempfile::tempdir().unwrap();
+    // `up --metrics off` passes the switch on to every role it starts.
+    let args = Process::up_args(
+        dir.path(),
+        &[
+            "--metrics",
+            "off",
+            "--payment-arg=--processing-delay=20ms",
+            "--barista-arg=--espresso-time=50ms",
+            "--barista-arg=--milk-time=50ms",
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let up = Process::start(&args);
+    let gateway = format!("http://{}", up.instance("gateway"));
+    order(&gateway, "metrics-off-1", "tok_visa", None);
+    for instance in ["registry-1", "payment-1", "barista-1", "gateway"] {
+        let url = format!("http://{}/metrics", up.instance(instance));
+        let answer = curl(&["-w", "\n%{http_code}", &url]);
+        let (body, status) = answer.rsplit_once('\n').unwrap();
+        assert_eq!(status, "404", "{instance}: {answer}");
+        assert!(
+            body.contains("metrics are switched off"),
+            "{instance}: {body}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn traces_and_logs_also_go_over_otlp_http_protobuf() {
     let (collector, endpoint) = Collector::start().await;
     let dir = tempfile::tempdir().unwrap();

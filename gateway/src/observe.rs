@@ -120,7 +120,7 @@ pub async fn layer(
         .as_ref()
         .map_or("unmatched", |m| m.route.template.source());
     let method = request.method().clone();
-    let metrics = handles(&method, route_name);
+    let metrics = brewmesh_runtime::metrics::enabled().then(|| handles(&method, route_name));
     // Sampled or not, decided here once, for every hop below.
     let traced = tracing_enabled().then(|| {
         let parent = brewmesh_runtime::telemetry::extract(request.headers());
@@ -145,7 +145,9 @@ pub async fn layer(
         request.extensions_mut().insert(matched);
     }
 
-    metrics.begin();
+    if let Some(metrics) = &metrics {
+        metrics.begin();
+    }
     let started = Instant::now();
     let path = request.uri().path().to_owned();
     let response = match &traced {
@@ -155,8 +157,10 @@ pub async fn layer(
     let status = response.status();
     let elapsed = started.elapsed();
     // A sampled request's trace is its latency bucket's exemplar.
-    let trace = traced.as_ref().and_then(Traced::sampled_trace_id);
-    metrics.end(elapsed, status.as_u16(), trace);
+    if let Some(metrics) = &metrics {
+        let trace = traced.as_ref().and_then(Traced::sampled_trace_id);
+        metrics.end(elapsed, status.as_u16(), trace);
+    }
     let access = || {
         tracing::debug!(
             target: "brewmesh_gateway::access",

@@ -216,7 +216,7 @@ where
                 Ok(tonic::Status::deadline_exceeded("the call's deadline had passed").into_http())
             });
         }
-        let handles = rpc_handles(request.uri().path());
+        let handles = crate::metrics::enabled().then(|| rpc_handles(request.uri().path()));
         // Sampled or not, decided here once; an unsampled call has no span
         // (telemetry/sampling.rs).
         let traced = (tracing_enabled() && !plumbing(service)).then(|| {
@@ -225,9 +225,11 @@ where
             })
         });
         let span = traced.as_ref().and_then(Traced::span).cloned();
-        handles.begin();
+        if let Some(handles) = &handles {
+            handles.begin();
+        }
         let outcome = Arc::new(CallEnd {
-            measured: Some(handles),
+            measured: handles,
             started: Instant::now(),
             span: span.clone(),
             kind: "server",

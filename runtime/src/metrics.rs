@@ -4,9 +4,13 @@
 //! One registry per process; the RPC families are here, the services
 //! register their own (saga outcomes, stations, registry counts) through
 //! [`register`].
+//!
+//! `--metrics off` ([`switch_off`]) stops the per-request RED metrics (the
+//! servers' and the gateway's) and answers `/metrics` with 404: for
+//! measuring what they cost, or a process whose metrics nobody reads.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use prometheus_client::collector::Collector;
@@ -17,6 +21,29 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::exponential_buckets;
 use prometheus_client::registry::{Metric, Registry};
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Whether the per-request metrics are recorded (on unless switched off).
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Stops the per-request metrics and the `/metrics` answer, for the rest
+/// of the process's life (`--metrics off`).
+pub fn switch_off() {
+    ENABLED.store(false, Ordering::Relaxed);
+}
+
+/// Whether the per-request metrics are on, as `--metrics` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Switch {
+    /// Recorded, and served at `/metrics`.
+    #[default]
+    On,
+    /// Not recorded; `/metrics` answers 404.
+    Off,
+}
 
 fn registry() -> &'static Mutex<Registry> {
     static REGISTRY: OnceLock<Mutex<Registry>> = OnceLock::new();
@@ -122,6 +149,13 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
 /// else the Prometheus text format.
 pub async fn scrape(headers: http::HeaderMap) -> axum::response::Response {
     use axum::response::IntoResponse as _;
+    if !enabled() {
+        return (
+            http::StatusCode::NOT_FOUND,
+            "metrics are switched off in this process (--metrics off)\n",
+        )
+            .into_response();
+    }
     let openmetrics = headers
         .get_all(http::header::ACCEPT)
         .iter()

@@ -39,7 +39,7 @@ pub(super) type Exit = (String, u32, String);
 /// What every child is started with.
 pub(super) struct Launch<'a> {
     pub(super) exe: PathBuf,
-    pub(super) env: [(&'a str, &'a str); 1],
+    pub(super) env: [(&'a str, &'a str); 2],
     pub(super) format: LogFormat,
     /// Where their lines go.
     pub(super) lines: mpsc::Sender<String>,

@@ -130,7 +130,18 @@ pub async fn run(args: Args, format: LogFormat, insecure: bool) -> anyhow::Resul
     };
     let launch = Launch {
         exe,
-        env: [("BREWMESH_REGISTRY_TOKEN", token.as_str())],
+        env: [
+            ("BREWMESH_REGISTRY_TOKEN", token.as_str()),
+            // `up --metrics off` switches every role's off.
+            (
+                "BREWMESH_METRICS",
+                if brewmesh_runtime::metrics::enabled() {
+                    "on"
+                } else {
+                    "off"
+                },
+            ),
+        ],
         format,
         lines: lines_tx.clone(),
         exits: exits_tx,
