@@ -4,7 +4,8 @@
 # gRPC call (GetMenu straight to the barista), measured in the same run from
 # the processes' own counters (/proc/<pid>/stat utime + stime).
 #
-# Usage: bench/cpu.sh     env: ORDERS (3000), CALLS (30000)
+# Usage: bench/cpu.sh     env: ORDERS (3000), CALLS (30000), BIN (a brewmesh
+#        binary to measure instead of building this checkout's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -13,8 +14,10 @@ CALLS=${CALLS:-30000}
 command -v h2load >/dev/null || {
   apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nghttp2-client
 }
-cargo build --release --locked -p brewmesh-cli
-BIN=$ROOT/target/release/brewmesh
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --locked -p brewmesh-cli
+  BIN=$ROOT/target/release/brewmesh
+fi
 OUT=$ROOT/target/bench/cpu-$(date +%Y%m%dT%H%M%S)
 mkdir -p "$OUT"
 DATA=$(mktemp -d)

@@ -1,14 +1,18 @@
 //! What tracing costs: orders/s and PlaceOrder p99 through the gateway with
-//! tracing off, on at 100% sampling to a local OTLP receiver, and at 1%.
+//! tracing off, on at 100% sampling to a local OTLP receiver, at 1%, and
+//! with tracing off and the per-request metrics switched off too
+//! (`--metrics off`).
 //!
 //! Payment, barista and the gateway run as real processes on 127.0.0.1
 //! (release build), restarted for every round with the round's `OTEL_*`
 //! variables; the stations are wide and quick (64 machines, 1 ms steps) so
 //! that the request path, not brewing, is what is measured. A closed loop of
 //! CONCURRENCY clients posts orders over HTTP/1.1 for SECONDS per round;
-//! rounds alternate off, 100%, 1% (ROUNDS times) and the medians are
-//! compared, with the CPU time (user + system, from /proc) the three
-//! processes spent per order. The receiver is `brewmesh_testing::Collector`,
+//! rounds alternate off, 100%, 1%, metrics-off (ROUNDS times) and compared
+//! two ways: the ratio of the medians, and the median of each round's ratio
+//! to the "off" run just before it (less moved by the machine's drift),
+//! with the CPU time (user + system, from /proc) the three processes spent
+//! per order. The receiver is `brewmesh_testing::Collector`,
 //! in this process. Logs are at `warn` so that the figures are tracing's.
 //!
 //! `cargo bench -p brewmesh-cli --bench tracing`
@@ -24,7 +28,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use support::Process;
+use support::{Process, cpu_of};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -38,6 +42,7 @@ enum Mode {
     Off,
     All,
     OnePercent,
+    MetricsOff,
 }
 
 impl Mode {
@@ -46,6 +51,7 @@ impl Mode {
             Mode::Off => "off",
             Mode::All => "100%",
             Mode::OnePercent => "1%",
+            Mode::MetricsOff => "metrics-off",
         }
     }
 
@@ -63,6 +69,7 @@ impl Mode {
                 env.push(("OTEL_TRACES_SAMPLER", "parentbased_traceidratio".to_owned()));
                 env.push(("OTEL_TRACES_SAMPLER_ARG", "0.01".to_owned()));
             }
+            Mode::MetricsOff => env.push(("BREWMESH_METRICS", "off".to_owned())),
         }
         env
     }
@@ -79,25 +86,6 @@ struct Round {
     cpu: Duration,
 }
 
-/// User + system CPU time of `pid` so far, from /proc.
-fn cpu_of(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command, which is in parentheses.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
-    let hz = 100; // USER_HZ on Linux
-    Duration::from_millis((ticks(11) + ticks(12)) * 1000 / hz)
-}
-
 /// CPU time per order served, in microseconds.
 fn cpu_per_order(round: &Round) -> f64 {
     round.cpu.as_secs_f64() * 1e6 / round.orders.max(1) as f64
@@ -105,16 +93,16 @@ fn cpu_per_order(round: &Round) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let rounds = env("ROUNDS", 3);
+    let rounds = env("ROUNDS", 5);
     let concurrency = env("CONCURRENCY", 16);
     let seconds = env("SECONDS", 8) as u64;
     let (collector, endpoint) = brewmesh_testing::Collector::start().await;
-    // MODES=off,100%,1% (the default) picks and orders the modes.
-    let wanted = std::env::var("MODES").unwrap_or_else(|_| "off,100%,1%".to_owned());
+    // MODES=off,100%,1%,metrics-off (the default) picks and orders the modes.
+    let wanted = std::env::var("MODES").unwrap_or_else(|_| "off,100%,1%,metrics-off".to_owned());
     let modes: Vec<Mode> = wanted
         .split(',')
         .filter_map(|m| {
-            [Mode::Off, Mode::All, Mode::OnePercent]
+            [Mode::Off, Mode::All, Mode::OnePercent, Mode::MetricsOff]
                 .into_iter()
                 .find(|mode| mode.name() == m.trim())
         })
@@ -160,10 +148,23 @@ async fn main() {
     };
     let rate = |r: &Round| r.orders as f64 / r.seconds;
     let p99 = |r: &Round| r.p99.as_secs_f64() * 1e3;
+    // Each round's figure over the "off" run of the same round.
+    let per_round = |mode: &str, f: &dyn Fn(&Round) -> f64| {
+        let mut ratios: Vec<f64> = results
+            .chunks(modes.len())
+            .filter_map(|round| {
+                let off = round.iter().find(|(m, _)| m.name() == "off")?;
+                let this = round.iter().find(|(m, _)| m.name() == mode)?;
+                Some(f(&this.1) / f(&off.1))
+            })
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        ratios.get(ratios.len() / 2).copied().unwrap_or(f64::NAN)
+    };
     println!(
-        "\n| tracing | orders/s | p99 ms | CPU µs/order | orders/s vs off | p99 vs off | CPU/order vs off |"
+        "\n| mode | orders/s | p99 ms | CPU µs/order | orders/s vs off | p99 vs off | CPU/order vs off | per-round orders/s vs off | per-round p99 vs off |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     if !modes.iter().any(|m| m.name() == "off") {
         return;
     }
@@ -179,14 +180,16 @@ async fn main() {
             median(mode.name(), &cpu_per_order),
         );
         println!(
-            "| {} | {:.0} | {:.2} | {:.0} | {:.3} | {:.3} | {:.3} |",
+            "| {} | {:.0} | {:.2} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
             mode.name(),
             r,
             p,
             c,
             r / off_rate,
             p / off_p99,
-            c / off_cpu
+            c / off_cpu,
+            per_round(mode.name(), &rate),
+            per_round(mode.name(), &p99),
         );
     }
 }
