@@ -55,6 +55,7 @@ struct Rules {
     pattern: String,
     min: Option<i64>,
     output_only: bool,
+    max_items: u32,
 }
 
 fn rules(field: &FieldDescriptor, extension: &ExtensionDescriptor) -> Option<Rules> {
@@ -79,6 +80,7 @@ fn rules(field: &FieldDescriptor, extension: &ExtensionDescriptor) -> Option<Rul
         output_only: get("output_only")
             .and_then(|v| v.as_bool())
             .unwrap_or(false),
+        max_items: get("max_items").and_then(|v| v.as_u32()).unwrap_or(0),
     })
     // Output only is for the document: the server ignores what is sent.
     .filter(|r| !r.output_only || r.required || r.max_len > 0 || r.min.is_some())
@@ -102,12 +104,62 @@ fn rust_type(message: &MessageDescriptor) -> Result<String, String> {
     }
 }
 
-/// Whether `message`, or a message it holds, has a field with rules.
+/// Whether `message`, or a message it holds, has a field with rules (a
+/// repeated field counts only with rules of its own).
 fn has_rules(message: &MessageDescriptor, extension: &ExtensionDescriptor) -> bool {
-    message.fields().filter(|f| !f.is_list() && !f.is_map()).any(|field| {
+    message.fields().filter(|f| !f.is_map()).any(|field| {
         rules(&field, extension).is_some()
-            || matches!(field.kind(), Kind::Message(m) if m.full_name() != message.full_name() && has_rules(&m, extension))
+            || (!field.is_list()
+                && matches!(field.kind(), Kind::Message(m) if m.full_name() != message.full_name() && has_rules(&m, extension)))
     })
+}
+
+/// The checks of the repeated field `name` with `rules`: its length, then
+/// each entry's own rules under its index.
+fn repeated(
+    at: &str,
+    name: &str,
+    kind: Kind,
+    r: &Rules,
+    extension: &ExtensionDescriptor,
+    patterns: &mut Vec<(String, String)>,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let mut body = format!(
+        "        v.items(at, {name:?}, self.{name}.len(), {}, {});\n",
+        r.required, r.max_items
+    );
+    match kind {
+        Kind::String => {
+            let pattern = if r.pattern.is_empty() {
+                "None".to_owned()
+            } else {
+                patterns.push((at.to_owned(), r.pattern.clone()));
+                format!("Some(&PATTERN_{})", patterns.len() - 1)
+            };
+            body.push_str(&format!(
+                "        for (i, entry) in self.{name}.iter().enumerate() {{ v.string(at, &format!(\"{name}[{{i}}]\"), entry, StringRules {{ required: {}, max_len: {}, id_prefix: {:?} }}, {pattern}); }}\n",
+                r.required, r.max_len, r.id_prefix
+            ));
+        }
+        Kind::Message(m)
+            if r.max_len == 0
+                && r.id_prefix.is_empty()
+                && r.pattern.is_empty()
+                && r.min.is_none() =>
+        {
+            if has_rules(&m, extension) {
+                body.push_str(&format!(
+                    "        for (i, entry) in self.{name}.iter().enumerate() {{ entry.validate_at(&format!(\"{{at}}{name}[{{i}}].\"), v); }}\n"
+                ));
+            }
+        }
+        _ if r.max_len == 0
+            && r.id_prefix.is_empty()
+            && r.pattern.is_empty()
+            && r.min.is_none() => {}
+        _ => return Err(format!("{at}: these rules do not apply to its entries").into()),
+    }
+    Ok(body)
 }
 
 /// `impl Validate` for every message whose fields carry rules, and the
@@ -128,11 +180,27 @@ fn validators(pool: &DescriptorPool) -> Result<String, Box<dyn std::error::Error
             let rules = rules(&field, &extension);
             let name = field.name();
             let at = format!("{}.{name}", message.full_name());
-            if field.is_list() || field.is_map() {
+            if field.is_map() {
                 if rules.is_some() {
-                    return Err(format!("{at}: rules on repeated fields are not generated").into());
+                    return Err(format!("{at}: rules on map fields are not generated").into());
                 }
                 continue;
+            }
+            if field.is_list() {
+                if let Some(r) = rules {
+                    body.push_str(&repeated(
+                        &at,
+                        name,
+                        field.kind(),
+                        &r,
+                        &extension,
+                        &mut patterns,
+                    )?);
+                }
+                continue;
+            }
+            if rules.as_ref().is_some_and(|r| r.max_items > 0) {
+                return Err(format!("{at}: max_items is for repeated fields").into());
             }
             match (field.kind(), rules) {
                 (Kind::String, Some(r)) => {

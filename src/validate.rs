@@ -117,6 +117,20 @@ impl Violations {
         }
     }
 
+    /// Checks that the repeated field `at``name`, holding `len` entries, has
+    /// one at least if `required`, and at most `max` (0: no limit).
+    pub fn items(&mut self, at: &str, name: &str, len: usize, required: bool, max: u32) {
+        if required && len == 0 {
+            self.add(format!("{at}{name}"), "is required: at least one entry");
+        }
+        if max > 0 && len > max as usize {
+            self.add(
+                format!("{at}{name}"),
+                format!("must have at most {max} entries, not {len}"),
+            );
+        }
+    }
+
     /// Checks the integer `at``name` is at least `min`.
     pub fn integer(&mut self, at: &str, name: &str, value: i64, min: i64) {
         if value < min {

@@ -83,7 +83,7 @@ pub struct Config {
         long = "created",
         env = "BREWMESH_GATEWAY_CREATED",
         value_delimiter = ',',
-        default_value = "brewmesh.barista.v1.Barista.PlaceOrder"
+        default_value = "brewmesh.barista.v1.Barista.PlaceOrder,brewmesh.barista.v1.Barista.BatchPlaceOrders"
     )]
     pub created: Vec<String>,
 
@@ -213,7 +213,10 @@ impl Default for Config {
             stream_timeout: Duration::from_secs(300),
             max_body_bytes: 1 << 20,
             compress_min_bytes: 1024,
-            created: vec!["brewmesh.barista.v1.Barista.PlaceOrder".to_owned()],
+            created: vec![
+                "brewmesh.barista.v1.Barista.PlaceOrder".to_owned(),
+                "brewmesh.barista.v1.Barista.BatchPlaceOrders".to_owned(),
+            ],
             cached: vec![(
                 "brewmesh.barista.v1.Barista.GetMenu".to_owned(),
                 Duration::from_secs(5),

@@ -426,7 +426,18 @@ impl Schemas {
             Kind::Message(m) => self.message(&m, pool),
         };
         if field.is_list() {
-            json!({"type": "array", "items": single})
+            let Some(rules) = Rules::of(field, pool) else {
+                return json!({"type": "array", "items": single});
+            };
+            let mut array = json!({"type": "array"});
+            if rules.required {
+                array["minItems"] = json!(1);
+            }
+            if rules.max_items > 0 {
+                array["maxItems"] = json!(rules.max_items);
+            }
+            array["items"] = Rules(rules).apply(field, single);
+            array
         } else {
             match Rules::of(field, pool) {
                 Some(rules) => Rules(rules).apply(field, single),

@@ -131,6 +131,86 @@ async fn the_readme_flow_over_rest_places_watches_and_pays_for_an_order() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_batch_of_orders_is_placed_whole_and_followed_on_one_stream() {
+    let shop = shop(Duration::from_secs(60), |_| {}).await;
+    let http = &shop.http;
+    let entry = |key: &str, item: &str, card: &str| -> serde_json::Value {
+        serde_json::from_str(&order_body(key, item, card)).unwrap()
+    };
+
+    // A bad entry: 400 naming it, and nothing stored.
+    let refused = http
+        .post(
+            "/v1/orders:batchCreate",
+            &json!({"requests": [entry("b-1", "latte", "tok_visa"), entry("b-2", "tea", "tok_visa")]})
+                .to_string(),
+        )
+        .await;
+    let body = refused.assert_status(400, Code::InvalidArgument);
+    assert_eq!(
+        body["details"][0]["fieldViolations"][0]["field"], "requests[1].item_id",
+        "{body}"
+    );
+    let listed = http.get("/v1/orders").await.json();
+    assert_eq!(
+        listed["orders"].as_array().map_or(0, Vec::len),
+        0,
+        "{listed}"
+    );
+
+    let batch = json!({"requests": [
+        entry("b-1", "latte", "tok_visa"),
+        entry("b-2", "espresso", "tok_declined"),
+    ]})
+    .to_string();
+    let placed = http.post("/v1/orders:batchCreate", &batch).await;
+    assert_eq!(placed.status, 201, "{}", placed.text());
+    let orders = placed.json()["orders"].as_array().unwrap().clone();
+    let ids: Vec<&str> = orders
+        .iter()
+        .map(|o| o["orderId"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    // Replayed: the same orders.
+    let again = http.post("/v1/orders:batchCreate", &batch).await.json();
+    let again: Vec<&str> = again["orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["orderId"].as_str().unwrap())
+        .collect();
+    assert_eq!(again, ids);
+
+    // Both orders on one NDJSON stream, to the end of each.
+    let watched = http
+        .post("/v1/orders:watch", &json!({"orderIds": ids}).to_string())
+        .await;
+    assert_eq!(watched.status, 200, "{}", watched.text());
+    let events: Vec<serde_json::Value> = watched
+        .text()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["result"].clone())
+        .collect();
+    let last = |order_id: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e["orderId"] == order_id)
+            .map(|e| e["type"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        last(ids[0]).last().map(String::as_str),
+        Some("ORDER_EVENT_TYPE_PAYMENT_CAPTURED"),
+        "{events:?}"
+    );
+    assert_eq!(
+        last(ids[1]).last().map(String::as_str),
+        Some("ORDER_EVENT_TYPE_FAILED"),
+        "{events:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_menu_is_cached_with_etags_and_expires() {
     let ttl = Duration::from_millis(400);
     let shop = shop(ttl, |_| {}).await;

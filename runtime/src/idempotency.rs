@@ -17,11 +17,17 @@ pub fn fingerprint(method: &str, request: &impl prost::Message) -> String {
 /// formed but conflicts with what the key already names — the IETF
 /// Idempotency-Key draft's "conflict" — with the field named in an ErrorInfo.
 pub fn reused(message: String) -> tonic::Status {
+    reused_at(message, "idempotency_key")
+}
+
+/// [`reused`] for the key at `field`, a field path such as
+/// `requests[3].idempotency_key` (one entry of a batch).
+pub fn reused_at(message: String, field: &str) -> tonic::Status {
     use tonic_types::{ErrorDetails, StatusExt};
     let details = ErrorDetails::with_error_info(
         "IDEMPOTENCY_KEY_REUSED",
         "brewmesh",
-        [("field".to_owned(), "idempotency_key".to_owned())],
+        [("field".to_owned(), field.to_owned())],
     );
     tonic::Status::with_error_details(tonic::Code::AlreadyExists, message, details)
 }

@@ -30,6 +30,29 @@ pub enum BaristaError {
     #[error("idempotency key was already used with a different request")]
     KeyReused,
 
+    /// A batch needs more places at a station than it has in all.
+    #[error(
+        "the batch has {needed} new orders for the {station} station, which takes at most {places} at a time (machines and queue); split it"
+    )]
+    BatchTooLarge {
+        /// The station too small.
+        station: &'static str,
+        /// The places the batch needs there.
+        needed: usize,
+        /// The places the station has.
+        places: usize,
+    },
+
+    /// The idempotency key of a batch's entry was used before for a
+    /// different request.
+    #[error(
+        "requests[{index}].idempotency_key was already used with a different request; nothing in the batch was stored"
+    )]
+    KeyReusedIn {
+        /// The entry's index in the batch.
+        index: usize,
+    },
+
     /// The order cannot be cancelled any more.
     #[error("order {order_id} cannot be cancelled: {why}")]
     NotCancellable {
@@ -75,7 +98,17 @@ impl From<BaristaError> for Status {
                     metadata,
                 )
             }
+            BaristaError::BatchTooLarge { .. } => {
+                brewmesh_runtime::validate::bad_request(vec![tonic_types::FieldViolation::new(
+                    "requests",
+                    error.to_string(),
+                )])
+            }
             BaristaError::KeyReused => brewmesh_runtime::idempotency::reused(error.to_string()),
+            BaristaError::KeyReusedIn { index } => brewmesh_runtime::idempotency::reused_at(
+                error.to_string(),
+                &format!("requests[{index}].idempotency_key"),
+            ),
             BaristaError::NotCancellable { order_id, why } => Status::with_error_details(
                 Code::FailedPrecondition,
                 error.to_string(),

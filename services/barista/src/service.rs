@@ -13,9 +13,9 @@ use tonic::{Request, Response, Status};
 
 use brewmesh::pb::barista::v1::barista_server::Barista;
 use brewmesh::pb::barista::v1::{
-    CancelOrderRequest, GetMenuRequest, GetOrderRequest, ListOrdersRequest, ListOrdersResponse,
-    Menu, Order, OrderEvent, OrderEventType as E, OrderState as S, PlaceOrderRequest,
-    WatchOrderRequest,
+    BatchPlaceOrdersRequest, BatchPlaceOrdersResponse, CancelOrderRequest, GetMenuRequest,
+    GetOrderRequest, ListOrdersRequest, ListOrdersResponse, Menu, MenuItem, Order, OrderEvent,
+    OrderEventType as E, OrderState as S, PlaceOrderRequest, WatchOrderRequest, WatchOrdersRequest,
 };
 use brewmesh_runtime::caller::Caller;
 use brewmesh_runtime::idempotency::fingerprint;
@@ -77,24 +77,57 @@ impl Barista for BaristaService {
         let Some(item) = menu::find(&request.item_id) else {
             return Err(BaristaError::NotOnTheMenu(request.item_id).into());
         };
-
-        // Whose it is belongs to the request: another customer's key, the
-        // same body, is a reused key, not their order to be handed.
-        let mut fingerprint = fingerprint("PlaceOrder", &request);
-        if !customer.is_empty() {
-            fingerprint.push_str(" by ");
-            fingerprint.push_str(&customer);
-        }
-        let new = NewOrder {
-            idempotency_key: request.idempotency_key,
-            fingerprint,
-            item_id: item.item_id.clone(),
-            customer_name: request.customer_name,
-            card_token: request.card_token,
-            price: item.price.clone().unwrap_or_default(),
-            customer,
-        };
+        let new = new_order(request, &item, customer);
         Ok(Response::new(self.shop.place(new, &item).await?))
+    }
+
+    async fn batch_place_orders(
+        &self,
+        request: Request<BatchPlaceOrdersRequest>,
+    ) -> Result<Response<BatchPlaceOrdersResponse>, Status> {
+        let customer = Caller::of(&request)
+            .subject()
+            .unwrap_or_default()
+            .to_owned();
+        let request = request.into_inner();
+        let mut violations = Violations::new();
+        request.validate_at("", &mut violations);
+        // A bad entry is a bad batch: each entry's drink, and its key used
+        // once only, are checked before anything is stored.
+        let mut keys = std::collections::HashMap::with_capacity(request.requests.len());
+        let mut items = Vec::with_capacity(request.requests.len());
+        for (index, entry) in request.requests.iter().enumerate() {
+            let item = menu::find(&entry.item_id);
+            if item.is_none() && !entry.item_id.trim().is_empty() {
+                violations.add(
+                    format!("requests[{index}].item_id"),
+                    format!("{:?} is not on the menu (see GetMenu)", entry.item_id),
+                );
+            }
+            items.push(item);
+            if entry.idempotency_key.is_empty() {
+                continue;
+            }
+            if let Some(first) = keys.insert(entry.idempotency_key.as_str(), index) {
+                violations.add(
+                    format!("requests[{index}].idempotency_key"),
+                    format!(
+                        "repeats requests[{first}].idempotency_key: each order needs its own key"
+                    ),
+                );
+            }
+        }
+        drop(keys);
+        violations.check()?;
+        let items: Vec<_> = items.into_iter().flatten().collect();
+        let batch = request
+            .requests
+            .into_iter()
+            .zip(&items)
+            .map(|(entry, item)| (new_order(entry, item, customer.clone()), item))
+            .collect();
+        let orders = self.shop.place_all(batch).await?;
+        Ok(Response::new(BatchPlaceOrdersResponse { orders }))
     }
 
     async fn get_order(
@@ -199,6 +232,40 @@ impl Barista for BaristaService {
     }
 
     type WatchOrderStream = EventStream;
+    type WatchOrdersStream = EventStream;
+
+    async fn watch_orders(
+        &self,
+        request: Request<WatchOrdersRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let caller = Caller::of(&request);
+        let request = request.into_inner();
+        request.validate()?;
+        let mut order_ids = request.order_ids;
+        order_ids.sort_unstable();
+        order_ids.dedup();
+        // Every order found (and the caller's) before the first event: as
+        // for one order, subscribed before it is read.
+        let mut starts = Vec::with_capacity(order_ids.len());
+        for order_id in order_ids {
+            let changes = self.shop.journal().watch(&order_id);
+            let record = self.record(&order_id, &caller).await?;
+            starts.push((start(order_id, 0, &record), changes));
+        }
+        // One follower per order, all into one stream: it ends when the
+        // last of them has sent its order's last event.
+        let (tx, rx) = mpsc::channel(64);
+        for (start, changes) in starts {
+            tokio::spawn(follow(
+                Arc::clone(&self.shop),
+                start,
+                changes,
+                tx.clone(),
+                self.shutdown.clone(),
+            ));
+        }
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 
     async fn watch_order(
         &self,
@@ -213,20 +280,35 @@ impl Barista for BaristaService {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(follow(
             Arc::clone(&self.shop),
-            Start {
-                order_id: request.order_id,
-                after: request.after_sequence,
-                done: record.step == Step::Done,
-                ending: Ending {
-                    ready: record.order.state() == S::Ready,
-                    settled: false,
-                },
-            },
+            start(request.order_id, request.after_sequence, &record),
             changes,
             tx,
             self.shutdown.clone(),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// The order `request` asks for, a drink of `item`, for `customer` (the
+/// caller's subject, or '').
+fn new_order(request: PlaceOrderRequest, item: &MenuItem, customer: String) -> NewOrder {
+    // Whose it is belongs to the request: another customer's key, the
+    // same body, is a reused key, not their order to be handed. A batch's
+    // entry has the fingerprint of the same PlaceOrder: either replays
+    // the other.
+    let mut fingerprint = fingerprint("PlaceOrder", &request);
+    if !customer.is_empty() {
+        fingerprint.push_str(" by ");
+        fingerprint.push_str(&customer);
+    }
+    NewOrder {
+        idempotency_key: request.idempotency_key,
+        fingerprint,
+        item_id: item.item_id.clone(),
+        customer_name: request.customer_name,
+        card_token: request.card_token,
+        price: item.price.clone().unwrap_or_default(),
+        customer,
     }
 }
 
@@ -239,6 +321,20 @@ struct Start {
     done: bool,
     /// What the order had come to (READY, its settlement perhaps to come).
     ending: Ending,
+}
+
+/// Where a watch of `order_id` after sequence `after` starts, `record` read
+/// once its writes were followed.
+fn start(order_id: String, after: i64, record: &OrderRecord) -> Start {
+    Start {
+        order_id,
+        after,
+        done: record.step == Step::Done,
+        ending: Ending {
+            ready: record.order.state() == S::Ready,
+            settled: false,
+        },
+    }
 }
 
 /// Where a watch stands: whether the order's last event has been sent.

@@ -21,7 +21,7 @@ use crate::journal::Journal;
 use crate::payments::Payments;
 use crate::saga::{Begin, Saga};
 use crate::stations::Stations;
-use crate::store::{Inserted, NewOrder, OrderRecord, OrderStore, Step};
+use crate::store::{Inserted, InsertedAll, NewOrder, OrderRecord, OrderStore, Step};
 
 /// Everything the handlers and the sagas share.
 #[derive(Debug)]
@@ -120,6 +120,91 @@ impl Shop {
             Inserted::Existing(order) => Ok(order),
             Inserted::KeyReused => Err(BaristaError::KeyReused),
         }
+    }
+
+    /// Places every order of `batch` (each a drink of the item beside it),
+    /// all or none: an entry repeating an earlier request is answered with
+    /// its order; the new ones each take their places at the stations —
+    /// all of them, or the batch is turned away — and are stored in one
+    /// transaction; then their sagas start. The orders come back in the
+    /// batch's order.
+    pub(crate) async fn place_all(
+        self: &Arc<Self>,
+        batch: Vec<(NewOrder, &MenuItem)>,
+    ) -> Result<Vec<Order>, BaristaError> {
+        let keys: Vec<(&str, &str)> = batch
+            .iter()
+            .map(|(new, _)| (new.idempotency_key.as_str(), new.fingerprint.as_str()))
+            .collect();
+        let earlier = self.store().by_keys(&keys).await?;
+        let mut answers: Vec<Option<Order>> = Vec::with_capacity(batch.len());
+        let mut unplaced = Vec::new();
+        for (index, ((new, item), earlier)) in batch.into_iter().zip(earlier).enumerate() {
+            match earlier {
+                Some(Inserted::Existing(order)) => answers.push(Some(order)),
+                Some(Inserted::KeyReused) => return Err(BaristaError::KeyReusedIn { index }),
+                Some(Inserted::New(_)) | None => {
+                    answers.push(None);
+                    unplaced.push((index, new, item.steamed_milk));
+                }
+            }
+        }
+        // A batch no shop this size could take is not worth a retry.
+        let milk = unplaced.iter().filter(|(_, _, milk)| *milk).count();
+        for (station, needed) in [
+            (&self.stations.espresso, unplaced.len()),
+            (&self.stations.milk, milk),
+        ] {
+            if needed > station.places() {
+                return Err(BaristaError::BatchTooLarge {
+                    station: station.name,
+                    needed,
+                    places: station.places(),
+                });
+            }
+        }
+        // The entries to store: their index in the batch, and their places.
+        let (mut fresh, mut news) = (Vec::new(), Vec::new());
+        for (index, new, steamed_milk) in unplaced {
+            let admission = self.stations.try_admit(steamed_milk).map_err(|station| {
+                BaristaError::ShopFull {
+                    station: station.name,
+                    retry_after: station.duration,
+                }
+            })?;
+            fresh.push((index, admission));
+            news.push(new);
+        }
+        if !news.is_empty() {
+            let stored = self
+                .store()
+                .insert_all(news, &self.owner, self.lease_until())
+                .await?;
+            let stored = match stored {
+                InsertedAll::Stored(stored) => stored,
+                InsertedAll::KeyReused(at) => {
+                    return Err(BaristaError::KeyReusedIn { index: fresh[at].0 });
+                }
+            };
+            let mut placed = 0;
+            for ((index, admission), inserted) in fresh.into_iter().zip(stored) {
+                match inserted {
+                    Inserted::New(record) => {
+                        tracing::debug!(order_id = %record.order.order_id, item_id = %record.order.item_id, "order accepted");
+                        crate::observe::order_placed();
+                        answers[index] = Some(record.order.clone());
+                        self.start(record, Begin::Placed(admission));
+                        placed += 1;
+                    }
+                    // Stored meanwhile by a concurrent request with its key.
+                    Inserted::Existing(order) => answers[index] = Some(order),
+                    // Never: a batch with a reused key is stored not at all.
+                    Inserted::KeyReused => return Err(BaristaError::KeyReusedIn { index }),
+                }
+            }
+            tracing::info!(orders = answers.len(), placed, "batch of orders accepted");
+        }
+        Ok(answers.into_iter().flatten().collect())
     }
 
     /// Starts driving `record`'s saga in the background, unless this process

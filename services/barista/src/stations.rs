@@ -57,6 +57,11 @@ impl Station {
         }
     }
 
+    /// How many orders the station takes at most: its machines and queue.
+    pub fn places(&self) -> usize {
+        self.places
+    }
+
     /// A place at this station, or `None` if machines and queue are full.
     pub fn try_admit(&self) -> Option<Place> {
         self.admission.clone().try_acquire_owned().ok()

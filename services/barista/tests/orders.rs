@@ -12,8 +12,9 @@ use tonic_types::StatusExt;
 
 use brewmesh::pb::barista::v1::barista_client::BaristaClient;
 use brewmesh::pb::barista::v1::{
-    CancelOrderRequest, GetMenuRequest, GetOrderRequest, ListOrdersRequest, Order, OrderEvent,
-    OrderEventType as E, OrderState, PlaceOrderRequest, WatchOrderRequest,
+    BatchPlaceOrdersRequest, CancelOrderRequest, GetMenuRequest, GetOrderRequest,
+    ListOrdersRequest, Order, OrderEvent, OrderEventType as E, OrderState, PlaceOrderRequest,
+    WatchOrderRequest, WatchOrdersRequest,
 };
 use brewmesh::pb::payment::v1::payments_client::PaymentsClient;
 use brewmesh::pb::payment::v1::{ListPaymentsRequest, Payment, PaymentState};
@@ -786,4 +787,252 @@ async fn an_unreadable_row_stops_neither_the_barista_nor_a_page() {
         .await
         .unwrap();
     assert_eq!(owner, brewmesh_barista::store::QUARANTINED);
+}
+
+fn batch(entries: Vec<PlaceOrderRequest>) -> BatchPlaceOrdersRequest {
+    BatchPlaceOrdersRequest { requests: entries }
+}
+
+impl Mesh {
+    async fn place_all(&mut self, entries: Vec<PlaceOrderRequest>) -> Vec<Order> {
+        self.barista
+            .batch_place_orders(batch(entries))
+            .await
+            .expect("batch place orders")
+            .into_inner()
+            .orders
+    }
+
+    /// Every event of `orders` on one WatchOrders stream, to its end, by
+    /// order in the order given.
+    async fn watch_all(&mut self, orders: &[Order]) -> Vec<Vec<OrderEvent>> {
+        let stream = self
+            .barista
+            .watch_orders(WatchOrdersRequest {
+                order_ids: orders.iter().map(|o| o.order_id.clone()).collect(),
+            })
+            .await
+            .expect("watch orders")
+            .into_inner();
+        let events: Vec<OrderEvent> =
+            tokio::time::timeout(Duration::from_secs(30), stream.collect::<Result<_, _>>())
+                .await
+                .expect("every order ends within 30s")
+                .expect("the stream ends cleanly");
+        let by_order: Vec<Vec<OrderEvent>> = orders
+            .iter()
+            .map(|o| {
+                events
+                    .iter()
+                    .filter(|e| e.order_id == o.order_id)
+                    .cloned()
+                    .collect()
+            })
+            .collect();
+        for events in &by_order {
+            let sequences: Vec<i64> = events.iter().map(|e| e.sequence).collect();
+            let expected: Vec<i64> = (1..=events.len() as i64).collect();
+            assert_eq!(
+                sequences, expected,
+                "each order's events whole and in order"
+            );
+        }
+        by_order
+    }
+
+    async fn order_count(&mut self) -> usize {
+        self.barista
+            .list_orders(ListOrdersRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .orders
+            .len()
+    }
+}
+
+#[tokio::test]
+async fn a_bad_entry_refuses_the_whole_batch_naming_it() {
+    let mut mesh = mesh(Duration::ZERO, |_| {}).await;
+    let fields = |status: tonic::Status| -> Vec<String> {
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        status
+            .get_details_bad_request()
+            .unwrap()
+            .field_violations
+            .into_iter()
+            .map(|v| v.field)
+            .collect()
+    };
+    let mut nameless = order("b3", "latte", "tok_visa");
+    nameless.customer_name = " ".into();
+    let status = mesh
+        .barista
+        .batch_place_orders(batch(vec![
+            order("b1", "latte", "tok_visa"),
+            order("b2", "tea", "tok_visa"),
+            nameless,
+            order("b1", "espresso", "tok_visa"),
+        ]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        fields(status),
+        [
+            "requests[2].customer_name",
+            "requests[1].item_id",
+            "requests[3].idempotency_key"
+        ]
+    );
+    let status = mesh
+        .barista
+        .batch_place_orders(batch(Vec::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(fields(status), ["requests"]);
+    let too_many = (0..1001)
+        .map(|i| order(&format!("many-{i}"), "espresso", "tok_visa"))
+        .collect();
+    let status = mesh
+        .barista
+        .batch_place_orders(batch(too_many))
+        .await
+        .unwrap_err();
+    assert_eq!(fields(status), ["requests"]);
+    // More new orders than the shop has places (2 machines, 4 waiting).
+    let too_big = (0..7)
+        .map(|i| order(&format!("big-{i}"), "espresso", "tok_visa"))
+        .collect();
+    let status = mesh
+        .barista
+        .batch_place_orders(batch(too_big))
+        .await
+        .unwrap_err();
+    assert_eq!(fields(status), ["requests"]);
+    assert_eq!(
+        mesh.order_count().await,
+        0,
+        "nothing of a refused batch is stored"
+    );
+
+    // A key used before for another drink: the whole batch is refused.
+    let earlier = mesh.place(order("kept", "latte", "tok_visa")).await;
+    let status = mesh
+        .barista
+        .batch_place_orders(batch(vec![
+            order("fresh", "latte", "tok_visa"),
+            order("kept", "espresso", "tok_visa"),
+        ]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    let info = status.get_details_error_info().unwrap();
+    assert_eq!(info.reason, "IDEMPOTENCY_KEY_REUSED");
+    assert_eq!(info.metadata["field"], "requests[1].idempotency_key");
+    assert_eq!(mesh.order_count().await, 1);
+    mesh.watch(&earlier.order_id).await;
+}
+
+#[tokio::test]
+async fn a_replayed_batch_returns_the_same_orders_and_charges_each_once() {
+    let mut mesh = mesh(Duration::from_millis(20), |_| {}).await;
+    let entries = vec![
+        order("r1", "latte", "tok_visa"),
+        order("r2", "espresso", "tok_visa"),
+        order("r3", "cappuccino", "tok_visa"),
+    ];
+    let first = mesh.place_all(entries.clone()).await;
+    assert_eq!(first.len(), 3);
+    assert!(first.iter().all(|o| o.state() == OrderState::Accepted));
+    let items: Vec<&str> = first.iter().map(|o| o.item_id.as_str()).collect();
+    assert_eq!(
+        items,
+        ["latte", "espresso", "cappuccino"],
+        "in the batch's order"
+    );
+    let again = mesh.place_all(entries.clone()).await;
+    let ids =
+        |orders: &[Order]| -> Vec<String> { orders.iter().map(|o| o.order_id.clone()).collect() };
+    assert_eq!(ids(&again), ids(&first));
+    // An entry replayed alone is the same order too.
+    let alone = mesh.place(entries[1].clone()).await;
+    assert_eq!(alone.order_id, first[1].order_id);
+
+    for events in mesh.watch_all(&first).await {
+        let types = types(&events);
+        assert!(types.contains(&E::Ready), "{types:?}");
+        assert!(types.contains(&E::PaymentCaptured), "{types:?}");
+    }
+    // Replayed once more after the fact: the orders as they stand.
+    let after = mesh.place_all(entries).await;
+    assert_eq!(ids(&after), ids(&first));
+    assert!(after.iter().all(|o| o.state() == OrderState::Ready));
+    for order in &first {
+        let payments = mesh.payments_of(&order.order_id).await;
+        assert_eq!(payments.len(), 1, "one payment per order");
+        assert_eq!(captured(&payments), 1);
+    }
+    assert_eq!(mesh.order_count().await, 3);
+}
+
+#[tokio::test]
+async fn a_declined_card_in_a_batch_fails_only_its_order() {
+    let mut mesh = mesh(Duration::ZERO, |_| {}).await;
+    let orders = mesh
+        .place_all(vec![
+            order("d1", "latte", "tok_visa"),
+            order("d2", "latte", "tok_declined"),
+            order("d3", "espresso", "tok_visa"),
+        ])
+        .await;
+    let events = mesh.watch_all(&orders).await;
+    let last: Vec<E> = events
+        .iter()
+        .map(|e| {
+            e.iter()
+                .rev()
+                .find(|e| matches!(e.r#type(), E::Ready | E::Failed))
+                .unwrap()
+                .r#type()
+        })
+        .collect();
+    assert_eq!(last, [E::Ready, E::Failed, E::Ready]);
+    let states: Vec<OrderState> = {
+        let mut states = Vec::new();
+        for order in &orders {
+            states.push(mesh.get(&order.order_id).await.state());
+        }
+        states
+    };
+    assert_eq!(
+        states,
+        [OrderState::Ready, OrderState::Failed, OrderState::Ready]
+    );
+    for (order, charged) in orders.iter().zip([1, 0, 1]) {
+        let payments = mesh.payments_of(&order.order_id).await;
+        assert_eq!(captured(&payments), charged, "{}", order.order_id);
+    }
+
+    // WatchOrders of an order that does not exist: NOT_FOUND, no events.
+    let status = mesh
+        .barista
+        .watch_orders(WatchOrdersRequest {
+            order_ids: vec![
+                orders[0].order_id.clone(),
+                brewmesh_runtime::ids::new("ord"),
+            ],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let status = mesh
+        .barista
+        .watch_orders(WatchOrdersRequest {
+            order_ids: vec![orders[0].order_id.clone(), "ord_x".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let violation = &status.get_details_bad_request().unwrap().field_violations[0];
+    assert_eq!(violation.field, "order_ids[1]");
 }

@@ -22,7 +22,7 @@ use brewmesh::pb::barista::v1::{Order, OrderEvent, OrderEventType, OrderState};
 use brewmesh::pb::payment::v1::Money;
 
 use schema::{COLUMNS, MIGRATIONS};
-use writer::{InsertOrder, Job, MAX_BATCH, Queued, Update};
+use writer::{InsertOrder, InsertOrders, Job, MAX_BATCH, Queued, Update};
 
 /// The owner of an unfinished order no barista could read: claimed by
 /// nobody until an operator mends the row and sets its owner back
@@ -106,6 +106,17 @@ pub enum Inserted {
     Existing(Order),
     /// The key was used before for a different request.
     KeyReused,
+}
+
+/// What [`OrderStore::insert_all`] did.
+#[derive(Debug)]
+pub enum InsertedAll {
+    /// Every order stored, or found as its key's earlier order: an
+    /// [`Inserted::New`] or [`Inserted::Existing`] for each, in order.
+    Stored(Vec<Inserted>),
+    /// The key of the order at this index was used before for a different
+    /// request: nothing was stored.
+    KeyReused(usize),
 }
 
 /// A change to an order: the event that explains it and the fields it sets.
@@ -200,6 +211,57 @@ impl OrderStore {
             lease_until,
         };
         self.write(write, Queued::Insert).await
+    }
+
+    /// Stores every order of `news` (each ACCEPTED, with its first event)
+    /// in one transaction, or for a key used before its earlier order; if
+    /// one key was used for a different request, none of them. Leased to
+    /// `owner` until `lease_until` (micros).
+    pub async fn insert_all(
+        &self,
+        news: Vec<NewOrder>,
+        owner: &str,
+        lease_until: i64,
+    ) -> Result<InsertedAll, sqlx::Error> {
+        let write = InsertOrders {
+            news,
+            owner: owner.to_owned(),
+            lease_until,
+        };
+        self.write(write, Queued::InsertAll).await
+    }
+
+    /// For each of `keys` (an idempotency key and the fingerprint of the
+    /// request now carrying it), what it was used for before, if anything.
+    pub async fn by_keys(
+        &self,
+        keys: &[(&str, &str)],
+    ) -> Result<Vec<Option<Inserted>>, sqlx::Error> {
+        let mut found = std::collections::HashMap::new();
+        for chunk in keys.chunks(500) {
+            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT idempotency_key, fingerprint, {COLUMNS} FROM orders \
+                 WHERE idempotency_key IN ({})",
+                placeholders.join(", ")
+            );
+            let mut query = sqlx::query(&sql);
+            for (key, _) in chunk {
+                query = query.bind(*key);
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                let key: String = row.try_get("idempotency_key")?;
+                found.insert(key, row);
+            }
+        }
+        keys.iter()
+            .map(|(key, fingerprint)| {
+                found
+                    .get(*key)
+                    .map(|row| rows::existing(row, fingerprint))
+                    .transpose()
+            })
+            .collect()
     }
 
     /// Applies `change` and appends `events` (each with its detail), if the

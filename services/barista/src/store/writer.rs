@@ -19,7 +19,7 @@ use brewmesh::pb::barista::v1::{OrderEvent, OrderEventType, OrderState};
 use brewmesh_runtime::time::{now_micros, timestamp};
 
 use super::schema::COLUMNS;
-use super::{Inserted, NewOrder, Step, rows};
+use super::{Inserted, InsertedAll, NewOrder, Step, rows};
 
 /// At most this many writes share a transaction.
 pub(super) const MAX_BATCH: usize = 128;
@@ -42,6 +42,15 @@ pub(super) trait Apply {
 #[derive(Debug)]
 pub(super) struct InsertOrder {
     pub(super) new: NewOrder,
+    pub(super) owner: String,
+    pub(super) lease_until: i64,
+}
+
+/// New orders stored together or not at all, each leased to `owner` until
+/// `lease_until` (micros).
+#[derive(Debug)]
+pub(super) struct InsertOrders {
+    pub(super) news: Vec<NewOrder>,
     pub(super) owner: String,
     pub(super) lease_until: i64,
 }
@@ -109,6 +118,7 @@ impl<W: Apply> Job<W> {
 #[derive(Debug)]
 pub(super) enum Queued {
     Insert(Job<InsertOrder>),
+    InsertAll(Job<InsertOrders>),
     Update(Job<Update>),
 }
 
@@ -116,6 +126,7 @@ impl Queued {
     async fn apply(&mut self, tx: &mut Tx, now: i64) -> Result<(), sqlx::Error> {
         match self {
             Queued::Insert(job) => job.apply(tx, now).await,
+            Queued::InsertAll(job) => job.apply(tx, now).await,
             Queued::Update(job) => job.apply(tx, now).await,
         }
     }
@@ -123,6 +134,7 @@ impl Queued {
     fn answer(self) {
         match self {
             Queued::Insert(job) => job.answer(),
+            Queued::InsertAll(job) => job.answer(),
             Queued::Update(job) => job.answer(),
         }
     }
@@ -130,6 +142,7 @@ impl Queued {
     async fn alone(self, pool: &AnyPool) {
         match self {
             Queued::Insert(job) => job.alone(pool).await,
+            Queued::InsertAll(job) => job.alone(pool).await,
             Queued::Update(job) => job.alone(pool).await,
         }
     }
@@ -182,55 +195,99 @@ impl Apply for InsertOrder {
     /// Stores the new order with its ACCEPTED event, or finds what its key
     /// was used for before.
     async fn apply(&self, tx: &mut Tx, now: i64) -> Result<Inserted, sqlx::Error> {
-        let new = &self.new;
-        let order_id = brewmesh_runtime::ids::new("ord");
-        // RETURNING gives the new row back in the same round trip; on a
-        // conflict it returns nothing and the key's earlier order is read.
-        let inserted = sqlx::query(&format!(
-            "INSERT INTO orders (idempotency_key, fingerprint, {COLUMNS}, lease_until) \
+        insert(tx, &self.new, &self.owner, self.lease_until, now).await
+    }
+}
+
+impl Apply for InsertOrders {
+    type Output = InsertedAll;
+
+    /// Stores every new order with its ACCEPTED event, or finds what its
+    /// key was used for before; if one key was used for another request,
+    /// none of them. A savepoint takes back what the batch wrote so far,
+    /// and nothing of the writes sharing its transaction.
+    async fn apply(&self, tx: &mut Tx, now: i64) -> Result<InsertedAll, sqlx::Error> {
+        sqlx::query("SAVEPOINT insert_all")
+            .execute(&mut **tx)
+            .await?;
+        let mut stored = Vec::with_capacity(self.news.len());
+        for (index, new) in self.news.iter().enumerate() {
+            match insert(tx, new, &self.owner, self.lease_until, now).await? {
+                Inserted::KeyReused => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT insert_all")
+                        .execute(&mut **tx)
+                        .await?;
+                    sqlx::query("RELEASE SAVEPOINT insert_all")
+                        .execute(&mut **tx)
+                        .await?;
+                    return Ok(InsertedAll::KeyReused(index));
+                }
+                inserted => stored.push(inserted),
+            }
+        }
+        sqlx::query("RELEASE SAVEPOINT insert_all")
+            .execute(&mut **tx)
+            .await?;
+        Ok(InsertedAll::Stored(stored))
+    }
+}
+
+/// Stores `new`, leased to `owner` until `lease_until`, with its ACCEPTED
+/// event, or finds what its key was used for before.
+async fn insert(
+    tx: &mut Tx,
+    new: &NewOrder,
+    owner: &str,
+    lease_until: i64,
+    now: i64,
+) -> Result<Inserted, sqlx::Error> {
+    let order_id = brewmesh_runtime::ids::new("ord");
+    // RETURNING gives the new row back in the same round trip; on a
+    // conflict it returns nothing and the key's earlier order is read.
+    let inserted = sqlx::query(&format!(
+        "INSERT INTO orders (idempotency_key, fingerprint, {COLUMNS}, lease_until) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING {COLUMNS}"
+    ))
+    .bind(&new.idempotency_key)
+    .bind(&new.fingerprint)
+    .bind(&order_id)
+    .bind(&new.item_id)
+    .bind(&new.customer_name)
+    .bind(&new.card_token)
+    .bind(&new.price.currency_code)
+    .bind(new.price.amount_minor)
+    .bind(OrderState::Accepted as i64)
+    .bind(Step::Run.as_str())
+    .bind("") // payment_id: none yet
+    .bind("") // failure_reason
+    .bind(now) // create_time
+    .bind(now) // update_time
+    .bind(owner)
+    .bind(&new.customer)
+    .bind(lease_until)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(row) = inserted else {
+        let row = sqlx::query(&format!(
+            "SELECT fingerprint, {COLUMNS} FROM orders WHERE idempotency_key = $1"
         ))
         .bind(&new.idempotency_key)
-        .bind(&new.fingerprint)
-        .bind(&order_id)
-        .bind(&new.item_id)
-        .bind(&new.customer_name)
-        .bind(&new.card_token)
-        .bind(&new.price.currency_code)
-        .bind(new.price.amount_minor)
-        .bind(OrderState::Accepted as i64)
-        .bind(Step::Run.as_str())
-        .bind("") // payment_id: none yet
-        .bind("") // failure_reason
-        .bind(now) // create_time
-        .bind(now) // update_time
-        .bind(&self.owner)
-        .bind(&new.customer)
-        .bind(self.lease_until)
-        .fetch_optional(&mut **tx)
+        .fetch_one(&mut **tx)
         .await?;
-        let Some(row) = inserted else {
-            let row = sqlx::query(&format!(
-                "SELECT fingerprint, {COLUMNS} FROM orders WHERE idempotency_key = $1"
-            ))
-            .bind(&new.idempotency_key)
-            .fetch_one(&mut **tx)
-            .await?;
-            return rows::existing(&row, &new.fingerprint);
-        };
-        let record = rows::record(&row)?;
-        append_event(
-            tx,
-            &order_id,
-            OrderEventType::Accepted,
-            OrderState::Accepted,
-            "",
-            now,
-        )
-        .await?;
-        Ok(Inserted::New(record))
-    }
+        return rows::existing(&row, &new.fingerprint);
+    };
+    let record = rows::record(&row)?;
+    append_event(
+        tx,
+        &order_id,
+        OrderEventType::Accepted,
+        OrderState::Accepted,
+        "",
+        now,
+    )
+    .await?;
+    Ok(Inserted::New(record))
 }
 
 impl Apply for Update {
