@@ -134,3 +134,74 @@ async fn load_counts_calls_refused_by_a_full_shop_by_code() {
     );
     assert!(summary.contains("4 × RESOURCE_EXHAUSTED"), "{summary}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn load_in_batches_counts_each_customer_of_a_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = up(
+        dir.path(),
+        &[
+            "--barista-arg=--espresso-time=50ms",
+            "--barista-arg=--milk-time=50ms",
+        ],
+    );
+    let gateway = format!("http://{}", mesh.instance("gateway"));
+    // 12 customers in groups of 5 (the last of 2), two groups at a time.
+    let (summary, report) = load(
+        dir.path(),
+        &[
+            "--gateway",
+            &gateway,
+            "--customers",
+            "12",
+            "--concurrency",
+            "10",
+            "--batch",
+            "5",
+            "--declined-every",
+            "4",
+        ],
+    );
+    assert!(
+        summary.contains("batches of 5: BatchPlaceOrders"),
+        "{summary}"
+    );
+    assert_eq!(report["batch"], 5);
+    assert_eq!(report["customers"], 12);
+    assert_eq!(report["served"], 9, "{summary}");
+    assert_eq!(report["failed_by_reason"]["payment declined"], 3);
+    assert_eq!(report["errors"], 0);
+
+    // Over gRPC, open loop, the same counting.
+    let barista = mesh.instance("barista-1").to_string();
+    let (_, report) = load(
+        dir.path(),
+        &[
+            "--grpc",
+            &barista,
+            "--customers",
+            "6",
+            "--rate",
+            "50",
+            "--batch",
+            "3",
+            "--declined-every",
+            "3",
+        ],
+    );
+    assert_eq!(
+        (report["served"].as_u64(), report["failed"].as_u64()),
+        (Some(4), Some(2))
+    );
+    // The mesh made 12 + 6 orders: 13 ready, 5 failed.
+    let text = curl(&[&format!("http://{}/metrics", mesh.instance("barista-1"))]);
+    let finished = |outcome| {
+        sample(
+            &text,
+            "brewmesh_orders_finished_total",
+            &[("outcome", outcome)],
+        )
+    };
+    assert_eq!(finished("ready"), 13.0);
+    assert_eq!(finished("failed"), 5.0);
+}

@@ -12,7 +12,8 @@ use tonic::transport::Channel;
 
 use brewmesh::pb::barista::v1::barista_client::BaristaClient;
 use brewmesh::pb::barista::v1::{
-    OrderEvent, OrderEventType as E, OrderState, PlaceOrderRequest, WatchOrderRequest,
+    BatchPlaceOrdersRequest, GetOrderRequest, ListOrdersRequest, OrderEvent, OrderEventType as E,
+    OrderState, PlaceOrderRequest, WatchOrderRequest, WatchOrdersRequest,
 };
 use brewmesh::pb::payment::v1::payments_client::PaymentsClient;
 use brewmesh::pb::payment::v1::{
@@ -754,4 +755,207 @@ async fn up_restarts_a_killed_child_and_loses_no_order() {
         r#"{"idempotencyKey":"supervised-2","itemId":"espresso","customerName":"Ada","cardToken":"tok_visa"}"#,
     ]));
     assert_eq!(again["state"], "ORDER_STATE_ACCEPTED", "{again}");
+}
+
+/// Orders in batches of [`BATCH`] while `role` is killed with SIGKILL and
+/// started again: every batch is stored whole or not at all, and every
+/// acknowledged order ends READY with exactly one capture, or FAILED with
+/// none (every 5th card is declined).
+async fn batches_across_a_kill(role: &str) {
+    const BATCH: usize = 10;
+    let dir = tempfile::tempdir().unwrap();
+    let mut payment = start_payment(dir.path(), "20ms").await;
+    let payment_addr = payment.addr.to_string();
+    let barista_args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--payment-addr",
+        payment_addr.as_str(),
+        "--espresso-time",
+        "300ms",
+        "--milk-time",
+        "300ms",
+        "--espresso-machines",
+        "64",
+        "--steam-wands",
+        "64",
+        "--queue-depth",
+        "1000",
+        "--order-lease",
+        "1s",
+    ];
+    let mut barista = Process::start_role("barista", dir.path(), &barista_args).await;
+
+    // Three clients placing batches back to back until told to stop, so
+    // that the kill finds batches in flight; the acknowledged orders' ids.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let placing: Vec<_> = (0..3)
+        .map(|c| {
+            tokio::spawn({
+                let mut client = client(barista.url(), BaristaClient::new);
+                let stop = stop.clone();
+                async move {
+                    let mut acknowledged = Vec::new();
+                    for b in 0.. {
+                        if stop.is_cancelled() {
+                            break;
+                        }
+                        let requests = (0..BATCH)
+                            .map(|i| PlaceOrderRequest {
+                                idempotency_key: format!("{c}-{b}-{i}"),
+                                item_id: ["latte", "espresso"][i % 2].into(),
+                                customer_name: format!("batch {c}-{b}"),
+                                card_token: if i % 5 == 4 {
+                                    "tok_declined"
+                                } else {
+                                    "tok_visa"
+                                }
+                                .into(),
+                            })
+                            .collect();
+                        let placed = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            client.batch_place_orders(BatchPlaceOrdersRequest { requests }),
+                        )
+                        .await;
+                        if let Ok(Ok(placed)) = placed {
+                            let orders = placed.into_inner().orders;
+                            assert_eq!(orders.len(), BATCH);
+                            acknowledged.extend(orders.into_iter().map(|o| o.order_id));
+                        } else {
+                            // Refused, or the barista is gone: not at once again.
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                    acknowledged
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    match role {
+        "barista" => {
+            barista.kill9();
+            stop.cancel();
+            barista = Process::start_role("barista", dir.path(), &barista_args).await;
+        }
+        _ => {
+            payment.kill9();
+            // The barista's --payment-addr: the same port again.
+            let listen = payment_addr.clone();
+            payment = Process::start_role(
+                "payment",
+                dir.path(),
+                &["--listen", &listen, "--processing-delay", "20ms"],
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            stop.cancel();
+        }
+    }
+    let mut acknowledged = Vec::new();
+    for placing in placing {
+        acknowledged.extend(placing.await.unwrap());
+    }
+    assert!(
+        acknowledged.len() >= BATCH,
+        "at least one batch before the kill"
+    );
+
+    // Every acknowledged order to its end, on one stream per 500.
+    let mut client_b = client(barista.url(), BaristaClient::new);
+    let mut last = std::collections::HashMap::new();
+    for chunk in acknowledged.chunks(500) {
+        let stream = client_b
+            .watch_orders(WatchOrdersRequest {
+                order_ids: chunk.to_vec(),
+            })
+            .await
+            .expect("watch orders")
+            .into_inner();
+        let events: Vec<OrderEvent> =
+            tokio::time::timeout(PATIENCE, stream.collect::<Result<_, _>>())
+                .await
+                .expect("every order ends in time")
+                .expect("the stream ends cleanly");
+        for event in events {
+            last.insert(event.order_id.clone(), event.r#type());
+        }
+    }
+    let mut client_p = client(payment.url(), PaymentsClient::new);
+    for order_id in &acknowledged {
+        let order = client_b
+            .get_order(GetOrderRequest {
+                order_id: order_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let payments = client_p
+            .list_payments(ListPaymentsRequest {
+                order_id: order_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .payments;
+        let captured = payments
+            .iter()
+            .filter(|p| p.state() == PaymentState::Captured)
+            .count();
+        match order.state() {
+            OrderState::Ready => {
+                assert_eq!(captured, 1, "{order_id}: {payments:?}");
+                assert_eq!(payments.len(), 1, "{order_id}: {payments:?}");
+                assert_eq!(last[order_id], E::PaymentCaptured, "{order_id}");
+            }
+            OrderState::Failed | OrderState::Cancelled => {
+                assert_eq!(captured, 0, "{order_id}: {payments:?}")
+            }
+            other => panic!("{order_id} is {other:?}, not final"),
+        }
+    }
+
+    // Whole batches only, acknowledged or not: 0 or BATCH orders each.
+    let mut per_batch = std::collections::BTreeMap::<String, usize>::new();
+    let mut token = String::new();
+    loop {
+        let page = client_b
+            .list_orders(ListOrdersRequest {
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for order in page.orders {
+            *per_batch.entry(order.customer_name).or_default() += 1;
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert!(
+        per_batch.values().all(|n| *n == BATCH),
+        "a batch stored in part: {per_batch:?}"
+    );
+    assert!(per_batch.len() * BATCH >= acknowledged.len());
+    println!(
+        "{role} SIGKILL amid batches: {} orders acknowledged, {} batches stored",
+        acknowledged.len(),
+        per_batch.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_barista_killed_amid_batches_keeps_them_whole_and_charges_each_order_once() {
+    batches_across_a_kill("barista").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_payment_killed_amid_batches_costs_no_order_a_second_charge() {
+    batches_across_a_kill("payment").await;
 }

@@ -43,6 +43,13 @@ pub struct Args {
     #[arg(long, default_value_t = 100_000)]
     pub(super) max_in_flight: usize,
 
+    /// Customers arrive in groups of this many (the seed's
+    /// `/serve-customer/N`): one BatchPlaceOrders for the group, one
+    /// WatchOrders stream for its orders. 1: each alone, with PlaceOrder
+    /// and WatchOrder.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub(super) batch: u16,
+
     /// The drinks ordered, with weights: `latte=3,espresso=1`.
     #[arg(
         long,

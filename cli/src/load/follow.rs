@@ -12,7 +12,7 @@ use brewmesh::pb::barista::v1::{OrderEventType, PlaceOrderRequest};
 use super::args::Until;
 
 /// How one customer's visit ended.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) enum Ending {
     /// Served, after this long.
     Served(Duration),
@@ -24,6 +24,7 @@ pub(super) enum Ending {
 
 /// One event of an order, as either entrance tells it.
 pub(super) struct Event {
+    pub(super) order_id: String,
     pub(super) sequence: i64,
     pub(super) kind: OrderEventType,
     pub(super) detail: String,
@@ -39,6 +40,13 @@ pub(super) trait Entrance {
 
     /// Watches order `order_id` from after event `after`.
     async fn watch(&self, order_id: &str, after: i64) -> Result<Self::Events, Ending>;
+
+    /// Places `orders` in one batch; answers their ids, in order.
+    async fn place_all(&self, orders: &[PlaceOrderRequest]) -> Result<Vec<String>, Ending>;
+
+    /// Watches every order of `order_ids` on one stream, each from its
+    /// first event.
+    async fn watch_all(&self, order_ids: &[String]) -> Result<Self::Events, Ending>;
 }
 
 /// The events of an open watch; an `Ending::Error` ends the watch.
@@ -91,15 +99,87 @@ pub(super) async fn visit(
     }
 }
 
+/// Serves a group of customers, `orders`, through `entrance` with one
+/// batch and one watch: tells `ended` each customer's end (its index in
+/// `orders`) as it comes, as [`visit`] would answer it.
+pub(super) async fn visit_all(
+    entrance: &impl Entrance,
+    orders: &[PlaceOrderRequest],
+    until: Until,
+    mut ended: impl FnMut(usize, Result<(), Ending>),
+) {
+    let order_ids = match repeated(|| entrance.place_all(orders)).await {
+        Ok(order_ids) => order_ids,
+        Err(ending) => {
+            (0..orders.len()).for_each(|i| ended(i, Err(ending.clone())));
+            return;
+        }
+    };
+    if until == Until::Accepted {
+        (0..orders.len()).for_each(|i| ended(i, Ok(())));
+        return;
+    }
+    let mut open: std::collections::HashMap<String, usize> = order_ids
+        .into_iter()
+        .enumerate()
+        .map(|(i, order_id)| (order_id, i))
+        .collect();
+    let mut backoff = Duration::from_millis(100);
+    // As in `visit`: a watch that ends early is opened again, for the
+    // orders still open (each from its first event).
+    while !open.is_empty() {
+        let watching: Vec<String> = open.keys().cloned().collect();
+        let failure = match entrance.watch_all(&watching).await {
+            Ok(mut events) => loop {
+                match events.next().await {
+                    None | Some(Err(Ending::Error(Code::Unavailable, _))) => break None,
+                    Some(Err(ending)) => break Some(ending),
+                    Some(Ok(event)) => {
+                        let end = match event.kind {
+                            OrderEventType::Ready => Ok(()),
+                            OrderEventType::Failed | OrderEventType::Cancelled => {
+                                Err(Ending::Failed(event.detail))
+                            }
+                            _ => continue,
+                        };
+                        if let Some(i) = open.remove(&event.order_id) {
+                            ended(i, end);
+                        }
+                        if open.is_empty() {
+                            return;
+                        }
+                    }
+                }
+            },
+            Err(Ending::Error(Code::Unavailable, _)) => None,
+            Err(ending) => Some(ending),
+        };
+        if let Some(ending) = failure {
+            open.into_values()
+                .for_each(|i| ended(i, Err(ending.clone())));
+            return;
+        }
+        rewatch_wait(&mut backoff).await;
+    }
+}
+
 /// Places `order`, repeating it while it fails UNAVAILABLE (a database that
 /// could not keep up, a replica going away), up to 6 times with growing,
 /// jittered waits, as the service's message asks: PlaceOrder carries an
 /// idempotency key, so a repeat can never make a second order.
 async fn place(entrance: &impl Entrance, order: &PlaceOrderRequest) -> Result<String, Ending> {
+    repeated(|| entrance.place(order)).await
+}
+
+/// `call`, repeated as [`place`] says; a batch's entries carry their keys
+/// as well.
+async fn repeated<T, F: Future<Output = Result<T, Ending>>>(
+    call: impl Fn() -> F,
+) -> Result<T, Ending> {
     let mut backoff = Duration::from_millis(100);
     let mut left = 6;
     loop {
-        match entrance.place(order).await {
+        match call().await {
             Err(Ending::Error(Code::Unavailable, _)) if left > 0 => {
                 left -= 1;
                 RETRIES.fetch_add(1, Ordering::Relaxed);

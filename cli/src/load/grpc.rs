@@ -1,10 +1,13 @@
-//! The barista's own entrance: PlaceOrder and WatchOrder over gRPC.
+//! The barista's own entrance: PlaceOrder and WatchOrder over gRPC, or for
+//! a group BatchPlaceOrders and WatchOrders.
 
 use tonic::Streaming;
 use tonic::transport::Channel;
 
 use brewmesh::pb::barista::v1::barista_client::BaristaClient;
-use brewmesh::pb::barista::v1::{OrderEvent, PlaceOrderRequest, WatchOrderRequest};
+use brewmesh::pb::barista::v1::{
+    BatchPlaceOrdersRequest, OrderEvent, PlaceOrderRequest, WatchOrderRequest, WatchOrdersRequest,
+};
 
 use super::follow::{Ending, Entrance, Event, Events};
 
@@ -37,14 +40,32 @@ impl Entrance for Grpc {
         let events = self.0.clone().watch_order(watch).await;
         Ok(events.map_err(ending)?.into_inner())
     }
+
+    async fn place_all(&self, orders: &[PlaceOrderRequest]) -> Result<Vec<String>, Ending> {
+        let batch = BatchPlaceOrdersRequest {
+            requests: orders.to_vec(),
+        };
+        let placed = self.0.clone().batch_place_orders(batch).await;
+        let orders = placed.map_err(ending)?.into_inner().orders;
+        Ok(orders.into_iter().map(|o| o.order_id).collect())
+    }
+
+    async fn watch_all(&self, order_ids: &[String]) -> Result<Self::Events, Ending> {
+        let watch = WatchOrdersRequest {
+            order_ids: order_ids.to_vec(),
+        };
+        let events = self.0.clone().watch_orders(watch).await;
+        Ok(events.map_err(ending)?.into_inner())
+    }
 }
 
 impl Events for Streaming<OrderEvent> {
     async fn next(&mut self) -> Option<Result<Event, Ending>> {
         let event = tokio_stream::StreamExt::next(self).await?;
         Some(event.map_err(ending).map(|event| Event {
-            sequence: event.sequence,
             kind: event.r#type(),
+            order_id: event.order_id,
+            sequence: event.sequence,
             detail: event.detail,
         }))
     }

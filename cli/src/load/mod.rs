@@ -108,6 +108,38 @@ impl Driver {
     }
 }
 
+impl Driver {
+    /// The group of customers from `n` on: `orders`, in one batch, on
+    /// connection `n` modulo their number; `ended` hears each one's end.
+    async fn group(
+        &self,
+        n: u64,
+        orders: &[PlaceOrderRequest],
+        until: Until,
+        ended: impl FnMut(usize, Result<(), Ending>),
+    ) {
+        match self {
+            Driver::Rest {
+                clients,
+                base,
+                authorization,
+            } => {
+                let client = &clients[n as usize % clients.len()];
+                let rest = Rest {
+                    client,
+                    base,
+                    authorization: authorization.as_ref(),
+                };
+                follow::visit_all(&rest, orders, until, ended).await;
+            }
+            Driver::Grpc(clients) => {
+                let client = clients[n as usize % clients.len()].clone();
+                follow::visit_all(&Grpc(client), orders, until, ended).await;
+            }
+        }
+    }
+}
+
 /// Who the customers are and what they order.
 struct Customers {
     /// Keys unique to this run: a rerun must not replay the last one's
@@ -170,10 +202,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .div_ceil(args.streams_per_connection.max(1))
         .clamp(1, 256);
     let driver = Driver::connect(&args, connections)?;
-    let target = match &args.grpc {
-        Some(address) => format!("grpc://{address} (barista)"),
-        None => format!("{} (gateway, REST)", args.gateway_url()),
+    let mut target = match &args.grpc {
+        Some(address) => format!("grpc://{address} (barista"),
+        None => format!("{} (gateway, REST", args.gateway_url()),
     };
+    let batch = u64::from(args.batch);
+    if batch > 1 {
+        target.push_str(&format!(
+            ", batches of {batch}: BatchPlaceOrders, WatchOrders)"
+        ));
+    } else {
+        target.push_str(", one by one: PlaceOrder, WatchOrder)");
+    }
 
     let total = match args.duration {
         Some(_) => None,
@@ -226,6 +266,45 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     }
                     None => Instant::now(),
                 };
+                if batch > 1 {
+                    // A group of up to `batch` (what is left of the run),
+                    // holding a slot for each of its customers.
+                    let size = total.map_or(batch, |t| batch.min(t - n));
+                    let permits = size.min(limit as u64) as u32;
+                    let Ok(slots) = Arc::clone(&slots).acquire_many_owned(permits).await else {
+                        break;
+                    };
+                    let due = if rate.is_some() { due } else { Instant::now() };
+                    let orders: Vec<PlaceOrderRequest> =
+                        (n..n + size).map(|i| customers.order(i)).collect();
+                    let driver = driver.clone();
+                    let results = results_tx.clone();
+                    tokio::spawn(async move {
+                        let open = std::sync::Mutex::new(vec![true; orders.len()]);
+                        let ended = |i: usize, end: Result<(), Ending>| {
+                            open.lock().unwrap_or_else(|e| e.into_inner())[i] = false;
+                            let ending = match end {
+                                Ok(()) => Ending::Served(due.elapsed()),
+                                Err(ending) => ending,
+                            };
+                            let _ = results.send((ending, Instant::now()));
+                        };
+                        let group = driver.group(n, &orders, until, ended);
+                        if tokio::time::timeout(timeout, group).await.is_err() {
+                            let open = open.lock().unwrap_or_else(|e| e.into_inner());
+                            for _ in open.iter().filter(|o| **o) {
+                                let ending = Ending::Error(
+                                    Code::DeadlineExceeded,
+                                    "the customer's --timeout passed".to_owned(),
+                                );
+                                let _ = results.send((ending, Instant::now()));
+                            }
+                        }
+                        drop(slots);
+                    });
+                    n += size;
+                    continue;
+                }
                 let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
                     break;
                 };

@@ -69,6 +69,7 @@ pub(super) fn report(
         "loop": if args.rate.is_some() { "open" } else { "closed" },
         "concurrency": if args.rate.is_some() { Value::Null } else { json!(args.concurrency) },
         "rate": args.rate,
+        "batch": args.batch,
         "until": format!("{:?}", args.until).to_lowercase(),
         "customers": customers,
         "served": tally.served,

@@ -1,5 +1,6 @@
 //! The gateway's entrance: `POST /v1/orders`, then the order's NDJSON
-//! `:watch` stream, with errors as google.rpc.Status JSON.
+//! `:watch` stream, with errors as google.rpc.Status JSON; for a group,
+//! `POST /v1/orders:batchCreate` and `POST /v1/orders:watch`.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
@@ -56,6 +57,30 @@ impl Rest<'_> {
     }
 }
 
+impl Rest<'_> {
+    /// POSTs `body` as JSON to `path`; the answer's JSON.
+    async fn post(&self, path: &str, body: Value) -> Result<Value, Ending> {
+        let request = built(
+            http::Request::post(format!("{}{path}", self.base))
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(body.to_string()))),
+        )?;
+        let body = self.send(request).await?;
+        let body = body.collect().await.map_err(unavailable)?.to_bytes();
+        serde_json::from_slice(&body).map_err(|e| Ending::Error(Code::Internal, e.to_string()))
+    }
+}
+
+/// `order` as PlaceOrder's JSON body.
+fn entry(order: &PlaceOrderRequest) -> Value {
+    json!({
+        "idempotencyKey": order.idempotency_key,
+        "itemId": order.item_id,
+        "customerName": order.customer_name,
+        "cardToken": order.card_token,
+    })
+}
+
 fn built<T>(request: http::Result<T>) -> Result<T, Ending> {
     request.map_err(|e| Ending::Error(Code::InvalidArgument, e.to_string()))
 }
@@ -64,23 +89,37 @@ impl Entrance for Rest<'_> {
     type Events = Lines;
 
     async fn place(&self, order: &PlaceOrderRequest) -> Result<String, Ending> {
-        let body = json!({
-            "idempotencyKey": order.idempotency_key,
-            "itemId": order.item_id,
-            "customerName": order.customer_name,
-            "cardToken": order.card_token,
-        })
-        .to_string();
-        let request = built(
-            http::Request::post(format!("{}/v1/orders", self.base))
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(Bytes::from(body))),
-        )?;
-        let body = self.send(request).await?;
-        let body = body.collect().await.map_err(unavailable)?.to_bytes();
-        let placed: Value = serde_json::from_slice(&body)
-            .map_err(|e| Ending::Error(Code::Internal, e.to_string()))?;
+        let placed = self.post("/v1/orders", entry(order)).await?;
         Ok(placed["orderId"].as_str().unwrap_or_default().to_owned())
+    }
+
+    async fn place_all(&self, orders: &[PlaceOrderRequest]) -> Result<Vec<String>, Ending> {
+        let requests: Vec<Value> = orders.iter().map(entry).collect();
+        let placed = self
+            .post("/v1/orders:batchCreate", json!({ "requests": requests }))
+            .await?;
+        let orders = placed["orders"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        Ok(orders
+            .iter()
+            .map(|o| o["orderId"].as_str().unwrap_or_default().to_owned())
+            .collect())
+    }
+
+    async fn watch_all(&self, order_ids: &[String]) -> Result<Lines, Ending> {
+        let request = built(
+            http::Request::post(format!("{}/v1/orders:watch", self.base))
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(
+                    json!({ "orderIds": order_ids }).to_string(),
+                ))),
+        )?;
+        Ok(Lines {
+            body: self.send(request).await?,
+            pending: Vec::new(),
+        })
     }
 
     async fn watch(&self, order_id: &str, after: i64) -> Result<Lines, Ending> {
@@ -127,7 +166,9 @@ impl Events for Lines {
                     .and_then(OrderEventType::from_str_name)
                     .unwrap_or_default();
                 let detail = event["detail"].as_str().unwrap_or_default().to_owned();
+                let order_id = event["orderId"].as_str().unwrap_or_default().to_owned();
                 return Some(Ok(Event {
+                    order_id,
                     sequence,
                     kind,
                     detail,
