@@ -196,10 +196,20 @@ impl Violations {
     }
 }
 
-/// `INVALID_ARGUMENT` carrying `violations` as `google.rpc.BadRequest`.
-pub fn bad_request(violations: Vec<FieldViolation>) -> Status {
+/// At most this many violations are reported: a batch of a thousand bad
+/// entries would otherwise answer with trailers no HTTP/2 peer accepts.
+pub const MAX_VIOLATIONS: usize = 50;
+
+/// `INVALID_ARGUMENT` carrying `violations` as `google.rpc.BadRequest` (the
+/// first [`MAX_VIOLATIONS`]; the message says how many more there were).
+pub fn bad_request(mut violations: Vec<FieldViolation>) -> Status {
+    let more = violations.len().saturating_sub(MAX_VIOLATIONS);
+    violations.truncate(MAX_VIOLATIONS);
     let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
-    let message = format!("invalid request: {}", fields.join(", "));
+    let mut message = format!("invalid request: {}", fields.join(", "));
+    if more > 0 {
+        message.push_str(&format!(" and {more} more"));
+    }
     Status::with_error_details(
         Code::InvalidArgument,
         message,

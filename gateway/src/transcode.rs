@@ -262,3 +262,41 @@ pub fn response_json(route: &Route, message: &DynamicMessage) -> Vec<u8> {
         None => to_json(message),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a test that cannot unwrap has failed
+
+    use super::*;
+
+    #[test]
+    fn an_integer_with_a_zero_fraction_is_read_as_an_integer() {
+        let pool = prost_reflect::DescriptorPool::decode(brewmesh::FILE_DESCRIPTOR_SET).unwrap();
+        let authorize = pool
+            .get_message_by_name("brewmesh.payment.v1.AuthorizeRequest")
+            .unwrap();
+        // Integers with a zero fraction are integers to JSON Schema and to
+        // the ProtoJSON spec; serde_json reads large ones exactly only with
+        // its float_roundtrip feature (4501654041064538.0 otherwise comes
+        // out as …537.5).
+        for written in ["165", "165.0", "1.65e2", "\"165\"", "4501654041064538.0"] {
+            let body =
+                format!(r#"{{"amount": {{"currencyCode": "USD", "amountMinor": {written}}}}}"#);
+            let message = from_json(authorize.clone(), body.as_bytes()).unwrap();
+            let amount = message.get_field_by_name("amount").unwrap();
+            let amount = amount.as_message().unwrap();
+            let expected = if written.starts_with('4') {
+                4501654041064538
+            } else {
+                165
+            };
+            assert_eq!(
+                amount.get_field_by_name("amount_minor").unwrap().as_i64(),
+                Some(expected),
+                "{written}"
+            );
+        }
+        let fraction = br#"{"amount": {"amountMinor": 165.5}}"#;
+        assert!(from_json(authorize, fraction).is_err());
+    }
+}

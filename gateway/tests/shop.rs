@@ -138,7 +138,7 @@ async fn a_batch_of_orders_is_placed_whole_and_followed_on_one_stream() {
         serde_json::from_str(&order_body(key, item, card)).unwrap()
     };
 
-    // A bad entry: 400 naming it, and nothing stored.
+    // A drink not on the menu: 404 naming the entry, and nothing stored.
     let refused = http
         .post(
             "/v1/orders:batchCreate",
@@ -146,9 +146,15 @@ async fn a_batch_of_orders_is_placed_whole_and_followed_on_one_stream() {
                 .to_string(),
         )
         .await;
-    let body = refused.assert_status(400, Code::InvalidArgument);
+    let body = refused.assert_status(404, Code::NotFound);
+    let bad_request = body["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["@type"] == "type.googleapis.com/google.rpc.BadRequest")
+        .unwrap_or_else(|| panic!("BadRequest in {body}"));
     assert_eq!(
-        body["details"][0]["fieldViolations"][0]["field"], "requests[1].item_id",
+        bad_request["fieldViolations"][0]["field"], "requests[1].item_id",
         "{body}"
     );
     let listed = http.get("/v1/orders").await.json();

@@ -9,6 +9,10 @@
 - PlaceOrder names a menu item: most generated ids are on no menu (404, as
   they should be), so half of the positive cases take a real id from
   GET /v1/menu, and the order path behind the 404 is tested too.
+- BatchPlaceOrders likewise: half of its positive cases have every
+  valid itemId swapped for a real one (one unknown drink is a 404 for the
+  whole batch). WatchOrders needs orders that exist: half of its positive
+  cases watch one placed just before.
 - CancelOrder needs an order still being made: half of its positive cases
   cancel one placed just before (a generated id names no order, 404, and
   a listed one is mostly made already, FAILED_PRECONDITION).
@@ -95,6 +99,27 @@ def map_body(ctx, body):
         and _rng.random() < 0.5
     ):
         body["itemId"] = _rng.choice(_menu_ids())
+    entries = body.get("requests") if isinstance(body, dict) else None
+    if (
+        operation.method.upper() == "POST"
+        and operation.path == "/v1/orders:batchCreate"
+        and isinstance(entries, list)
+        and 0 < len(entries) <= 1000
+        and all(isinstance(e, dict) and _valid_item_id(e.get("itemId")) for e in entries)
+        and _rng.random() < 0.5
+    ):
+        for entry in entries:
+            entry["itemId"] = _rng.choice(_menu_ids())
+    ids = body.get("orderIds") if isinstance(body, dict) else None
+    if (
+        operation.method.upper() == "POST"
+        and operation.path == "/v1/orders:watch"
+        and isinstance(ids, list)
+        and 0 < len(ids) <= 1000
+        and all(_ORDER_ID.match(str(i)) for i in ids)
+        and _rng.random() < 0.5
+    ):
+        body["orderIds"] = [_fresh_order()]
     return body
 
 

@@ -17,6 +17,15 @@ pub enum BaristaError {
     #[error("{0:?} is not on the menu (see GetMenu)")]
     NotOnTheMenu(String),
 
+    /// Entries of a batch name drinks that are not on the menu.
+    #[error("requests[{}].item_id {item_id:?} is not on the menu (see GetMenu); nothing in the batch was stored", entries[0])]
+    NotOnTheMenuIn {
+        /// The first entry's drink.
+        item_id: String,
+        /// Every such entry's index.
+        entries: Vec<usize>,
+    },
+
     /// A station and its queue are full.
     #[error("the shop is full: every {station} machine is busy and its queue is full; retry later")]
     ShopFull {
@@ -83,6 +92,27 @@ impl From<BaristaError> for Status {
                     "not on the menu; GetMenu lists what is",
                 ),
             ),
+            // NOT_FOUND as for one order, with each entry named as well.
+            BaristaError::NotOnTheMenuIn { item_id, entries } => {
+                let mut details = ErrorDetails::with_resource_info(
+                    "brewmesh.barista.v1.MenuItem",
+                    item_id,
+                    "",
+                    "not on the menu; GetMenu lists what is",
+                );
+                let violations: Vec<tonic_types::FieldViolation> = entries
+                    .iter()
+                    .take(brewmesh::validate::MAX_VIOLATIONS)
+                    .map(|i| {
+                        tonic_types::FieldViolation::new(
+                            format!("requests[{i}].item_id"),
+                            "is not on the menu (see GetMenu)",
+                        )
+                    })
+                    .collect();
+                details.set_bad_request(violations);
+                Status::with_error_details(Code::NotFound, error.to_string(), details)
+            }
             // RetryInfo for people and REST clients; grpc-retry-pushback-ms
             // (gRFC A6) for gRPC clients, which skip this replica that long.
             BaristaError::ShopFull { retry_after, .. } => {
@@ -98,11 +128,23 @@ impl From<BaristaError> for Status {
                     metadata,
                 )
             }
-            BaristaError::BatchTooLarge { .. } => {
-                brewmesh_runtime::validate::bad_request(vec![tonic_types::FieldViolation::new(
-                    "requests",
+            // More than the shop holds: no retry can help (a negative
+            // pushback says so, gRFC A6), the batch must be split.
+            BaristaError::BatchTooLarge { station, .. } => {
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                metadata.insert(
+                    "grpc-retry-pushback-ms",
+                    tonic::metadata::MetadataValue::from(-1i64),
+                );
+                Status::with_error_details_and_metadata(
+                    Code::ResourceExhausted,
                     error.to_string(),
-                )])
+                    ErrorDetails::with_quota_failure_violation(
+                        format!("stations/{station}"),
+                        error.to_string(),
+                    ),
+                    metadata,
+                )
             }
             BaristaError::KeyReused => brewmesh_runtime::idempotency::reused(error.to_string()),
             BaristaError::KeyReusedIn { index } => brewmesh_runtime::idempotency::reused_at(

@@ -90,35 +90,25 @@ impl Barista for BaristaService {
             .unwrap_or_default()
             .to_owned();
         let request = request.into_inner();
-        let mut violations = Violations::new();
-        request.validate_at("", &mut violations);
-        // A bad entry is a bad batch: each entry's drink, and its key used
-        // once only, are checked before anything is stored.
-        let mut keys = std::collections::HashMap::with_capacity(request.requests.len());
-        let mut items = Vec::with_capacity(request.requests.len());
-        for (index, entry) in request.requests.iter().enumerate() {
-            let item = menu::find(&entry.item_id);
-            if item.is_none() && !entry.item_id.trim().is_empty() {
-                violations.add(
-                    format!("requests[{index}].item_id"),
-                    format!("{:?} is not on the menu (see GetMenu)", entry.item_id),
-                );
+        // A bad entry is a bad batch, refused before anything is stored:
+        // malformed (INVALID_ARGUMENT), or naming a drink not on the menu
+        // (NOT_FOUND, as for PlaceOrder, with the entries named). Two
+        // entries with one key are one order, as two PlaceOrders would be
+        // (or, for different requests, a reused key).
+        request.validate()?;
+        let items: Vec<_> = request
+            .requests
+            .iter()
+            .map(|e| menu::find(&e.item_id))
+            .collect();
+        let missing: Vec<usize> = (0..items.len()).filter(|i| items[*i].is_none()).collect();
+        if let Some(&first) = missing.first() {
+            return Err(BaristaError::NotOnTheMenuIn {
+                item_id: request.requests[first].item_id.clone(),
+                entries: missing,
             }
-            items.push(item);
-            if entry.idempotency_key.is_empty() {
-                continue;
-            }
-            if let Some(first) = keys.insert(entry.idempotency_key.as_str(), index) {
-                violations.add(
-                    format!("requests[{index}].idempotency_key"),
-                    format!(
-                        "repeats requests[{first}].idempotency_key: each order needs its own key"
-                    ),
-                );
-            }
+            .into());
         }
-        drop(keys);
-        violations.check()?;
         let items: Vec<_> = items.into_iter().flatten().collect();
         let batch = request
             .requests

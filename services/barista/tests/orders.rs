@@ -866,24 +866,49 @@ async fn a_bad_entry_refuses_the_whole_batch_naming_it() {
     };
     let mut nameless = order("b3", "latte", "tok_visa");
     nameless.customer_name = " ".into();
+    let mut keyless = order("", "latte", "tok_visa");
+    keyless.card_token = String::new();
     let status = mesh
         .barista
         .batch_place_orders(batch(vec![
             order("b1", "latte", "tok_visa"),
-            order("b2", "tea", "tok_visa"),
             nameless,
-            order("b1", "espresso", "tok_visa"),
+            keyless,
         ]))
         .await
         .unwrap_err();
     assert_eq!(
         fields(status),
         [
-            "requests[2].customer_name",
-            "requests[1].item_id",
-            "requests[3].idempotency_key"
+            "requests[1].customer_name",
+            "requests[2].idempotency_key",
+            "requests[2].card_token"
         ]
     );
+    // A drink not on the menu: NOT_FOUND as for one order, each entry
+    // named.
+    let status = mesh
+        .barista
+        .batch_place_orders(batch(vec![
+            order("b1", "latte", "tok_visa"),
+            order("b2", "tea", "tok_visa"),
+            order("b3", "cocoa", "tok_visa"),
+        ]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert_eq!(
+        status.get_details_resource_info().unwrap().resource_name,
+        "tea"
+    );
+    let named: Vec<String> = status
+        .get_details_bad_request()
+        .unwrap()
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(named, ["requests[1].item_id", "requests[2].item_id"]);
     let status = mesh
         .barista
         .batch_place_orders(batch(Vec::new()))
@@ -908,7 +933,13 @@ async fn a_bad_entry_refuses_the_whole_batch_naming_it() {
         .batch_place_orders(batch(too_big))
         .await
         .unwrap_err();
-    assert_eq!(fields(status), ["requests"]);
+    // More than it holds: no retry can help, and the answer says so.
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(
+        status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+        "-1"
+    );
+    assert!(status.get_details_quota_failure().is_some());
     assert_eq!(
         mesh.order_count().await,
         0,
@@ -929,8 +960,30 @@ async fn a_bad_entry_refuses_the_whole_batch_naming_it() {
     let info = status.get_details_error_info().unwrap();
     assert_eq!(info.reason, "IDEMPOTENCY_KEY_REUSED");
     assert_eq!(info.metadata["field"], "requests[1].idempotency_key");
+    // One key for two different entries of one batch: the same.
+    let status = mesh
+        .barista
+        .batch_place_orders(batch(vec![
+            order("twice", "latte", "tok_visa"),
+            order("twice", "espresso", "tok_visa"),
+        ]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    let info = status.get_details_error_info().unwrap();
+    assert_eq!(info.metadata["field"], "requests[1].idempotency_key");
     assert_eq!(mesh.order_count().await, 1);
+    // The same entry twice is one order, answered twice.
+    let same = mesh
+        .place_all(vec![
+            order("twice", "latte", "tok_visa"),
+            order("twice", "latte", "tok_visa"),
+        ])
+        .await;
+    assert_eq!(same[0].order_id, same[1].order_id);
+    assert_eq!(mesh.order_count().await, 2);
     mesh.watch(&earlier.order_id).await;
+    mesh.watch(&same[0].order_id).await;
 }
 
 #[tokio::test]
