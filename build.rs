@@ -107,11 +107,17 @@ fn rust_type(message: &MessageDescriptor) -> Result<String, String> {
 /// Whether `message`, or a message it holds, has a field with rules (a
 /// repeated field counts only with rules of its own).
 fn has_rules(message: &MessageDescriptor, extension: &ExtensionDescriptor) -> bool {
-    message.fields().filter(|f| !f.is_map()).any(|field| {
+    message.fields().filter(|f| !f.is_map() && !in_oneof(f)).any(|field| {
         rules(&field, extension).is_some()
             || (!field.is_list()
                 && matches!(field.kind(), Kind::Message(m) if m.full_name() != message.full_name() && has_rules(&m, extension)))
     })
+}
+
+/// Whether `field` is a member of a (real, not synthetic) oneof, which the
+/// rules do not reach.
+fn in_oneof(field: &FieldDescriptor) -> bool {
+    field.containing_oneof().is_some_and(|o| !o.is_synthetic())
 }
 
 /// The checks of the repeated field `name` with `rules`: its length, then
@@ -180,9 +186,11 @@ fn validators(pool: &DescriptorPool) -> Result<String, Box<dyn std::error::Error
             let rules = rules(&field, &extension);
             let name = field.name();
             let at = format!("{}.{name}", message.full_name());
-            if field.is_map() {
+            if field.is_map() || in_oneof(&field) {
                 if rules.is_some() {
-                    return Err(format!("{at}: rules on map fields are not generated").into());
+                    return Err(
+                        format!("{at}: rules on map and oneof fields are not generated").into(),
+                    );
                 }
                 continue;
             }

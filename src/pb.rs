@@ -41,6 +41,10 @@ pub mod google {
     pub mod api {
         tonic::include_proto!("google.api");
     }
+    /// `google.rpc`: the status a batch entry fails with, and its details.
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
+    }
 }
 
 pub use brewmesh::{barista, payment, registry};

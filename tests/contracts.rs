@@ -48,8 +48,8 @@ fn every_rpc_a_rest_client_calls_has_an_http_rule_in_the_descriptor_set() {
             }
         }
     }
-    // payment 6, barista 8, registry 6 (KeepAlive is a bidi stream).
-    assert_eq!(checked, 20);
+    // payment 9, barista 8, registry 6 (KeepAlive is a bidi stream).
+    assert_eq!(checked, 23);
 }
 
 #[test]

@@ -4,8 +4,9 @@
 //! straight from its wire bytes. The output is byte for byte what
 //! [`crate::transcode::to_json`] writes (fields in number order, unset
 //! fields without presence at their defaults, 64-bit integers as strings,
-//! enums by name); what a plan does not cover — maps, proto2, a singular
-//! message sent in pieces, two members of one oneof, anything malformed —
+//! enums by name); what a plan does not cover — maps, proto2, a message
+//! holding an `Any`, a singular message sent in pieces, two members of one
+//! oneof, anything malformed —
 //! answers `None`, and the caller takes the reflective path. Well-known
 //! types inside a planned message are written by prost-reflect's own
 //! serializer (Timestamp by prost-types, as prost-reflect does).
@@ -147,7 +148,8 @@ impl Plans {
             && !message.is_map_entry()
             && message.extension_ranges().next().is_none()
             && !message.full_name().starts_with("google.protobuf.")
-            && message.fields().all(|f| !f.is_map() && !f.is_group());
+            && message.fields().all(|f| !f.is_map() && !f.is_group())
+            && !reaches_any(message, &mut Vec::new());
         if !plannable {
             return None;
         }
@@ -507,6 +509,23 @@ fn take<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
     let (head, tail) = rest.split_at(n);
     *rest = tail;
     Some(head)
+}
+
+/// Whether `message` holds a `google.protobuf.Any`, at any depth (a
+/// google.rpc.Status's details): its JSON names the packed type, which
+/// only reflection resolves, so such a message is left to it whole.
+fn reaches_any(message: &MessageDescriptor, seen: &mut Vec<String>) -> bool {
+    if message.full_name() == "google.protobuf.Any" {
+        return true;
+    }
+    if seen.iter().any(|s| s == message.full_name()) {
+        return false;
+    }
+    seen.push(message.full_name().to_owned());
+    message.fields().any(|f| match f.kind() {
+        Kind::Message(m) => reaches_any(&m, seen),
+        _ => false,
+    })
 }
 
 fn varint(rest: &mut &[u8]) -> Option<u64> {

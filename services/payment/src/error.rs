@@ -39,6 +39,30 @@ pub enum PaymentError {
     Database(#[from] sqlx::Error),
 }
 
+impl PaymentError {
+    /// The same error once more, for a batch's entry that repeats another
+    /// (a database error is told by its message).
+    pub fn again(&self) -> Self {
+        match self {
+            PaymentError::NotFound(id) => PaymentError::NotFound(id.clone()),
+            PaymentError::IllegalTransition {
+                payment_id,
+                from,
+                action,
+                needed,
+            } => PaymentError::IllegalTransition {
+                payment_id: payment_id.clone(),
+                from: *from,
+                action,
+                needed: *needed,
+            },
+            PaymentError::KeyReused => PaymentError::KeyReused,
+            PaymentError::Corrupt(what) => PaymentError::Corrupt(what.clone()),
+            PaymentError::Database(error) => PaymentError::Corrupt(error.to_string()),
+        }
+    }
+}
+
 fn state_name(state: PaymentState) -> &'static str {
     state
         .as_str_name()

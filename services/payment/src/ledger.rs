@@ -236,6 +236,388 @@ impl Ledger {
     }
 }
 
+/// One entry of a batch: its idempotency key, its request's fingerprint,
+/// and what it asks for.
+#[derive(Debug, Clone)]
+pub struct Entry<T> {
+    /// The entry's idempotency key.
+    pub key: String,
+    /// The fingerprint of the entry's request.
+    pub fingerprint: String,
+    /// The new payment, or the payment to move.
+    pub ask: T,
+}
+
+/// What each entry of a batch came to, in the batch's order.
+pub type Outcomes = Vec<Result<Payment, PaymentError>>;
+
+/// Rows of a multi-row statement per round trip: 10 columns × 100 rows
+/// stays far below SQLite's and PostgreSQL's limits on parameters.
+const CHUNK: usize = 100;
+
+impl Ledger {
+    /// Records every new payment of `entries`, each under its key (or
+    /// returns what its key made), as [`Self::authorize`] does for one —
+    /// in one transaction, with a few statements for the whole batch: the
+    /// keys are claimed together with their responses, the payments
+    /// inserted together.
+    pub async fn authorize_all(
+        &self,
+        entries: &[Entry<NewPayment>],
+    ) -> Result<Outcomes, PaymentError> {
+        let now = now_micros();
+        let mut tx = self.pool.begin().await?;
+        let firsts = firsts(entries);
+        let built: Vec<Payment> = entries
+            .iter()
+            .map(|e| {
+                let (state, decline_reason) = match &e.ask.outcome {
+                    Ok(()) => (PaymentState::Authorized, String::new()),
+                    Err(reason) => (PaymentState::Declined, reason.clone()),
+                };
+                Payment {
+                    payment_id: brewmesh_runtime::ids::new("pay"),
+                    order_id: e.ask.order_id.clone(),
+                    amount: Some(e.ask.amount.clone()),
+                    state: state as i32,
+                    decline_reason,
+                    card_last4: e.ask.card_last4.clone(),
+                    refund_reason: String::new(),
+                    create_time: Some(timestamp(now)),
+                    update_time: Some(timestamp(now)),
+                }
+            })
+            .collect();
+        let fresh: Vec<usize> = (0..entries.len()).filter(|i| firsts[*i] == *i).collect();
+        let claims: Vec<(&str, &str, String)> = fresh
+            .iter()
+            .map(|&i| {
+                let e = &entries[i];
+                (
+                    e.key.as_str(),
+                    e.fingerprint.as_str(),
+                    to_hex(&built[i].encode_to_vec()),
+                )
+            })
+            .collect();
+        let claimed = claim_all(&mut tx, &claims, now).await?;
+        let mut outcomes: Vec<Option<Result<Payment, PaymentError>>> =
+            (0..entries.len()).map(|_| None).collect();
+        let taken: Vec<usize> = fresh
+            .iter()
+            .copied()
+            .filter(|&i| !claimed.contains(&entries[i].key))
+            .collect();
+        replays(&mut tx, entries, &taken, &mut outcomes).await?;
+        let new: Vec<&Payment> = fresh
+            .iter()
+            .filter(|&&i| claimed.contains(&entries[i].key))
+            .map(|&i| &built[i])
+            .collect();
+        for chunk in new.chunks(CHUNK) {
+            let sql = format!(
+                "INSERT INTO payments ({COLUMNS}) VALUES {}",
+                values(chunk.len(), 10)
+            );
+            let mut query = sqlx::query(&sql);
+            for p in chunk {
+                let amount = p.amount.clone().unwrap_or_default();
+                query = query
+                    .bind(&p.payment_id)
+                    .bind(&p.order_id)
+                    .bind(amount.currency_code)
+                    .bind(amount.amount_minor)
+                    .bind(i64::from(p.state))
+                    .bind(&p.decline_reason)
+                    .bind(&p.card_last4)
+                    .bind("")
+                    .bind(now)
+                    .bind(now);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        for &i in &fresh {
+            if claimed.contains(&entries[i].key) {
+                outcomes[i] = Some(Ok(built[i].clone()));
+            }
+        }
+        Ok(repeat_for_duplicates(entries, &firsts, outcomes))
+    }
+
+    /// Moves every payment of `entries` through `transition`, each under
+    /// its key, as [`Self::transition`] does for one — in one transaction:
+    /// the keys claimed together, the payments moved by one UPDATE per
+    /// [`CHUNK`], and the keys of entries that moved nothing given back.
+    pub async fn transition_all(
+        &self,
+        entries: &[Entry<String>],
+        transition: Transition<'_>,
+    ) -> Result<Outcomes, PaymentError> {
+        let now = now_micros();
+        let mut tx = self.pool.begin().await?;
+        let firsts = firsts(entries);
+        let fresh: Vec<usize> = (0..entries.len()).filter(|i| firsts[*i] == *i).collect();
+        let claims: Vec<(&str, &str, String)> = fresh
+            .iter()
+            .map(|&i| {
+                (
+                    entries[i].key.as_str(),
+                    entries[i].fingerprint.as_str(),
+                    String::new(),
+                )
+            })
+            .collect();
+        let claimed = claim_all(&mut tx, &claims, now).await?;
+        let mut outcomes: Vec<Option<Result<Payment, PaymentError>>> =
+            (0..entries.len()).map(|_| None).collect();
+        let taken: Vec<usize> = fresh
+            .iter()
+            .copied()
+            .filter(|&i| !claimed.contains(&entries[i].key))
+            .collect();
+        replays(&mut tx, entries, &taken, &mut outcomes).await?;
+
+        // The first claimed entry of each payment moves it; another entry
+        // for the same payment comes after it, as two calls would.
+        let mut movers = std::collections::HashMap::new();
+        let mut after = Vec::new();
+        for &i in fresh.iter().filter(|&&i| claimed.contains(&entries[i].key)) {
+            match movers.entry(entries[i].ask.as_str()) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(i);
+                }
+                std::collections::hash_map::Entry::Occupied(_) => after.push(i),
+            }
+        }
+        let (from, to) = transition.states();
+        let reason = match transition {
+            Transition::Refund(reason) => reason,
+            Transition::Capture | Transition::Void => "",
+        };
+        let ids: Vec<&str> = movers.keys().copied().collect();
+        let mut moved = std::collections::HashMap::new();
+        for chunk in ids.chunks(CHUNK) {
+            let sql = format!(
+                "UPDATE payments SET state = $1, refund_reason = $2, update_time = $3 \
+                 WHERE state = $4 AND payment_id IN ({}) RETURNING {COLUMNS}",
+                placeholders(5, chunk.len())
+            );
+            let mut query = sqlx::query(&sql)
+                .bind(to as i64)
+                .bind(reason)
+                .bind(now)
+                .bind(from as i64);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                let payment = payment_from_row(&row)?;
+                moved.insert(payment.payment_id.clone(), payment);
+            }
+        }
+        // Those that did not move: why, read as they stand.
+        let stuck: Vec<&str> = ids
+            .iter()
+            .copied()
+            .filter(|id| !moved.contains_key(*id))
+            .collect();
+        let mut current = std::collections::HashMap::new();
+        for chunk in stuck.chunks(CHUNK) {
+            let sql = format!(
+                "SELECT {COLUMNS} FROM payments WHERE payment_id IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(*id);
+            }
+            for row in query.fetch_all(&mut *tx).await? {
+                let payment = payment_from_row(&row)?;
+                current.insert(payment.payment_id.clone(), payment);
+            }
+        }
+        let refused = |payment_id: &str, state: Option<PaymentState>| match state {
+            None => PaymentError::NotFound(payment_id.to_owned()),
+            Some(state) => PaymentError::IllegalTransition {
+                payment_id: payment_id.to_owned(),
+                from: state,
+                action: transition.name(),
+                needed: from,
+            },
+        };
+        // Every claimed key is given back, then those that moved a payment
+        // stored again with their responses.
+        let mut answered = Vec::new();
+        for (&payment_id, &i) in &movers {
+            outcomes[i] = Some(match moved.get(payment_id) {
+                Some(payment) => {
+                    answered.push((
+                        entries[i].key.as_str(),
+                        entries[i].fingerprint.as_str(),
+                        to_hex(&payment.encode_to_vec()),
+                    ));
+                    Ok(payment.clone())
+                }
+                None => Err(refused(
+                    payment_id,
+                    current.get(payment_id).map(|p| p.state()),
+                )),
+            });
+        }
+        for &i in &after {
+            let payment_id = entries[i].ask.as_str();
+            let state = match moved.get(payment_id) {
+                Some(_) => Some(to),
+                None => current.get(payment_id).map(|p| p.state()),
+            };
+            outcomes[i] = Some(Err(refused(payment_id, state)));
+        }
+        let released: Vec<&str> = fresh
+            .iter()
+            .filter(|&&i| claimed.contains(&entries[i].key))
+            .map(|&i| entries[i].key.as_str())
+            .collect();
+        for chunk in released.chunks(CHUNK) {
+            let sql = format!(
+                "DELETE FROM idempotency_keys WHERE idempotency_key IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for key in chunk {
+                query = query.bind(*key);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        claim_all(&mut tx, &answered, now).await?;
+        tx.commit().await?;
+        Ok(repeat_for_duplicates(entries, &firsts, outcomes))
+    }
+}
+
+/// For each entry, the index of the first entry with its key.
+fn firsts<T>(entries: &[Entry<T>]) -> Vec<usize> {
+    let mut first = std::collections::HashMap::new();
+    entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| *first.entry(e.key.as_str()).or_insert(i))
+        .collect()
+}
+
+/// `$from, $from+1, …`: `count` placeholders.
+fn placeholders(from: usize, count: usize) -> String {
+    (from..from + count)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `($1, …, $columns), (…)`: `rows` rows of placeholders.
+fn values(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|r| format!("({})", placeholders(r * columns + 1, columns)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Inserts each free key of `claims` (key, fingerprint, response) and
+/// returns those it inserted; a key another request holds is left alone.
+async fn claim_all(
+    tx: &mut Transaction<'static, Any>,
+    claims: &[(&str, &str, String)],
+    now: i64,
+) -> Result<std::collections::HashSet<String>, PaymentError> {
+    let mut claimed = std::collections::HashSet::with_capacity(claims.len());
+    // In key order: two batches sharing keys on PostgreSQL wait for each
+    // other in the same order, never in a circle.
+    let mut claims: Vec<&(&str, &str, String)> = claims.iter().collect();
+    claims.sort_unstable_by_key(|c| c.0);
+    for chunk in claims.chunks(CHUNK) {
+        let sql = format!(
+            "INSERT INTO idempotency_keys (idempotency_key, fingerprint, response, create_time) \
+             VALUES {} ON CONFLICT (idempotency_key) DO NOTHING RETURNING idempotency_key",
+            values(chunk.len(), 4)
+        );
+        let mut query = sqlx::query(&sql);
+        for (key, fingerprint, response) in chunk.iter().copied() {
+            query = query
+                .bind(*key)
+                .bind(*fingerprint)
+                .bind(response.as_str())
+                .bind(now);
+        }
+        for row in query.fetch_all(&mut **tx).await? {
+            claimed.insert(row.try_get("idempotency_key")?);
+        }
+    }
+    Ok(claimed)
+}
+
+/// The outcomes of the entries at `taken`, whose keys were used before:
+/// the stored response, or [`PaymentError::KeyReused`].
+async fn replays<T>(
+    tx: &mut Transaction<'static, Any>,
+    entries: &[Entry<T>],
+    taken: &[usize],
+    outcomes: &mut [Option<Result<Payment, PaymentError>>],
+) -> Result<(), PaymentError> {
+    for chunk in taken.chunks(CHUNK) {
+        let sql = format!(
+            "SELECT idempotency_key, fingerprint, response FROM idempotency_keys \
+             WHERE idempotency_key IN ({})",
+            placeholders(1, chunk.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for &i in chunk {
+            query = query.bind(entries[i].key.as_str());
+        }
+        let rows = query.fetch_all(&mut **tx).await?;
+        let mut by_key = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            by_key.insert(row.try_get::<String, _>("idempotency_key")?, row);
+        }
+        for &i in chunk {
+            outcomes[i] = Some(match by_key.get(&entries[i].key) {
+                Some(row) => stored_response(row, &entries[i].fingerprint),
+                None => Err(PaymentError::Corrupt(format!(
+                    "idempotency key {} vanished",
+                    entries[i].key
+                ))),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The outcomes with each repeated key's entry answered as its first entry
+/// was, or [`PaymentError::KeyReused`] for another request.
+fn repeat_for_duplicates<T>(
+    entries: &[Entry<T>],
+    firsts: &[usize],
+    mut outcomes: Vec<Option<Result<Payment, PaymentError>>>,
+) -> Outcomes {
+    for i in 0..entries.len() {
+        let first = firsts[i];
+        if first == i {
+            continue;
+        }
+        outcomes[i] = Some(if entries[i].fingerprint != entries[first].fingerprint {
+            Err(PaymentError::KeyReused)
+        } else {
+            match &outcomes[first] {
+                Some(Ok(payment)) => Ok(payment.clone()),
+                Some(Err(error)) => Err(error.again()),
+                None => Err(PaymentError::Corrupt("no outcome".into())),
+            }
+        });
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| Err(PaymentError::Corrupt("no outcome".into()))))
+        .collect()
+}
+
 /// Claims `key` inside `tx`: `None` if it was free (the caller goes on), the
 /// first response if the same request used it before.
 async fn claim(

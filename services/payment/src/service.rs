@@ -8,13 +8,15 @@ use tracing::Instrument as _;
 
 use brewmesh::pb::payment::v1::payments_server::Payments;
 use brewmesh::pb::payment::v1::{
-    AuthorizeRequest, CaptureRequest, GetPaymentRequest, ListPaymentsRequest, ListPaymentsResponse,
-    Payment, PaymentState, RefundRequest, VoidRequest,
+    AuthorizeRequest, BatchAuthorizeRequest, BatchAuthorizeResponse, BatchCaptureRequest,
+    BatchCaptureResponse, BatchVoidRequest, BatchVoidResponse, CaptureRequest, GetPaymentRequest,
+    ListPaymentsRequest, ListPaymentsResponse, Payment, PaymentOutcome, PaymentState,
+    RefundRequest, VoidRequest,
 };
 use brewmesh_runtime::idempotency::fingerprint;
 use brewmesh_runtime::validate::{Validate as _, next_page_token, page_size};
 
-use crate::ledger::{Ledger, NewPayment, Transition};
+use crate::ledger::{Entry, Ledger, NewPayment, Transition};
 
 /// The card token that is always declined, for exercising failure paths.
 pub const DECLINED_CARD_TOKEN: &str = "tok_declined";
@@ -63,8 +65,179 @@ impl PaymentService {
     }
 }
 
+/// The payment `request` asks for: authorized, or declined for the test
+/// card.
+fn new_payment(request: &AuthorizeRequest) -> NewPayment {
+    let outcome = if request.card_token == DECLINED_CARD_TOKEN {
+        Err("card declined: the test token tok_declined is always declined".to_owned())
+    } else {
+        Ok(())
+    };
+    let token = &request.card_token;
+    let card_last4 = token
+        .char_indices()
+        .rev()
+        .nth(3)
+        .map_or(token.as_str(), |(i, _)| &token[i..])
+        .to_owned();
+    NewPayment {
+        order_id: request.order_id.clone(),
+        amount: request.amount.clone().unwrap_or_default(),
+        outcome,
+        card_last4,
+    }
+}
+
+/// An entry's outcome as the batch answers it.
+fn outcome(result: Result<Payment, Status>) -> PaymentOutcome {
+    use brewmesh::pb::payment::v1::payment_outcome::Outcome;
+    PaymentOutcome {
+        outcome: Some(match result {
+            Ok(payment) => Outcome::Payment(payment),
+            Err(status) => Outcome::Error(rpc_status(&status)),
+        }),
+    }
+}
+
+/// `status` as a google.rpc.Status, with its details.
+fn rpc_status(status: &Status) -> brewmesh::pb::google::rpc::Status {
+    use prost::Message as _;
+    brewmesh::pb::google::rpc::Status::decode(status.details())
+        .ok()
+        .filter(|s| s.code == status.code() as i32)
+        .unwrap_or_else(|| brewmesh::pb::google::rpc::Status {
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+            details: Vec::new(),
+        })
+}
+
+impl PaymentService {
+    /// The entries of a batch (checked whole: a malformed entry refuses
+    /// the batch, as the document says), as the ledger takes them, by
+    /// their index.
+    fn entries<R: prost::Message, T>(
+        method: &str,
+        requests: &[R],
+        ask: impl Fn(&R) -> (String, T),
+    ) -> (Vec<usize>, Vec<Entry<T>>) {
+        let (mut at, mut entries) = (Vec::new(), Vec::new());
+        for (i, request) in requests.iter().enumerate() {
+            let (key, ask) = ask(request);
+            at.push(i);
+            entries.push(Entry {
+                key,
+                fingerprint: fingerprint(method, request),
+                ask,
+            });
+        }
+        (at, entries)
+    }
+
+    /// A batch of `method` (Capture or Void) through `transition`.
+    async fn transition_all<R: prost::Message>(
+        &self,
+        method: &str,
+        requests: &[R],
+        ids: impl Fn(&R) -> (String, String),
+        transition: Transition<'_>,
+    ) -> Result<Vec<PaymentOutcome>, Status> {
+        let mut outcomes: Vec<Option<Result<Payment, Status>>> =
+            (0..requests.len()).map(|_| None).collect();
+        let (at, entries) = Self::entries(method, requests, ids);
+        if !entries.is_empty() {
+            // The card network takes its time once for the batch.
+            tokio::time::sleep(self.processing_delay).await;
+            let span = tracing::info_span!("ledger", otel.name = %format!("ledger {method}"), entries = entries.len());
+            let results = self
+                .ledger
+                .transition_all(&entries, transition)
+                .instrument(span.clone())
+                .await
+                .inspect_err(|e| brewmesh_runtime::telemetry::fail(&span, &e.to_string()))?;
+            tracing::info!(method, entries = entries.len(), "batch of payments updated");
+            for (i, result) in at.into_iter().zip(results) {
+                outcomes[i] = Some(result.map_err(Status::from));
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| outcome(o.unwrap_or_else(|| Err(Status::internal("no outcome")))))
+            .collect())
+    }
+}
+
 #[tonic::async_trait]
 impl Payments for PaymentService {
+    async fn batch_authorize(
+        &self,
+        request: Request<BatchAuthorizeRequest>,
+    ) -> Result<Response<BatchAuthorizeResponse>, Status> {
+        let request = request.into_inner();
+        request.validate()?;
+        let requests = request.requests;
+        let mut outcomes: Vec<Option<Result<Payment, Status>>> =
+            (0..requests.len()).map(|_| None).collect();
+        let (at, entries) = Self::entries("Authorize", &requests, |r| {
+            (r.idempotency_key.clone(), new_payment(r))
+        });
+        if !entries.is_empty() {
+            tokio::time::sleep(self.processing_delay).await;
+            let span = tracing::info_span!(
+                "ledger",
+                otel.name = "ledger Authorize",
+                entries = entries.len()
+            );
+            let results = self
+                .ledger
+                .authorize_all(&entries)
+                .instrument(span.clone())
+                .await
+                .inspect_err(|e| brewmesh_runtime::telemetry::fail(&span, &e.to_string()))?;
+            tracing::info!(
+                method = "Authorize",
+                entries = entries.len(),
+                "batch of payments updated"
+            );
+            for (i, result) in at.into_iter().zip(results) {
+                outcomes[i] = Some(result.map_err(Status::from));
+            }
+        }
+        let outcomes = outcomes
+            .into_iter()
+            .map(|o| outcome(o.unwrap_or_else(|| Err(Status::internal("no outcome")))))
+            .collect();
+        Ok(Response::new(BatchAuthorizeResponse { outcomes }))
+    }
+
+    async fn batch_capture(
+        &self,
+        request: Request<BatchCaptureRequest>,
+    ) -> Result<Response<BatchCaptureResponse>, Status> {
+        let request = request.into_inner();
+        request.validate()?;
+        let requests = request.requests;
+        let ids = |r: &CaptureRequest| (r.idempotency_key.clone(), r.payment_id.clone());
+        let outcomes = self
+            .transition_all("Capture", &requests, ids, Transition::Capture)
+            .await?;
+        Ok(Response::new(BatchCaptureResponse { outcomes }))
+    }
+
+    async fn batch_void(
+        &self,
+        request: Request<BatchVoidRequest>,
+    ) -> Result<Response<BatchVoidResponse>, Status> {
+        let request = request.into_inner();
+        request.validate()?;
+        let requests = request.requests;
+        let ids = |r: &VoidRequest| (r.idempotency_key.clone(), r.payment_id.clone());
+        let outcomes = self
+            .transition_all("Void", &requests, ids, Transition::Void)
+            .await?;
+        Ok(Response::new(BatchVoidResponse { outcomes }))
+    }
+
     async fn authorize(
         &self,
         request: Request<AuthorizeRequest>,
@@ -78,24 +251,7 @@ impl Payments for PaymentService {
             return Ok(Response::new(payment));
         }
         tokio::time::sleep(self.processing_delay).await;
-        let outcome = if request.card_token == DECLINED_CARD_TOKEN {
-            Err("card declined: the test token tok_declined is always declined".to_owned())
-        } else {
-            Ok(())
-        };
-        let token = &request.card_token;
-        let card_last4 = token
-            .char_indices()
-            .rev()
-            .nth(3)
-            .map_or(token.as_str(), |(i, _)| &token[i..])
-            .to_owned();
-        let new = NewPayment {
-            order_id: request.order_id.clone(),
-            amount: request.amount.clone().unwrap_or_default(),
-            outcome,
-            card_last4,
-        };
+        let new = new_payment(&request);
         // The ledger write, in the trace of the order that asked for it.
         let span = tracing::info_span!("ledger", otel.name = "ledger Authorize", order_id = %request.order_id);
         let payment = self

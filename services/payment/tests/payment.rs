@@ -439,3 +439,182 @@ async fn draining_turns_health_not_serving_at_once_and_lets_calls_finish() {
     assert_eq!(payment.into_inner().state(), PaymentState::Authorized);
     assert_eq!(server.stop().await.unwrap(), Drained::Gracefully);
 }
+
+/// Each entry's payment, or its error's code.
+fn outcomes(
+    outcomes: Vec<brewmesh::pb::payment::v1::PaymentOutcome>,
+) -> Vec<Result<brewmesh::pb::payment::v1::Payment, Code>> {
+    use brewmesh::pb::payment::v1::payment_outcome::Outcome;
+    outcomes
+        .into_iter()
+        .map(|o| match o.outcome.expect("an outcome") {
+            Outcome::Payment(payment) => Ok(payment),
+            Outcome::Error(status) => Err(Code::from(status.code)),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_answers_each_entry_as_the_call_alone_would() {
+    use brewmesh::pb::payment::v1::{BatchAuthorizeRequest, BatchCaptureRequest, BatchVoidRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, mut client) = start(dir.path(), Duration::ZERO).await;
+    let batch = BatchAuthorizeRequest {
+        requests: vec![
+            authorize("a1", "o1", 300, "tok_visa"),
+            authorize("a2", "o2", 300, "tok_visa"),
+            authorize("a3", "o3", 300, "tok_declined"),
+            authorize("a1", "o1", 300, "tok_visa"),
+            authorize("a4", "o4", 475, "tok_visa"),
+        ],
+    };
+    // A malformed entry refuses the batch, naming it.
+    let mut malformed = batch.clone();
+    malformed.requests[1].order_id = String::new();
+    let status = client.batch_authorize(malformed).await.unwrap_err();
+    assert_eq!(violated_fields(&status), ["requests[1].order_id"]);
+    assert!(payments_of(&mut client, "o1").await.is_empty());
+    let first = outcomes(
+        client
+            .batch_authorize(batch.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .outcomes,
+    );
+    let state = |o: &Result<brewmesh::pb::payment::v1::Payment, Code>| {
+        o.as_ref().map(|p| p.state()).map_err(|c| *c)
+    };
+    assert_eq!(
+        first.iter().map(state).collect::<Vec<_>>(),
+        [
+            Ok(PaymentState::Authorized),
+            Ok(PaymentState::Authorized),
+            Ok(PaymentState::Declined),
+            Ok(PaymentState::Authorized),
+            Ok(PaymentState::Authorized),
+        ]
+    );
+    let id = |o: &Result<brewmesh::pb::payment::v1::Payment, Code>| {
+        o.as_ref().map(|p| p.payment_id.clone()).unwrap_or_default()
+    };
+    assert_eq!(
+        id(&first[0]),
+        id(&first[3]),
+        "a repeated key is one payment"
+    );
+    // Replayed: the same payments, nothing new; and a key reused for
+    // another request fails that entry only.
+    let again = outcomes(
+        client
+            .batch_authorize(batch)
+            .await
+            .unwrap()
+            .into_inner()
+            .outcomes,
+    );
+    assert_eq!(
+        again.iter().map(id).collect::<Vec<_>>(),
+        first.iter().map(id).collect::<Vec<_>>()
+    );
+    assert_eq!(payments_of(&mut client, "o1").await.len(), 1);
+    let reused = outcomes(
+        client
+            .batch_authorize(BatchAuthorizeRequest {
+                requests: vec![
+                    authorize("a1", "o1", 999, "tok_visa"),
+                    authorize("a5", "o5", 300, "tok_visa"),
+                ],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .outcomes,
+    );
+    assert_eq!(reused[0].as_ref().err(), Some(&Code::AlreadyExists));
+    assert!(reused[1].is_ok());
+    // The same single call answers as the batch did.
+    let alone = client
+        .authorize(authorize("a4", "o4", 475, "tok_visa"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(alone.payment_id, id(&first[4]));
+
+    // Captures: one moves, a second key for it, an unknown payment and a
+    // declined one are refused, each as Capture alone refuses them.
+    let capture = |key: &str, payment_id: String| CaptureRequest {
+        payment_id,
+        idempotency_key: key.into(),
+    };
+    let batch = BatchCaptureRequest {
+        requests: vec![
+            capture("c1", id(&first[0])),
+            capture("c2", id(&first[0])),
+            capture("c3", brewmesh_runtime::ids::new("pay")),
+            capture("c4", id(&first[2])),
+        ],
+    };
+    let captured = outcomes(
+        client
+            .batch_capture(batch.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .outcomes,
+    );
+    assert_eq!(
+        captured.iter().map(state).collect::<Vec<_>>(),
+        [
+            Ok(PaymentState::Captured),
+            Err(Code::FailedPrecondition),
+            Err(Code::NotFound),
+            Err(Code::FailedPrecondition),
+        ]
+    );
+    let replayed = outcomes(
+        client
+            .batch_capture(batch)
+            .await
+            .unwrap()
+            .into_inner()
+            .outcomes,
+    );
+    assert_eq!(
+        replayed[0].as_ref().map(|p| p.update_time),
+        captured[0].as_ref().map(|p| p.update_time)
+    );
+    // A refused entry's key stays free: used again for a payment that
+    // can move, it moves it.
+    let voided = outcomes(
+        client
+            .batch_void(BatchVoidRequest {
+                requests: vec![
+                    VoidRequest {
+                        payment_id: id(&first[4]),
+                        idempotency_key: "c2".into(),
+                    },
+                    VoidRequest {
+                        payment_id: id(&first[0]),
+                        idempotency_key: "v1".into(),
+                    },
+                ],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .outcomes,
+    );
+    assert_eq!(
+        voided.iter().map(state).collect::<Vec<_>>(),
+        [Ok(PaymentState::Voided), Err(Code::FailedPrecondition)]
+    );
+
+    let status = client
+        .batch_authorize(BatchAuthorizeRequest {
+            requests: Vec::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&status), ["requests"]);
+}
