@@ -153,9 +153,11 @@ async fn caller_uses(caller: &Process, want: &[&Process]) {
     }
 }
 
-/// How many payment writes this payment process made.
+/// How many payment writes (calls alone, or batches) this payment
+/// process made.
 fn writes(payment: &Process) -> usize {
     payment.lines_with("\"payment updated\"").len()
+        + payment.lines_with("\"batch of payments updated\"").len()
 }
 
 /// Places an order and follows it to its end; returns its id and final state.
