@@ -113,7 +113,9 @@ impl crate::saga::Orders for Journal {
         let stored = self.store.record(order_id, events, change).await?;
         if let Some(stored) = &stored {
             for event in stored {
-                tracing::info!(order_id, sequence = event.sequence, event = ?event.r#type(), state = ?event.state(), detail = %event.detail, "order event");
+                // Per order and event: debug, since a busy shop writes
+                // thousands a second.
+                tracing::debug!(order_id, sequence = event.sequence, event = ?event.r#type(), state = ?event.state(), detail = %event.detail, "order event");
                 let outcome = match event.r#type() {
                     E::Ready => Some("ready"),
                     E::Failed => Some("failed"),

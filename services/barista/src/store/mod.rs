@@ -493,6 +493,78 @@ mod tests {
         }
     }
 
+    /// Writes queued together are applied with a few multi-row
+    /// statements: each order's changes in turn (the second sees the
+    /// first), each guard deciding alone, a new order beside them.
+    #[tokio::test]
+    async fn a_batch_applies_each_orders_changes_in_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path()).await;
+        let (a, b) = (placed(&store, "a").await, placed(&store, "b").await);
+        let ready = Change {
+            from: &[OrderState::Brewing],
+            state: Some(OrderState::Ready),
+            payment_id: Some("pay_1"),
+            ..Change::default()
+        };
+        let refused = Change {
+            from: &[OrderState::Ready],
+            state: Some(OrderState::Failed),
+            ..Change::default()
+        };
+        let started = [(OrderEventType::BrewingStarted, "")];
+        let two = [
+            (OrderEventType::Ready, ""),
+            (OrderEventType::PaymentCaptured, "x"),
+        ];
+        let new = NewOrder {
+            idempotency_key: "c".into(),
+            fingerprint: "c".into(),
+            item_id: "latte".into(),
+            customer_name: "Ada".into(),
+            card_token: "tok_visa".into(),
+            price: Money {
+                currency_code: "EUR".into(),
+                amount_minor: 350,
+            },
+            customer: String::new(),
+        };
+        // Sent before the writer runs again (one thread): one batch.
+        let (first, second, not_b, again, c) = tokio::join!(
+            store.record(&a, &started, brewing()),
+            store.record(&a, &two, ready),
+            store.record(&b, &started, refused),
+            store.record(&a, &started, brewing()),
+            store.insert(new, "barista-test", i64::MAX),
+        );
+        let (first, second) = (first.unwrap().unwrap(), second.unwrap().unwrap());
+        assert_eq!(first.iter().map(|e| e.sequence).collect::<Vec<_>>(), [2]);
+        assert_eq!(
+            second.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+            [3, 4]
+        );
+        assert_eq!(second[1].detail, "x");
+        assert!(second.iter().all(|e| e.state() == OrderState::Ready));
+        let mut both = first.clone();
+        both.extend(second);
+        assert_eq!(both, store.events_after(&a, 1).await.unwrap());
+        let record = store.get(&a).await.unwrap().unwrap();
+        assert_eq!(record.order.state(), OrderState::Ready);
+        assert_eq!(record.order.payment_id, "pay_1");
+        assert_eq!(not_b.unwrap(), None, "b's guard refused");
+        assert_eq!(
+            store.get(&b).await.unwrap().unwrap().order.state(),
+            OrderState::Accepted
+        );
+        assert_eq!(again.unwrap(), None, "a was no longer ACCEPTED");
+        let Inserted::New(c) = c.unwrap() else {
+            panic!("c not inserted")
+        };
+        let events = store.events_after(&c.order.order_id, 0).await.unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].r#type(), OrderEventType::Accepted);
+    }
+
     /// Writes queued together share a transaction; one that fails fails
     /// alone, and the others are stored, each with its events in order.
     #[tokio::test]

@@ -6,11 +6,18 @@
 //! writer, and here one connection (see `brewmesh_runtime::db`); a transaction per
 //! write paid BEGIN, COMMIT and the connection's hand-over for every write
 //! while every other write waited (BENCHMARKS.md, "the barista's write
-//! path"). Batched, those costs are shared. Each write still sees the ones
-//! before it (two steps of one order in one batch apply in turn), its guard
-//! still decides alone, and if any write fails, the batch is rolled back
-//! and each write is applied again alone, so one bad write fails only
-//! itself. On PostgreSQL each write has a transaction of its own.
+//! path"). Batched, those costs are shared — and so are the statements:
+//! each one is a round trip to sqlx's SQLite thread, which a profile showed
+//! to be most of the barista's CPU, so a batch is written with a few
+//! multi-row statements (the new orders in one INSERT, their events in
+//! another; then the changes in rounds — the first change of each order,
+//! then the second, … — each round one `UPDATE … FROM (VALUES …)` and one
+//! INSERT of its events). Each write still sees the ones before it (two
+//! steps of one order in one batch apply in turn), its guard still decides
+//! alone, and if any write fails, the batch is rolled back and each write
+//! is applied again alone, so one bad write fails only itself. On
+//! PostgreSQL each write has a transaction of its own (a batch of new
+//! orders, one multi-row INSERT).
 
 use sqlx::{Any, AnyPool, Row, Transaction};
 use tokio::sync::{mpsc, oneshot};
@@ -123,14 +130,6 @@ pub(super) enum Queued {
 }
 
 impl Queued {
-    async fn apply(&mut self, tx: &mut Tx, now: i64) -> Result<(), sqlx::Error> {
-        match self {
-            Queued::Insert(job) => job.apply(tx, now).await,
-            Queued::InsertAll(job) => job.apply(tx, now).await,
-            Queued::Update(job) => job.apply(tx, now).await,
-        }
-    }
-
     fn answer(self) {
         match self {
             Queued::Insert(job) => job.answer(),
@@ -169,13 +168,295 @@ pub(super) async fn write_in_batches(pool: AnyPool, mut queue: mpsc::Receiver<Qu
     }
 }
 
-/// Applies `batch` in one transaction.
+/// Applies `batch` in one transaction, with few statements (see the
+/// module's documentation): the new orders first (none of the changes can
+/// be to them: a saga starts once its insert is answered), then the
+/// changes in rounds.
 async fn write_together(pool: &AnyPool, batch: &mut [Queued]) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    for queued in batch.iter_mut() {
-        queued.apply(&mut tx, now_micros()).await?;
+    let now = now_micros();
+    let singles: Vec<(&NewOrder, &str, i64)> = batch
+        .iter()
+        .filter_map(|q| match q {
+            Queued::Insert(job) => Some((
+                &job.write.new,
+                job.write.owner.as_str(),
+                job.write.lease_until,
+            )),
+            _ => None,
+        })
+        .collect();
+    let mut inserted = insert_many(&mut tx, &singles, now).await?.into_iter();
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    let mut changes = std::collections::HashMap::<&str, usize>::new();
+    for (i, queued) in batch.iter().enumerate() {
+        if let Queued::Update(job) = queued {
+            let round = changes.entry(job.write.order_id.as_str()).or_default();
+            if rounds.len() <= *round {
+                rounds.push(Vec::new());
+            }
+            rounds[*round].push(i);
+            *round += 1;
+        }
+    }
+    let mut updated: Vec<Option<Option<Vec<OrderEvent>>>> = batch.iter().map(|_| None).collect();
+    for round in &rounds {
+        let updates: Vec<&Update> = round
+            .iter()
+            .filter_map(|&i| match &batch[i] {
+                Queued::Update(job) => Some(&job.write),
+                _ => None,
+            })
+            .collect();
+        for (&i, outcome) in round
+            .iter()
+            .zip(update_round(&mut tx, &updates, now).await?)
+        {
+            updated[i] = Some(outcome);
+        }
+    }
+    for (queued, updated) in batch.iter_mut().zip(updated) {
+        match queued {
+            Queued::Insert(job) => job.applied = inserted.next(),
+            Queued::InsertAll(job) => job.apply(&mut tx, now).await?,
+            Queued::Update(job) => job.applied = updated,
+        }
     }
     tx.commit().await
+}
+
+/// Applies one round of changes, each to another order, with one UPDATE
+/// and one INSERT of their events per [`ROWS`] changes: for each, the
+/// events as stored, or `None` where its guard refused it.
+async fn update_round(
+    tx: &mut Tx,
+    updates: &[&Update],
+    now: i64,
+) -> Result<Vec<Option<Vec<OrderEvent>>>, sqlx::Error> {
+    let mut states = std::collections::HashMap::new();
+    for chunk in updates.chunks(ROWS) {
+        // Per row: the order, its new values (NULL keeps the old one), and
+        // its guard: the states it may be in as a bit mask, the step and
+        // the owner it must have (NULL: any).
+        let sql = format!(
+            "UPDATE orders SET state = COALESCE(v.column2, state), saga_step = COALESCE(v.column3, saga_step), \
+             payment_id = COALESCE(v.column4, payment_id), failure_reason = COALESCE(v.column5, failure_reason), \
+             update_time = $1 FROM (VALUES {}) AS v WHERE orders.order_id = v.column1 \
+             AND ((v.column6 >> orders.state) & 1) = 1 \
+             AND (v.column7 IS NULL OR orders.saga_step = v.column7) \
+             AND (v.column8 IS NULL OR orders.owner = v.column8) RETURNING order_id, state",
+            values(chunk.len(), 8, 2)
+        );
+        let mut query = sqlx::query(&sql).bind(now);
+        for u in chunk {
+            let mask = u
+                .from
+                .iter()
+                .fold(0i64, |m, s| m | 1i64.checked_shl(*s as u32).unwrap_or(0));
+            query = query
+                .bind(u.order_id.as_str())
+                .bind(u.state)
+                .bind(u.step)
+                .bind(u.payment_id.as_deref())
+                .bind(u.failure_reason.as_deref())
+                .bind(mask)
+                .bind(u.from_step)
+                .bind(u.owner.as_deref());
+        }
+        for row in query.fetch_all(&mut **tx).await? {
+            let order_id: String = row.try_get("order_id")?;
+            states.insert(order_id, rows::order_state(row.try_get("state")?)?);
+        }
+    }
+    let events: Vec<(&str, OrderEventType, OrderState, &str)> = updates
+        .iter()
+        .filter_map(|u| states.get(&u.order_id).map(|state| (u, *state)))
+        .flat_map(|(u, state)| {
+            u.events.iter().map(move |(event_type, detail)| {
+                (u.order_id.as_str(), *event_type, state, detail.as_str())
+            })
+        })
+        .collect();
+    let mut stored = append_events(tx, &events, now)
+        .await?
+        .into_iter()
+        .peekable();
+    let mut outcomes = Vec::with_capacity(updates.len());
+    for u in updates {
+        if !states.contains_key(&u.order_id) {
+            outcomes.push(None);
+            continue;
+        }
+        let mine: Vec<OrderEvent> = (0..u.events.len()).filter_map(|_| stored.next()).collect();
+        outcomes.push(Some(mine));
+    }
+    Ok(outcomes)
+}
+
+/// Rows of a multi-row statement: 17 columns × 50 rows stays far below
+/// SQLite's limit on parameters.
+const ROWS: usize = 50;
+
+/// `($first, …), (…)`: `rows` rows of `columns` placeholders, numbered
+/// from `first`.
+fn values(rows: usize, columns: usize, first: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let row: Vec<String> = (0..columns)
+                .map(|c| format!("${}", first + r * columns + c))
+                .collect();
+            format!("({})", row.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Appends `events` (order, type, the order's state after it, detail), in
+/// order, each after its order's last: one read of the last sequences and
+/// one INSERT per [`ROWS`] events. The caller changed each order's row
+/// first in the same transaction, so no other append can come between.
+async fn append_events(
+    tx: &mut Tx,
+    events: &[(&str, OrderEventType, OrderState, &str)],
+    now: i64,
+) -> Result<Vec<OrderEvent>, sqlx::Error> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids: Vec<&str> = events.iter().map(|e| e.0).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut latest = std::collections::HashMap::<String, i64>::new();
+    for chunk in ids.chunks(ROWS * 4) {
+        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+        let sql = format!(
+            "SELECT order_id, MAX(sequence) AS latest FROM order_events \
+             WHERE order_id IN ({}) GROUP BY order_id",
+            placeholders.join(", ")
+        );
+        let mut query = sqlx::query(&sql);
+        for id in chunk {
+            query = query.bind(*id);
+        }
+        for row in query.fetch_all(&mut **tx).await? {
+            latest.insert(row.try_get("order_id")?, row.try_get("latest")?);
+        }
+    }
+    let stored: Vec<OrderEvent> = events
+        .iter()
+        .map(|(order_id, event_type, state, detail)| {
+            let sequence = latest.entry((*order_id).to_owned()).or_insert(0);
+            *sequence += 1;
+            OrderEvent {
+                order_id: (*order_id).to_owned(),
+                sequence: *sequence,
+                r#type: *event_type as i32,
+                state: *state as i32,
+                time: Some(timestamp(now)),
+                detail: (*detail).to_owned(),
+            }
+        })
+        .collect();
+    for chunk in stored.chunks(ROWS) {
+        let sql = format!(
+            "INSERT INTO order_events (order_id, sequence, event_type, state, detail, event_time) VALUES {}",
+            values(chunk.len(), 6, 1)
+        );
+        let mut query = sqlx::query(&sql);
+        for e in chunk {
+            query = query
+                .bind(e.order_id.as_str())
+                .bind(e.sequence)
+                .bind(i64::from(e.r#type))
+                .bind(i64::from(e.state))
+                .bind(e.detail.as_str())
+                .bind(now);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(stored)
+}
+
+/// Stores each new order of `news` (with its owner and lease's end),
+/// ACCEPTED with its first event, or finds what its key was used for
+/// before: one INSERT per [`ROWS`] orders, one for their events, and a
+/// read for each key used before.
+async fn insert_many(
+    tx: &mut Tx,
+    news: &[(&NewOrder, &str, i64)],
+    now: i64,
+) -> Result<Vec<Inserted>, sqlx::Error> {
+    if news.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<String> = news
+        .iter()
+        .map(|_| brewmesh_runtime::ids::new("ord"))
+        .collect();
+    let mut records = std::collections::HashMap::new();
+    for (chunk, chunk_ids) in news.chunks(ROWS).zip(ids.chunks(ROWS)) {
+        // RETURNING gives the new rows back in the same round trip; a key
+        // used before returns nothing, and its earlier order is read.
+        let sql = format!(
+            "INSERT INTO orders (idempotency_key, fingerprint, {COLUMNS}, lease_until) VALUES {} \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING {COLUMNS}",
+            values(chunk.len(), 17, 1)
+        );
+        let mut query = sqlx::query(&sql);
+        for ((new, owner, lease_until), order_id) in chunk.iter().zip(chunk_ids) {
+            query = query
+                .bind(&new.idempotency_key)
+                .bind(&new.fingerprint)
+                .bind(order_id)
+                .bind(&new.item_id)
+                .bind(&new.customer_name)
+                .bind(&new.card_token)
+                .bind(&new.price.currency_code)
+                .bind(new.price.amount_minor)
+                .bind(OrderState::Accepted as i64)
+                .bind(Step::Run.as_str())
+                .bind("") // payment_id: none yet
+                .bind("") // failure_reason
+                .bind(now) // create_time
+                .bind(now) // update_time
+                .bind(*owner)
+                .bind(&new.customer)
+                .bind(*lease_until);
+        }
+        for row in query.fetch_all(&mut **tx).await? {
+            let record = rows::record(&row)?;
+            records.insert(record.order.order_id.clone(), record);
+        }
+    }
+    let mut inserted = Vec::with_capacity(news.len());
+    for ((new, _, _), order_id) in news.iter().zip(&ids) {
+        inserted.push(match records.remove(order_id) {
+            Some(record) => Inserted::New(record),
+            None => {
+                let row = sqlx::query(&format!(
+                    "SELECT fingerprint, {COLUMNS} FROM orders WHERE idempotency_key = $1"
+                ))
+                .bind(&new.idempotency_key)
+                .fetch_one(&mut **tx)
+                .await?;
+                rows::existing(&row, &new.fingerprint)?
+            }
+        });
+    }
+    let accepted: Vec<(&str, OrderEventType, OrderState, &str)> = inserted
+        .iter()
+        .filter_map(|i| match i {
+            Inserted::New(record) => Some((
+                record.order.order_id.as_str(),
+                OrderEventType::Accepted,
+                OrderState::Accepted,
+                "",
+            )),
+            _ => None,
+        })
+        .collect();
+    append_events(tx, &accepted, now).await?;
+    Ok(inserted)
 }
 
 /// Applies `write` in a transaction of its own.
@@ -195,7 +476,11 @@ impl Apply for InsertOrder {
     /// Stores the new order with its ACCEPTED event, or finds what its key
     /// was used for before.
     async fn apply(&self, tx: &mut Tx, now: i64) -> Result<Inserted, sqlx::Error> {
-        insert(tx, &self.new, &self.owner, self.lease_until, now).await
+        let new = [(&self.new, self.owner.as_str(), self.lease_until)];
+        let mut inserted = insert_many(tx, &new, now).await?;
+        inserted
+            .pop()
+            .ok_or_else(|| sqlx::Error::Protocol("an insert answered nothing".into()))
     }
 }
 
@@ -210,84 +495,26 @@ impl Apply for InsertOrders {
         sqlx::query("SAVEPOINT insert_all")
             .execute(&mut **tx)
             .await?;
-        let mut stored = Vec::with_capacity(self.news.len());
-        for (index, new) in self.news.iter().enumerate() {
-            match insert(tx, new, &self.owner, self.lease_until, now).await? {
-                Inserted::KeyReused => {
-                    sqlx::query("ROLLBACK TO SAVEPOINT insert_all")
-                        .execute(&mut **tx)
-                        .await?;
-                    sqlx::query("RELEASE SAVEPOINT insert_all")
-                        .execute(&mut **tx)
-                        .await?;
-                    return Ok(InsertedAll::KeyReused(index));
-                }
-                inserted => stored.push(inserted),
-            }
+        let news: Vec<(&NewOrder, &str, i64)> = self
+            .news
+            .iter()
+            .map(|new| (new, self.owner.as_str(), self.lease_until))
+            .collect();
+        let stored = insert_many(tx, &news, now).await?;
+        if let Some(index) = stored.iter().position(|i| matches!(i, Inserted::KeyReused)) {
+            sqlx::query("ROLLBACK TO SAVEPOINT insert_all")
+                .execute(&mut **tx)
+                .await?;
+            sqlx::query("RELEASE SAVEPOINT insert_all")
+                .execute(&mut **tx)
+                .await?;
+            return Ok(InsertedAll::KeyReused(index));
         }
         sqlx::query("RELEASE SAVEPOINT insert_all")
             .execute(&mut **tx)
             .await?;
         Ok(InsertedAll::Stored(stored))
     }
-}
-
-/// Stores `new`, leased to `owner` until `lease_until`, with its ACCEPTED
-/// event, or finds what its key was used for before.
-async fn insert(
-    tx: &mut Tx,
-    new: &NewOrder,
-    owner: &str,
-    lease_until: i64,
-    now: i64,
-) -> Result<Inserted, sqlx::Error> {
-    let order_id = brewmesh_runtime::ids::new("ord");
-    // RETURNING gives the new row back in the same round trip; on a
-    // conflict it returns nothing and the key's earlier order is read.
-    let inserted = sqlx::query(&format!(
-        "INSERT INTO orders (idempotency_key, fingerprint, {COLUMNS}, lease_until) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
-             ON CONFLICT (idempotency_key) DO NOTHING RETURNING {COLUMNS}"
-    ))
-    .bind(&new.idempotency_key)
-    .bind(&new.fingerprint)
-    .bind(&order_id)
-    .bind(&new.item_id)
-    .bind(&new.customer_name)
-    .bind(&new.card_token)
-    .bind(&new.price.currency_code)
-    .bind(new.price.amount_minor)
-    .bind(OrderState::Accepted as i64)
-    .bind(Step::Run.as_str())
-    .bind("") // payment_id: none yet
-    .bind("") // failure_reason
-    .bind(now) // create_time
-    .bind(now) // update_time
-    .bind(owner)
-    .bind(&new.customer)
-    .bind(lease_until)
-    .fetch_optional(&mut **tx)
-    .await?;
-    let Some(row) = inserted else {
-        let row = sqlx::query(&format!(
-            "SELECT fingerprint, {COLUMNS} FROM orders WHERE idempotency_key = $1"
-        ))
-        .bind(&new.idempotency_key)
-        .fetch_one(&mut **tx)
-        .await?;
-        return rows::existing(&row, &new.fingerprint);
-    };
-    let record = rows::record(&row)?;
-    append_event(
-        tx,
-        &order_id,
-        OrderEventType::Accepted,
-        OrderState::Accepted,
-        "",
-        now,
-    )
-    .await?;
-    Ok(Inserted::New(record))
 }
 
 impl Apply for Update {
