@@ -4,13 +4,18 @@
 # gRPC call (GetMenu straight to the barista), measured in the same run from
 # the processes' own counters (/proc/<pid>/stat utime + stime).
 #
-# Usage: bench/cpu.sh     env: ORDERS (3000), CALLS (30000), BIN (a brewmesh
-#        binary to measure instead of building this checkout's)
+# Beside them, the same orders in groups of BATCH (one BatchPlaceOrders and
+# one WatchOrders per group, `load --batch`).
+#
+# Usage: bench/cpu.sh     env: ORDERS (3000), CALLS (30000), BATCH (100; 1
+#        skips the batched run), BIN (a brewmesh binary to measure instead
+#        of building this checkout's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 ORDERS=${ORDERS:-3000}
 CALLS=${CALLS:-30000}
+BATCH=${BATCH:-100}
 command -v h2load >/dev/null || {
   apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nghttp2-client
 }
@@ -50,6 +55,15 @@ sleep 1   # the last sagas' captures
 after=$(cpu $ROLES)
 per_order=$(echo "($after - $before) / $TICK / $ORDERS * 1000" | bc -l)
 
+if [ "$BATCH" -gt 1 ]; then
+  before=$(cpu $ROLES)
+  "$BIN" load --gateway http://127.0.0.1:18380 --customers "$ORDERS" --concurrency $((BATCH * 4)) \
+    --batch "$BATCH" --no-progress | tee "$OUT/batched.txt"
+  sleep 1
+  after=$(cpu $ROLES)
+  per_batched=$(echo "($after - $before) / $TICK / $ORDERS * 1000" | bc -l)
+fi
+
 # GetMenu, straight to the barista: an empty request in one gRPC frame.
 printf '\x00\x00\x00\x00\x00' > "$OUT/empty.bin"
 h2load -n 2000 -c 16 -m 1 -d "$OUT/empty.bin" -H 'content-type: application/grpc' -H 'te: trailers' \
@@ -62,6 +76,8 @@ per_call=$(echo "($after - $before) / $TICK / $CALLS * 1000" | bc -l)
 
 printf '\n| path | CPU per request (ms, all mesh processes) |\n|---|---:|\n'
 printf '| one order through the mesh (REST, to READY) | %.3f |\n' "$per_order"
+[ "$BATCH" -gt 1 ] && printf '| one order in batches of %d (REST, to READY) | %.3f |\n' "$BATCH" "$per_batched"
 printf '| one direct unary call (GetMenu, barista) | %.4f |\n' "$per_call"
 printf '\nratio: %.0f×\n' "$(echo "$per_order / $per_call" | bc -l)"
+[ "$BATCH" -gt 1 ] && printf 'batched ratio: %.0f×\n' "$(echo "$per_batched / $per_call" | bc -l)"
 echo "raw output: $OUT"

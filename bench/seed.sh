@@ -10,21 +10,30 @@
 # drink is READY: authorize and brew side by side (2 s); the capture settles
 # after READY, off the customer's time.
 #
+# Each N runs twice: customers one by one (PlaceOrder, WatchOrder each), and
+# in groups of BATCH (one BatchPlaceOrders and one WatchOrders per group,
+# as the seed's /serve-customer/N serves N in one request).
+#
 # Usage: bench/seed.sh [N ...]          (default: 30000)
-#   env: CONCURRENCY (default: N, all customers at once), VIA (grpc|gateway)
+#   env: CONCURRENCY (default: N, all customers at once), VIA (grpc|gateway),
+#        BATCH (1000), SHAPES (the batch sizes to run, default "1 $BATCH")
 # The seed's own figures: ../shared/peers/build.sh seed N (GWPEER_DIR=…).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 VIA=${VIA:-grpc}
 [ $# -eq 0 ] && set -- 30000
+BATCH=${BATCH:-1000}
+SHAPES=${SHAPES:-1 $BATCH}
 cargo build --release --locked -p brewmesh-cli
 BIN=$ROOT/target/release/brewmesh
 OUT=$ROOT/target/bench/seed-$(date +%Y%m%dT%H%M%S)
 mkdir -p "$OUT"
 
 for N in "$@"; do
+for B in $SHAPES; do
   C=${CONCURRENCY:-$N}
+  TAG=$N-batch$B
   DATA=$(mktemp -d)
   # Ports of their own, so a mesh already running on the defaults is left alone.
   "$BIN" up --insecure --no-auth --data-dir "$DATA" --ready-file "$DATA/ready.json" \
@@ -33,7 +42,7 @@ for N in "$@"; do
     --barista-arg=--espresso-machines=65535 --barista-arg=--steam-wands=65535 \
     --barista-arg=--queue-depth=65535 --barista-arg=--order-lease=60s \
     --gateway-arg=--timeout=600s \
-    > "$OUT/up-$N.log" 2>&1 < /dev/null &
+    > "$OUT/up-$TAG.log" 2>&1 < /dev/null &
   UP=$!
   for _ in $(seq 300); do
     [ -s "$DATA/ready.json" ] && break
@@ -49,7 +58,7 @@ for N in "$@"; do
         rss=$(awk '/VmRSS/{print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
         total=$((total + ${rss:-0}))
       done
-      [ "$total" -gt "$peak" ] && peak=$total && echo "$peak" > "$OUT/peak-$N.kb"
+      [ "$total" -gt "$peak" ] && peak=$total && echo "$peak" > "$OUT/peak-$TAG.kb"
       sleep 0.2
     done ) &
   WATCH=$!
@@ -59,15 +68,16 @@ for N in "$@"; do
   else
     target=(--grpc 127.0.0.1:18053)
   fi
-  /usr/bin/time -v -o "$OUT/load-$N.time" "$BIN" load "${target[@]}" \
-    --customers "$N" --concurrency "$C" --mix latte --timeout 3600s --no-progress \
-    --json "$OUT/load-$N.json" --chart "$OUT/load-$N.svg" | tee "$OUT/load-$N.txt"
+  /usr/bin/time -v -o "$OUT/load-$TAG.time" "$BIN" load "${target[@]}" \
+    --customers "$N" --concurrency "$C" --batch "$B" --mix latte --timeout 3600s --no-progress \
+    --json "$OUT/load-$TAG.json" --chart "$OUT/load-$TAG.svg" | tee "$OUT/load-$TAG.txt"
 
   kill -INT "$UP"; wait "$UP" || true
   kill "$WATCH" 2>/dev/null || true; wait "$WATCH" 2>/dev/null || true
   rm -rf "$DATA"
-  echo "---- N=$N via $VIA, concurrency $C"
-  echo "peak RSS of the mesh (up + registry + payment + barista + gateway): $(( $(cat "$OUT/peak-$N.kb") / 1024 )) MiB"
-  grep -E 'Maximum resident' "$OUT/load-$N.time" | sed 's/^\s*/load generator: /'
+  echo "---- N=$N via $VIA, concurrency $C, batches of $B"
+  echo "peak RSS of the mesh (up + registry + payment + barista + gateway): $(( $(cat "$OUT/peak-$TAG.kb") / 1024 )) MiB"
+  grep -E 'Maximum resident' "$OUT/load-$TAG.time" | sed 's/^\s*/load generator: /'
+done
 done
 echo "raw output: $OUT"
