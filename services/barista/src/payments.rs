@@ -170,6 +170,8 @@ impl<R: Call + Send> Line<R> {
     /// A line to `client`, its batches bounded by `timeout`; its task ends
     /// with the line.
     fn new(client: PaymentsClient<Balanced>, timeout: Duration) -> Self {
+        // Unbounded, yet bounded by the sagas: each waits on one call at a
+        // time, and the stations' admission bounds how many run.
         let (queue, waiting) = mpsc::unbounded_channel();
         tokio::spawn(send_in_batches(client, timeout, waiting));
         Self {
