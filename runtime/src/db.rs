@@ -103,6 +103,23 @@ fn keep_private(dir: &Path, file: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
 }
 
+/// `$first, $first+1, …`: `count` placeholders, for an `IN (…)` list.
+pub fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `($first, …), (…)`: `rows` rows of `columns` placeholders numbered from
+/// `first`, for a multi-row `VALUES`.
+pub fn rows(rows: usize, columns: usize, first: usize) -> String {
+    (0..rows)
+        .map(|r| format!("({})", placeholders(first + r * columns, columns)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The sqlx URL of a SQLite file, created on first open.
 pub fn sqlite_url(path: &Path) -> String {
     format!("sqlite://{}?mode=rwc", path.display())
@@ -278,6 +295,12 @@ pub fn is_transient(error: &sqlx::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn placeholders_number_rows_of_values_in_turn() {
+        assert_eq!(super::placeholders(3, 2), "$3, $4");
+        assert_eq!(super::rows(2, 3, 2), "($2, $3, $4), ($5, $6, $7)");
+    }
+
     use super::*;
 
     /// On PostgreSQL (when the suite runs against one), every pooled

@@ -13,6 +13,7 @@ use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
 use brewmesh::pb::payment::v1::{Money, Payment, PaymentState};
+use brewmesh_runtime::db::{placeholders, rows};
 use brewmesh_runtime::idempotency::{from_hex, to_hex};
 use brewmesh_runtime::time::{now_micros, timestamp};
 
@@ -288,36 +289,19 @@ impl Ledger {
                 }
             })
             .collect();
-        let fresh: Vec<usize> = (0..entries.len()).filter(|i| firsts[*i] == *i).collect();
-        let claims: Vec<(&str, &str, String)> = fresh
-            .iter()
-            .map(|&i| {
-                let e = &entries[i];
-                (
-                    e.key.as_str(),
-                    e.fingerprint.as_str(),
-                    to_hex(&built[i].encode_to_vec()),
-                )
-            })
-            .collect();
-        let claimed = claim_all(&mut tx, &claims, now).await?;
-        let mut outcomes: Vec<Option<Result<Payment, PaymentError>>> =
-            (0..entries.len()).map(|_| None).collect();
-        let taken: Vec<usize> = fresh
-            .iter()
-            .copied()
-            .filter(|&i| !claimed.contains(&entries[i].key))
-            .collect();
-        replays(&mut tx, entries, &taken, &mut outcomes).await?;
-        let new: Vec<&Payment> = fresh
-            .iter()
-            .filter(|&&i| claimed.contains(&entries[i].key))
-            .map(|&i| &built[i])
-            .collect();
+        let Claimed { mine, mut outcomes } = claim_batch(
+            &mut tx,
+            entries,
+            &firsts,
+            |i| to_hex(&built[i].encode_to_vec()),
+            now,
+        )
+        .await?;
+        let new: Vec<&Payment> = mine.iter().map(|&i| &built[i]).collect();
         for chunk in new.chunks(CHUNK) {
             let sql = format!(
                 "INSERT INTO payments ({COLUMNS}) VALUES {}",
-                values(chunk.len(), 10)
+                rows(chunk.len(), 10, 1)
             );
             let mut query = sqlx::query(&sql);
             for p in chunk {
@@ -337,10 +321,8 @@ impl Ledger {
             query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
-        for &i in &fresh {
-            if claimed.contains(&entries[i].key) {
-                outcomes[i] = Some(Ok(built[i].clone()));
-            }
+        for &i in &mine {
+            outcomes[i] = Some(Ok(built[i].clone()));
         }
         Ok(repeat_for_duplicates(entries, &firsts, outcomes))
     }
@@ -357,32 +339,15 @@ impl Ledger {
         let now = now_micros();
         let mut tx = self.pool.begin().await?;
         let firsts = firsts(entries);
-        let fresh: Vec<usize> = (0..entries.len()).filter(|i| firsts[*i] == *i).collect();
-        let claims: Vec<(&str, &str, String)> = fresh
-            .iter()
-            .map(|&i| {
-                (
-                    entries[i].key.as_str(),
-                    entries[i].fingerprint.as_str(),
-                    String::new(),
-                )
-            })
-            .collect();
-        let claimed = claim_all(&mut tx, &claims, now).await?;
-        let mut outcomes: Vec<Option<Result<Payment, PaymentError>>> =
-            (0..entries.len()).map(|_| None).collect();
-        let taken: Vec<usize> = fresh
-            .iter()
-            .copied()
-            .filter(|&i| !claimed.contains(&entries[i].key))
-            .collect();
-        replays(&mut tx, entries, &taken, &mut outcomes).await?;
+        // Claimed without a response yet: it is known once the payment moved.
+        let Claimed { mine, mut outcomes } =
+            claim_batch(&mut tx, entries, &firsts, |_| String::new(), now).await?;
 
         // The first claimed entry of each payment moves it; another entry
         // for the same payment comes after it, as two calls would.
         let mut movers = std::collections::HashMap::new();
         let mut after = Vec::new();
-        for &i in fresh.iter().filter(|&&i| claimed.contains(&entries[i].key)) {
+        for &i in &mine {
             match movers.entry(entries[i].ask.as_str()) {
                 std::collections::hash_map::Entry::Vacant(v) => {
                     v.insert(i);
@@ -473,11 +438,7 @@ impl Ledger {
             };
             outcomes[i] = Some(Err(refused(payment_id, state)));
         }
-        let released: Vec<&str> = fresh
-            .iter()
-            .filter(|&&i| claimed.contains(&entries[i].key))
-            .map(|&i| entries[i].key.as_str())
-            .collect();
+        let released: Vec<&str> = mine.iter().map(|&i| entries[i].key.as_str()).collect();
         for chunk in released.chunks(CHUNK) {
             let sql = format!(
                 "DELETE FROM idempotency_keys WHERE idempotency_key IN ({})",
@@ -505,20 +466,42 @@ fn firsts<T>(entries: &[Entry<T>]) -> Vec<usize> {
         .collect()
 }
 
-/// `$from, $from+1, …`: `count` placeholders.
-fn placeholders(from: usize, count: usize) -> String {
-    (from..from + count)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+/// A batch's keys once claimed: the entries whose keys this batch holds
+/// now (the first entry of each key), and the outcomes so far — those of
+/// the entries whose keys were used before, replayed or refused.
+struct Claimed {
+    mine: Vec<usize>,
+    outcomes: Vec<Option<Result<Payment, PaymentError>>>,
 }
 
-/// `($1, …, $columns), (…)`: `rows` rows of placeholders.
-fn values(rows: usize, columns: usize) -> String {
-    (0..rows)
-        .map(|r| format!("({})", placeholders(r * columns + 1, columns)))
-        .collect::<Vec<_>>()
-        .join(", ")
+/// Claims the key of each first entry of its key (`firsts`, from
+/// [`firsts`]) with `response(index)` as its response, and answers the
+/// entries whose keys were taken from what those keys made.
+async fn claim_batch<T>(
+    tx: &mut Transaction<'static, Any>,
+    entries: &[Entry<T>],
+    firsts: &[usize],
+    response: impl Fn(usize) -> String,
+    now: i64,
+) -> Result<Claimed, PaymentError> {
+    let fresh: Vec<usize> = (0..entries.len()).filter(|i| firsts[*i] == *i).collect();
+    let claims: Vec<(&str, &str, String)> = fresh
+        .iter()
+        .map(|&i| {
+            (
+                entries[i].key.as_str(),
+                entries[i].fingerprint.as_str(),
+                response(i),
+            )
+        })
+        .collect();
+    let claimed = claim_all(tx, &claims, now).await?;
+    let (mine, taken): (Vec<usize>, Vec<usize>) = fresh
+        .into_iter()
+        .partition(|&i| claimed.contains(&entries[i].key));
+    let mut outcomes = (0..entries.len()).map(|_| None).collect::<Vec<_>>();
+    replays(tx, entries, &taken, &mut outcomes).await?;
+    Ok(Claimed { mine, outcomes })
 }
 
 /// Inserts each free key of `claims` (key, fingerprint, response) and
@@ -537,7 +520,7 @@ async fn claim_all(
         let sql = format!(
             "INSERT INTO idempotency_keys (idempotency_key, fingerprint, response, create_time) \
              VALUES {} ON CONFLICT (idempotency_key) DO NOTHING RETURNING idempotency_key",
-            values(chunk.len(), 4)
+            rows(chunk.len(), 4, 1)
         );
         let mut query = sqlx::query(&sql);
         for (key, fingerprint, response) in chunk.iter().copied() {

@@ -239,11 +239,10 @@ impl OrderStore {
     ) -> Result<Vec<Option<Inserted>>, sqlx::Error> {
         let mut found = std::collections::HashMap::new();
         for chunk in keys.chunks(500) {
-            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
                 "SELECT idempotency_key, fingerprint, {COLUMNS} FROM orders \
                  WHERE idempotency_key IN ({})",
-                placeholders.join(", ")
+                brewmesh_runtime::db::placeholders(1, chunk.len())
             );
             let mut query = sqlx::query(&sql);
             for (key, _) in chunk {
@@ -353,23 +352,8 @@ impl OrderStore {
         &self,
         order_ids: &[Arc<str>],
     ) -> Result<Vec<(String, i64)>, sqlx::Error> {
-        if order_ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let placeholders: Vec<String> = (1..=order_ids.len()).map(|i| format!("${i}")).collect();
-        let sql = format!(
-            "SELECT order_id, MAX(sequence) AS latest FROM order_events \
-             WHERE order_id IN ({}) GROUP BY order_id",
-            placeholders.join(", ")
-        );
-        let mut query = sqlx::query(&sql);
-        for order_id in order_ids {
-            query = query.bind(order_id.as_ref());
-        }
-        let rows = query.fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|row| Ok((row.try_get("order_id")?, row.try_get("latest")?)))
-            .collect()
+        let order_ids: Vec<&str> = order_ids.iter().map(AsRef::as_ref).collect();
+        writer::last_sequences(&self.pool, &order_ids).await
     }
 
     /// Extends the leases `owner` holds on unfinished orders to `until`.

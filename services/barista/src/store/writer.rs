@@ -23,6 +23,7 @@ use sqlx::{Any, AnyPool, Row, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
 use brewmesh::pb::barista::v1::{OrderEvent, OrderEventType, OrderState};
+use brewmesh_runtime::db;
 use brewmesh_runtime::time::{now_micros, timestamp};
 
 use super::schema::COLUMNS;
@@ -245,7 +246,7 @@ async fn update_round(
              AND ((v.column6 >> orders.state) & 1) = 1 \
              AND (v.column7 IS NULL OR orders.saga_step = v.column7) \
              AND (v.column8 IS NULL OR orders.owner = v.column8) RETURNING order_id, state",
-            values(chunk.len(), 8, 2)
+            db::rows(chunk.len(), 8, 2)
         );
         let mut query = sqlx::query(&sql).bind(now);
         for u in chunk {
@@ -297,18 +298,28 @@ async fn update_round(
 /// SQLite's limit on parameters.
 const ROWS: usize = 50;
 
-/// `($first, …), (…)`: `rows` rows of `columns` placeholders, numbered
-/// from `first`.
-fn values(rows: usize, columns: usize, first: usize) -> String {
-    (0..rows)
-        .map(|r| {
-            let row: Vec<String> = (0..columns)
-                .map(|c| format!("${}", first + r * columns + c))
-                .collect();
-            format!("({})", row.join(", "))
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+/// The highest event sequence of each of `order_ids` that has events, in
+/// one statement.
+pub(super) async fn last_sequences<'c, E: sqlx::Executor<'c, Database = Any>>(
+    executor: E,
+    order_ids: &[&str],
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    if order_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "SELECT order_id, MAX(sequence) AS latest FROM order_events \
+         WHERE order_id IN ({}) GROUP BY order_id",
+        db::placeholders(1, order_ids.len())
+    );
+    let mut query = sqlx::query(&sql);
+    for order_id in order_ids {
+        query = query.bind(*order_id);
+    }
+    let rows = query.fetch_all(executor).await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("order_id")?, row.try_get("latest")?)))
+        .collect()
 }
 
 /// Appends `events` (order, type, the order's state after it, detail), in
@@ -328,19 +339,7 @@ async fn append_events(
     ids.dedup();
     let mut latest = std::collections::HashMap::<String, i64>::new();
     for chunk in ids.chunks(ROWS * 4) {
-        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-        let sql = format!(
-            "SELECT order_id, MAX(sequence) AS latest FROM order_events \
-             WHERE order_id IN ({}) GROUP BY order_id",
-            placeholders.join(", ")
-        );
-        let mut query = sqlx::query(&sql);
-        for id in chunk {
-            query = query.bind(*id);
-        }
-        for row in query.fetch_all(&mut **tx).await? {
-            latest.insert(row.try_get("order_id")?, row.try_get("latest")?);
-        }
+        latest.extend(last_sequences(&mut **tx, chunk).await?);
     }
     let stored: Vec<OrderEvent> = events
         .iter()
@@ -360,7 +359,7 @@ async fn append_events(
     for chunk in stored.chunks(ROWS) {
         let sql = format!(
             "INSERT INTO order_events (order_id, sequence, event_type, state, detail, event_time) VALUES {}",
-            values(chunk.len(), 6, 1)
+            db::rows(chunk.len(), 6, 1)
         );
         let mut query = sqlx::query(&sql);
         for e in chunk {
@@ -400,7 +399,7 @@ async fn insert_many(
         let sql = format!(
             "INSERT INTO orders (idempotency_key, fingerprint, {COLUMNS}, lease_until) VALUES {} \
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING {COLUMNS}",
-            values(chunk.len(), 17, 1)
+            db::rows(chunk.len(), 17, 1)
         );
         let mut query = sqlx::query(&sql);
         for ((new, owner, lease_until), order_id) in chunk.iter().zip(chunk_ids) {
