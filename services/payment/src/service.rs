@@ -16,7 +16,8 @@ use brewmesh::pb::payment::v1::{
 use brewmesh_runtime::idempotency::fingerprint;
 use brewmesh_runtime::validate::{Validate as _, next_page_token, page_size};
 
-use crate::ledger::{Entry, Ledger, NewPayment, Transition};
+use crate::error::PaymentError;
+use crate::ledger::{Entry, Ledger, NewPayment, Outcomes, Transition};
 
 /// The card token that is always declined, for exercising failure paths.
 pub const DECLINED_CARD_TOKEN: &str = "tok_declined";
@@ -113,58 +114,47 @@ fn rpc_status(status: &Status) -> brewmesh::pb::google::rpc::Status {
 }
 
 impl PaymentService {
-    /// The entries of a batch (checked whole: a malformed entry refuses
-    /// the batch, as the document says), as the ledger takes them, by
-    /// their index.
-    fn entries<R: prost::Message, T>(
-        method: &str,
-        requests: &[R],
-        ask: impl Fn(&R) -> (String, T),
-    ) -> (Vec<usize>, Vec<Entry<T>>) {
-        let (mut at, mut entries) = (Vec::new(), Vec::new());
-        for (i, request) in requests.iter().enumerate() {
-            let (key, ask) = ask(request);
-            at.push(i);
-            entries.push(Entry {
-                key,
-                fingerprint: fingerprint(method, request),
-                ask,
-            });
-        }
-        (at, entries)
-    }
-
-    /// A batch of `method` (Capture or Void) through `transition`.
-    async fn transition_all<R: prost::Message>(
+    /// A batch of `method` (its `count` entries, checked whole already: a
+    /// malformed entry refuses the batch, as the document says) written by
+    /// `write`, the ledger's call for all of them: the card network takes
+    /// its time once for the batch; each entry's outcome in order.
+    async fn batch(
         &self,
         method: &str,
-        requests: &[R],
-        ids: impl Fn(&R) -> (String, String),
-        transition: Transition<'_>,
+        count: usize,
+        write: impl Future<Output = Result<Outcomes, PaymentError>>,
     ) -> Result<Vec<PaymentOutcome>, Status> {
-        let mut outcomes: Vec<Option<Result<Payment, Status>>> =
-            (0..requests.len()).map(|_| None).collect();
-        let (at, entries) = Self::entries(method, requests, ids);
-        if !entries.is_empty() {
-            // The card network takes its time once for the batch.
-            tokio::time::sleep(self.processing_delay).await;
-            let span = tracing::info_span!("ledger", otel.name = %format!("ledger {method}"), entries = entries.len());
-            let results = self
-                .ledger
-                .transition_all(&entries, transition)
-                .instrument(span.clone())
-                .await
-                .inspect_err(|e| brewmesh_runtime::telemetry::fail(&span, &e.to_string()))?;
-            tracing::info!(method, entries = entries.len(), "batch of payments updated");
-            for (i, result) in at.into_iter().zip(results) {
-                outcomes[i] = Some(result.map_err(Status::from));
-            }
-        }
-        Ok(outcomes
+        tokio::time::sleep(self.processing_delay).await;
+        let span =
+            tracing::info_span!("ledger", otel.name = %format!("ledger {method}"), entries = count);
+        let results = write
+            .instrument(span.clone())
+            .await
+            .inspect_err(|e| brewmesh_runtime::telemetry::fail(&span, &e.to_string()))?;
+        tracing::info!(method, entries = count, "batch of payments updated");
+        Ok(results
             .into_iter()
-            .map(|o| outcome(o.unwrap_or_else(|| Err(Status::internal("no outcome")))))
+            .map(|result| outcome(result.map_err(Status::from)))
             .collect())
     }
+}
+
+/// Each request of a batch of `method` as the ledger takes it: its key,
+/// its fingerprint, and `ask(request)`.
+fn entries<R: prost::Message, T>(
+    method: &str,
+    requests: &[R],
+    key: impl Fn(&R) -> &str,
+    ask: impl Fn(&R) -> T,
+) -> Vec<Entry<T>> {
+    requests
+        .iter()
+        .map(|request| Entry {
+            key: key(request).to_owned(),
+            fingerprint: fingerprint(method, request),
+            ask: ask(request),
+        })
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -175,38 +165,14 @@ impl Payments for PaymentService {
     ) -> Result<Response<BatchAuthorizeResponse>, Status> {
         let request = request.into_inner();
         request.validate()?;
-        let requests = request.requests;
-        let mut outcomes: Vec<Option<Result<Payment, Status>>> =
-            (0..requests.len()).map(|_| None).collect();
-        let (at, entries) = Self::entries("Authorize", &requests, |r| {
-            (r.idempotency_key.clone(), new_payment(r))
-        });
-        if !entries.is_empty() {
-            tokio::time::sleep(self.processing_delay).await;
-            let span = tracing::info_span!(
-                "ledger",
-                otel.name = "ledger Authorize",
-                entries = entries.len()
-            );
-            let results = self
-                .ledger
-                .authorize_all(&entries)
-                .instrument(span.clone())
-                .await
-                .inspect_err(|e| brewmesh_runtime::telemetry::fail(&span, &e.to_string()))?;
-            tracing::info!(
-                method = "Authorize",
-                entries = entries.len(),
-                "batch of payments updated"
-            );
-            for (i, result) in at.into_iter().zip(results) {
-                outcomes[i] = Some(result.map_err(Status::from));
-            }
-        }
-        let outcomes = outcomes
-            .into_iter()
-            .map(|o| outcome(o.unwrap_or_else(|| Err(Status::internal("no outcome")))))
-            .collect();
+        let entries = entries(
+            "Authorize",
+            &request.requests,
+            |r| &r.idempotency_key,
+            new_payment,
+        );
+        let write = self.ledger.authorize_all(&entries);
+        let outcomes = self.batch("Authorize", entries.len(), write).await?;
         Ok(Response::new(BatchAuthorizeResponse { outcomes }))
     }
 
@@ -216,11 +182,14 @@ impl Payments for PaymentService {
     ) -> Result<Response<BatchCaptureResponse>, Status> {
         let request = request.into_inner();
         request.validate()?;
-        let requests = request.requests;
-        let ids = |r: &CaptureRequest| (r.idempotency_key.clone(), r.payment_id.clone());
-        let outcomes = self
-            .transition_all("Capture", &requests, ids, Transition::Capture)
-            .await?;
+        let entries = entries(
+            "Capture",
+            &request.requests,
+            |r| &r.idempotency_key,
+            |r| r.payment_id.clone(),
+        );
+        let write = self.ledger.transition_all(&entries, Transition::Capture);
+        let outcomes = self.batch("Capture", entries.len(), write).await?;
         Ok(Response::new(BatchCaptureResponse { outcomes }))
     }
 
@@ -230,11 +199,14 @@ impl Payments for PaymentService {
     ) -> Result<Response<BatchVoidResponse>, Status> {
         let request = request.into_inner();
         request.validate()?;
-        let requests = request.requests;
-        let ids = |r: &VoidRequest| (r.idempotency_key.clone(), r.payment_id.clone());
-        let outcomes = self
-            .transition_all("Void", &requests, ids, Transition::Void)
-            .await?;
+        let entries = entries(
+            "Void",
+            &request.requests,
+            |r| &r.idempotency_key,
+            |r| r.payment_id.clone(),
+        );
+        let write = self.ledger.transition_all(&entries, Transition::Void);
+        let outcomes = self.batch("Void", entries.len(), write).await?;
         Ok(Response::new(BatchVoidResponse { outcomes }))
     }
 
