@@ -76,6 +76,17 @@ pub enum BaristaError {
     Store(#[from] sqlx::Error),
 }
 
+impl BaristaError {
+    /// The shop is full at `station`: a place frees up in about one drink's
+    /// time there.
+    pub(crate) fn full(station: &crate::stations::Station) -> Self {
+        BaristaError::ShopFull {
+            station: station.name,
+            retry_after: station.duration,
+        }
+    }
+}
+
 impl From<BaristaError> for Status {
     fn from(error: BaristaError) -> Self {
         match &error {

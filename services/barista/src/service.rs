@@ -68,10 +68,7 @@ impl Barista for BaristaService {
         &self,
         request: Request<PlaceOrderRequest>,
     ) -> Result<Response<Order>, Status> {
-        let customer = Caller::of(&request)
-            .subject()
-            .unwrap_or_default()
-            .to_owned();
+        let customer = customer_of(&request);
         let request = request.into_inner();
         request.validate()?;
         let Some(item) = menu::find(&request.item_id) else {
@@ -85,10 +82,7 @@ impl Barista for BaristaService {
         &self,
         request: Request<BatchPlaceOrdersRequest>,
     ) -> Result<Response<BatchPlaceOrdersResponse>, Status> {
-        let customer = Caller::of(&request)
-            .subject()
-            .unwrap_or_default()
-            .to_owned();
+        let customer = customer_of(&request);
         let request = request.into_inner();
         // A bad entry is a bad batch, refused before anything is stored:
         // malformed (INVALID_ARGUMENT), or naming a drink not on the menu
@@ -277,6 +271,12 @@ impl Barista for BaristaService {
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Whose order `request` places: the subject the gateway authenticated,
+/// or '' for a service calling for itself.
+fn customer_of<T>(request: &Request<T>) -> String {
+    Caller::of(request).subject().unwrap_or_default().to_owned()
 }
 
 /// The order `request` asks for, a drink of `item`, for `customer` (the

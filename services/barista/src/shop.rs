@@ -101,10 +101,7 @@ impl Shop {
         let admission = self
             .stations
             .try_admit(item.steamed_milk)
-            .map_err(|station| BaristaError::ShopFull {
-                station: station.name,
-                retry_after: station.duration,
-            })?;
+            .map_err(BaristaError::full)?;
         match self
             .store()
             .insert(new, &self.owner, self.lease_until())
@@ -166,12 +163,10 @@ impl Shop {
         // The entries to store: their index in the batch, and their places.
         let (mut fresh, mut news) = (Vec::new(), Vec::new());
         for (index, new, steamed_milk) in unplaced {
-            let admission = self.stations.try_admit(steamed_milk).map_err(|station| {
-                BaristaError::ShopFull {
-                    station: station.name,
-                    retry_after: station.duration,
-                }
-            })?;
+            let admission = self
+                .stations
+                .try_admit(steamed_milk)
+                .map_err(BaristaError::full)?;
             fresh.push((index, admission));
             news.push(new);
         }
