@@ -15,6 +15,7 @@ const PROTOS: &[&str] = &[
     "brewmesh/payment/v1/payment.proto",
     "brewmesh/barista/v1/barista.proto",
     "brewmesh/registry/v1/registry.proto",
+    "brewmesh/station/v1/station.proto",
     "brewmesh/validate/v1/validate.proto",
     // Not used by the services' code: in the set so that the gateway can
     // write error details (BadRequest, RetryInfo, …) as JSON.

@@ -19,6 +19,13 @@ pub mod brewmesh {
             tonic::include_proto!("brewmesh.barista.v1");
         }
     }
+    /// `brewmesh.station.*`.
+    pub mod station {
+        /// `brewmesh.station.v1`: the espresso and milk stations.
+        pub mod v1 {
+            tonic::include_proto!("brewmesh.station.v1");
+        }
+    }
     /// `brewmesh.validate.*`.
     pub mod validate {
         /// `brewmesh.validate.v1`: the request rules written beside the fields.
@@ -47,4 +54,4 @@ pub mod google {
     }
 }
 
-pub use brewmesh::{barista, payment, registry};
+pub use brewmesh::{barista, payment, registry, station};

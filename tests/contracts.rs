@@ -22,6 +22,18 @@ fn every_rpc_a_rest_client_calls_has_an_http_rule_in_the_descriptor_set() {
         .services()
         .filter(|s| s.full_name().starts_with("brewmesh."))
     {
+        // The stations are the barista's, not a REST client's: they have no
+        // routes, and the gateway does not front them.
+        if service.full_name().starts_with("brewmesh.station.") {
+            for method in service.methods() {
+                assert!(
+                    !method.options().has_extension(&http),
+                    "{}",
+                    method.full_name()
+                );
+            }
+            continue;
+        }
         for method in service.methods() {
             let options = method.options();
             let has_rule = options.has_extension(&http);

@@ -19,7 +19,9 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use brewmesh_runtime::defaults::{BARISTA_ADDR, GATEWAY_ADDR, PAYMENT_ADDR, REGISTRY_ADDR};
+use brewmesh_runtime::defaults::{
+    BARISTA_ADDR, ESPRESSO_ADDR, GATEWAY_ADDR, MILK_ADDR, PAYMENT_ADDR, REGISTRY_ADDR,
+};
 use brewmesh_runtime::mtls::{MeshTls, TlsArgs, role};
 use brewmesh_runtime::server::Drained;
 use brewmesh_runtime::telemetry::LogFormat;
@@ -59,6 +61,10 @@ enum Command {
     Payment(brewmesh_payment::Config),
     /// Run the barista service (default 127.0.0.1:50053).
     Barista(brewmesh_barista::Config),
+    /// Run a brewing station of its own, espresso (default 127.0.0.1:50054)
+    /// or milk (127.0.0.1:50055), for baristas started with `--stations
+    /// remote`.
+    Station(brewmesh_station::Config),
     /// Run the REST/JSON gateway (default 127.0.0.1:8080).
     Gateway(brewmesh_gateway::Config),
     /// Serve N customers against a running mesh and report how it went.
@@ -150,6 +156,21 @@ fn main() -> anyhow::Result<()> {
                     cli.log_format,
                     addr,
                     |listener, shutdown| brewmesh_gateway::run(listener, config, shutdown),
+                )
+                .await
+            }
+            Command::Station(config) => {
+                let default = match config.kind {
+                    brewmesh_station::Kind::Espresso => ESPRESSO_ADDR,
+                    brewmesh_station::Kind::Milk => MILK_ADDR,
+                };
+                let addr = config.serve.listen.unwrap_or(default_addr(default));
+                serve(
+                    role::STATION,
+                    &tls,
+                    cli.log_format,
+                    addr,
+                    |listener, shutdown| brewmesh_station::run(listener, config, shutdown),
                 )
                 .await
             }

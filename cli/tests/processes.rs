@@ -19,7 +19,7 @@ use brewmesh::pb::payment::v1::payments_client::PaymentsClient;
 use brewmesh::pb::payment::v1::{
     AuthorizeRequest, GetPaymentRequest, ListPaymentsRequest, Money, PaymentState,
 };
-use support::{PATIENCE, Process, charged_once, curl};
+use support::{PATIENCE, Process, charged_once, curl, grpcurl, grpcurl_tls, json};
 
 fn client<T>(url: String, new: fn(Channel) -> T) -> T {
     new(brewmesh_runtime::client::channel(&url).expect("valid url"))
@@ -233,32 +233,6 @@ async fn sigterm_under_load_lets_the_calls_in_flight_finish() {
         .unwrap()
         .into_inner();
     assert_eq!(listed.payments.len(), 20);
-}
-
-fn grpcurl(args: &[&str]) -> String {
-    let output = std::process::Command::new("grpcurl")
-        .args(args)
-        .output()
-        .expect("grpcurl is installed (scripts/test.sh installs it from PyPI)");
-    assert!(
-        output.status.success(),
-        "grpcurl {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("utf-8")
-}
-
-/// grpcurl over mutual TLS with `up`'s operator certificate in `operator`.
-fn grpcurl_tls(operator: &std::path::Path, args: &[&str]) -> String {
-    let file = |name: &str| operator.join(name).display().to_string();
-    let (ca, crt, key) = (file("ca.crt"), file("tls.crt"), file("tls.key"));
-    let mut all = vec!["-cacert", &ca, "-cert", &crt, "-key", &key];
-    all.extend_from_slice(args);
-    grpcurl(&all)
-}
-
-fn json(text: &str) -> serde_json::Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -112,8 +112,9 @@ impl Gateway {
         if !config.no_builtin {
             services.extend(
                 pool.services()
-                    .filter(|s| s.full_name().starts_with("brewmesh."))
-                    .map(|s| s.full_name().to_owned()),
+                    .map(|s| s.full_name().to_owned())
+                    // The stations are internal: only the barista calls them.
+                    .filter(|s| s.starts_with("brewmesh.") && !s.starts_with("brewmesh.station.")),
             );
         }
         for path in &config.descriptor_sets {

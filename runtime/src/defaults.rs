@@ -4,6 +4,7 @@
 use brewmesh::pb::barista::v1::barista_server;
 use brewmesh::pb::payment::v1::payments_server;
 use brewmesh::pb::registry::v1::registry_server;
+use brewmesh::pb::station::v1::{espresso_server, milk_server};
 
 /// The registry's default address.
 pub const REGISTRY_ADDR: &str = "127.0.0.1:50051";
@@ -11,6 +12,10 @@ pub const REGISTRY_ADDR: &str = "127.0.0.1:50051";
 pub const PAYMENT_ADDR: &str = "127.0.0.1:50052";
 /// The barista service's default address.
 pub const BARISTA_ADDR: &str = "127.0.0.1:50053";
+/// An espresso station's default address.
+pub const ESPRESSO_ADDR: &str = "127.0.0.1:50054";
+/// A milk station's default address.
+pub const MILK_ADDR: &str = "127.0.0.1:50055";
 /// The gateway's default address.
 pub const GATEWAY_ADDR: &str = "127.0.0.1:8080";
 
@@ -21,6 +26,8 @@ pub fn service_addr(service: &str) -> Option<&'static str> {
         registry_server::SERVICE_NAME => Some(REGISTRY_ADDR),
         payments_server::SERVICE_NAME => Some(PAYMENT_ADDR),
         barista_server::SERVICE_NAME => Some(BARISTA_ADDR),
+        espresso_server::SERVICE_NAME => Some(ESPRESSO_ADDR),
+        milk_server::SERVICE_NAME => Some(MILK_ADDR),
         _ => None,
     }
 }

@@ -72,6 +72,34 @@ pub struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
     barista_replicas: u8,
 
+    /// Espresso station replicas to run as processes of their own (0: the
+    /// baristas brew in their own process). With any, the baristas run
+    /// `--stations remote`.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=16))]
+    espresso_replicas: u8,
+
+    /// Milk station replicas to run as processes of their own (0: in the
+    /// baristas' processes, or one if there are espresso replicas).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=16))]
+    milk_replicas: u8,
+
+    /// The seed talk's last slide: payment ×2, milk ×2, espresso ×4, each a
+    /// role of its own (overrides the three replica counts).
+    #[arg(long)]
+    split: bool,
+
+    /// An extra flag for every station replica, e.g. `--station-arg=--machines=4`.
+    #[arg(long, allow_hyphen_values = true)]
+    station_arg: Vec<String>,
+
+    /// An extra flag for every espresso station only (not also in --station-arg).
+    #[arg(long, allow_hyphen_values = true)]
+    espresso_arg: Vec<String>,
+
+    /// An extra flag for every milk station only (not also in --station-arg).
+    #[arg(long, allow_hyphen_values = true)]
+    milk_arg: Vec<String>,
+
     /// An extra flag for every registry replica, e.g. `--registry-arg=--default-ttl=5s`.
     #[arg(long, allow_hyphen_values = true)]
     registry_arg: Vec<String>,
@@ -101,7 +129,22 @@ pub struct Args {
 
 /// Runs the mesh until Ctrl-C/SIGTERM, restarting a child that dies, or
 /// until a role keeps dying.
-pub async fn run(args: Args, format: LogFormat, insecure: bool) -> anyhow::Result<()> {
+pub async fn run(mut args: Args, format: LogFormat, insecure: bool) -> anyhow::Result<()> {
+    if args.split {
+        (
+            args.payment_replicas,
+            args.milk_replicas,
+            args.espresso_replicas,
+        ) = (2, 2, 4);
+    }
+    // Stations of their own are both kinds or neither.
+    match (args.espresso_replicas, args.milk_replicas) {
+        (0, 0) => {}
+        (0, _) => args.espresso_replicas = 1,
+        (_, 0) => args.milk_replicas = 1,
+        _ => {}
+    }
+    let split = args.espresso_replicas > 0;
     let exe = std::env::current_exe().context("finding the brewmesh executable")?;
     let (lines_tx, lines_rx) = mpsc::channel::<String>(1024);
     let (exits_tx, mut exits) = mpsc::channel(4);
@@ -169,6 +212,30 @@ pub async fn run(args: Args, format: LogFormat, insecure: bool) -> anyhow::Resul
         }
         let registry = registries.join(",");
 
+        // The stations, if they are processes of their own.
+        let kinds = [
+            ("espresso", args.espresso_replicas, &args.espresso_arg),
+            ("milk", args.milk_replicas, &args.milk_arg),
+        ];
+        for (kind, replicas, own) in kinds {
+            for n in 1..=replicas {
+                let label = format!("{kind}-{n}");
+                let mut role = vec!["station".to_owned()];
+                role.extend(identities.flags(&label, brewmesh_runtime::mtls::role::STATION)?);
+                role.extend(flag("--kind", kind));
+                role.extend(flag("--listen", any_port()));
+                role.extend(flag("--drain-timeout", &drain));
+                role.extend(flag("--registry", &registry));
+                role.extend(args.station_arg.iter().cloned());
+                role.extend(own.iter().cloned());
+                instances.push(start(&launch, &label, &role).await?);
+            }
+        }
+        let mut barista_arg = args.barista_arg.clone();
+        if split {
+            barista_arg.extend(flag("--stations", "remote"));
+        }
+
         // Then payment, then the barista that calls it; replicas of a role
         // share its database.
         let roles = [
@@ -182,7 +249,7 @@ pub async fn run(args: Args, format: LogFormat, insecure: bool) -> anyhow::Resul
                 "barista",
                 args.barista_replicas,
                 args.barista_listen,
-                &args.barista_arg,
+                &barista_arg,
             ),
         ];
         for (name, replicas, first, extra) in roles {

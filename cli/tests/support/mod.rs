@@ -337,3 +337,31 @@ pub fn cpu_of(pid: u32) -> Duration {
     let hz = 100; // USER_HZ on Linux
     Duration::from_millis((ticks(11) + ticks(12)) * 1000 / hz)
 }
+
+/// Runs grpcurl with `args`; its output (a failure fails the test).
+pub fn grpcurl(args: &[&str]) -> String {
+    let output = std::process::Command::new("grpcurl")
+        .args(args)
+        .output()
+        .expect("grpcurl is installed (scripts/test.sh installs it from PyPI)");
+    assert!(
+        output.status.success(),
+        "grpcurl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+/// grpcurl over mutual TLS with `up`'s operator certificate in `operator`.
+pub fn grpcurl_tls(operator: &std::path::Path, args: &[&str]) -> String {
+    let file = |name: &str| operator.join(name).display().to_string();
+    let (ca, crt, key) = (file("ca.crt"), file("tls.crt"), file("tls.key"));
+    let mut all = vec!["-cacert", &ca, "-cert", &crt, "-key", &key];
+    all.extend_from_slice(args);
+    grpcurl(&all)
+}
+
+/// `text` as JSON (anything else fails the test).
+pub fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}

@@ -177,6 +177,7 @@ impl Backends {
             espresso_time: Duration::from_millis(100),
             milk_time: Duration::from_millis(100),
             brew_failure_rate: 0.0,
+            remote: Default::default(),
             order_lease: Duration::from_secs(2),
             watch_poll: Duration::from_millis(200),
         };

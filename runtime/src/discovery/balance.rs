@@ -22,7 +22,7 @@ use tonic::transport::Channel;
 use tower::Layer as _;
 use tower::buffer::Buffer;
 use tower::discover::Change;
-use tower::load::{CompleteOnResponse, Load as _, PeakEwma};
+use tower::load::{Load as _, PeakEwma, TrackCompletion};
 use tower::util::BoxCloneSyncService;
 
 use crate::client::{InvalidAddress, connect_lazy, endpoint};
@@ -126,6 +126,11 @@ pub enum Balancing {
     /// in-flight calls: slow or busy endpoints get less.
     #[default]
     P2c,
+    /// As `p2c`, with a call in flight until its response stream ends, not
+    /// until its headers come: for server streams whose length is the
+    /// work (a station brewing a part), so that P2C sees the parts each
+    /// replica is still making.
+    P2cStreams,
     /// Each endpoint in turn, however it performs (the baseline): only
     /// failures eject, not latency.
     RoundRobin,
@@ -156,7 +161,7 @@ pub fn balanced_with(
         updates: WatchStream::new(addresses),
         current: BTreeSet::new(),
         pending: VecDeque::new(),
-        ejections: Ejections::new(target, balancing == Balancing::P2c),
+        ejections: Ejections::new(target, balancing != Balancing::RoundRobin),
     };
     let policies = Arc::new(policies);
     // Traced outside the policies: the client span covers every attempt
@@ -178,6 +183,9 @@ pub fn balanced_with(
         P2c {
             changes,
             endpoints: Vec::new(),
+            completion: Completion {
+                until_end: balancing == Balancing::P2cStreams,
+            },
         },
         1024,
     );
@@ -190,7 +198,7 @@ pub fn balanced_with(
 /// One endpoint of [`P2c`], with its peak-EWMA load.
 struct Slot {
     key: String,
-    service: PeakEwma<Ejecting<Channel>, CompleteOnResponse>,
+    service: PeakEwma<Ejecting<Channel>, Completion>,
     standing: Standing,
     ready: bool,
 }
@@ -210,6 +218,66 @@ struct Slot {
 struct P2c {
     changes: Changes,
     endpoints: Vec<Slot>,
+    completion: Completion,
+}
+
+/// When a call stops counting as in flight toward its endpoint's load: at
+/// its response's headers, or (`until_end`) once its body ended.
+#[derive(Debug, Clone, Copy)]
+struct Completion {
+    until_end: bool,
+}
+
+impl<H: Send + Unpin + 'static> TrackCompletion<H, http::Response<Body>> for Completion {
+    type Output = http::Response<Body>;
+
+    fn track_completion(&self, handle: H, response: http::Response<Body>) -> Self::Output {
+        if !self.until_end {
+            return response; // `handle` dropped: done at the headers
+        }
+        response.map(|body| {
+            Body::new(UntilEnd {
+                body,
+                handle: Some(handle),
+            })
+        })
+    }
+}
+
+/// A response body that holds its call's load handle until it ends (its
+/// last frame, an error, or dropped unread).
+struct UntilEnd<H> {
+    body: Body,
+    handle: Option<H>,
+}
+
+impl<H: Unpin> http_body::Body for UntilEnd<H> {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(None | Some(Err(_))) => true,
+            Poll::Ready(Some(Ok(frame))) => frame.is_trailers(),
+            Poll::Pending => false,
+        };
+        if ended {
+            self.handle = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 impl tower::Service<http::Request<Body>> for P2c {
@@ -227,7 +295,7 @@ impl tower::Service<http::Request<Body>> for P2c {
                         endpoint,
                         Duration::from_millis(1),
                         Duration::from_secs(1).as_nanos() as f64,
-                        CompleteOnResponse::default(),
+                        self.completion,
                     );
                     self.endpoints.push(Slot {
                         key,

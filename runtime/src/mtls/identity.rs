@@ -14,6 +14,8 @@ pub mod role {
     pub const PAYMENT: &str = "payment";
     /// Orders and their sagas.
     pub const BARISTA: &str = "barista";
+    /// A brewing station (espresso or milk).
+    pub const STATION: &str = "station";
     /// The REST and browser edge.
     pub const GATEWAY: &str = "gateway";
     /// A person or tool operating the mesh.

@@ -127,17 +127,7 @@ impl From<BaristaError> for Status {
             // RetryInfo for people and REST clients; grpc-retry-pushback-ms
             // (gRFC A6) for gRPC clients, which skip this replica that long.
             BaristaError::ShopFull { retry_after, .. } => {
-                let mut metadata = tonic::metadata::MetadataMap::new();
-                metadata.insert(
-                    "grpc-retry-pushback-ms",
-                    tonic::metadata::MetadataValue::from(retry_after.as_millis() as u64),
-                );
-                Status::with_error_details_and_metadata(
-                    Code::ResourceExhausted,
-                    error.to_string(),
-                    ErrorDetails::with_retry_info(Some(*retry_after)),
-                    metadata,
-                )
+                brewmesh_station::machines::full(error.to_string(), *retry_after)
             }
             // More than the shop holds: no retry can help (a negative
             // pushback says so, gRFC A6), the batch must be split.

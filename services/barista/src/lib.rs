@@ -11,7 +11,8 @@
 //!   — fenced by its owner, and its recovery after a crash.
 //! - [`payments`]: the saga's payment calls, retried under a budget.
 //! - [`journal`]: the orders' history as this process writes and watches it.
-//! - [`stations`]: espresso machines and steam wands with bounded queues.
+//! - [`stations`]: espresso machines and steam wands with bounded queues,
+//!   here or at station replicas ([`remote`]).
 //! - [`store`]: orders and their event history in SQL.
 //! - [`menu`], [`error`], [`observe`].
 
@@ -20,6 +21,7 @@ mod journal;
 pub mod menu;
 pub mod observe;
 mod payments;
+pub mod remote;
 mod saga;
 pub mod service;
 mod shop;
@@ -100,6 +102,10 @@ pub struct Config {
     #[arg(long, env = "BREWMESH_MILK_TIME", default_value = "2s", value_parser = parse_duration)]
     pub milk_time: Duration,
 
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub remote: RemoteArgs,
+
     /// Fraction of station steps that fail (0 to 1), for fault injection.
     #[arg(long, env = "BREWMESH_BREW_FAILURE_RATE", default_value_t = 0.0)]
     pub brew_failure_rate: f64,
@@ -115,6 +121,60 @@ pub struct Config {
 }
 
 impl Config {
+    /// The stations the drinks are made at: this process's, or the
+    /// balanced station replicas.
+    fn stations(&self) -> Result<stations::Stations, RunError> {
+        let rate = self.brew_failure_rate.clamp(0.0, 1.0);
+        let queue = usize::from(self.queue_depth);
+        let local = |name, machines: u16, time| {
+            stations::Station::new(name, machines.into(), queue, time, rate)
+        };
+        let remote = &self.remote;
+        if remote.stations == Placement::Local {
+            return Ok(stations::Stations {
+                espresso: local("espresso", self.espresso_machines, self.espresso_time),
+                milk: local("milk", self.steam_wands, self.milk_time),
+                remote: None,
+            });
+        }
+        let source = |service: &'static str, addrs: &[String], dns: Option<&str>| {
+            Source::pick(service, addrs, dns, &self.registry.registries)
+                .ok_or(RunError::NoStations(service))
+        };
+        let espresso = source(
+            brewmesh_station::ESPRESSO,
+            &remote.espresso_addrs,
+            remote.espresso_dns.as_deref(),
+        )?;
+        let milk = source(
+            brewmesh_station::MILK,
+            &remote.milk_addrs,
+            remote.milk_dns.as_deref(),
+        )?;
+        // A part is in flight at its replica until its stream ends: P2C
+        // weighs the parts each replica is still making.
+        let streams = |source| {
+            brewmesh_runtime::discovery::balanced_with(
+                source,
+                brewmesh_runtime::discovery::Balancing::P2cStreams,
+                brewmesh_runtime::discovery::Policies::brewmesh(),
+            )
+        };
+        let brewing =
+            remote::Remote::new(streams(espresso)?, streams(milk)?, remote.station_timeout);
+        // The failures are the replicas' own (`brewmesh station
+        // --brew-failure-rate`); the times only say when a full shop
+        // frees up.
+        let calls = |name, time| {
+            stations::Station::new(name, remote.station_calls.into(), queue, time, 0.0)
+        };
+        Ok(stations::Stations {
+            espresso: calls("espresso", self.espresso_time),
+            milk: calls("milk", self.milk_time),
+            remote: Some(brewing),
+        })
+    }
+
     /// Where the barista learns payment's addresses.
     pub fn payment_source(&self) -> Source {
         Source::pick(
@@ -128,6 +188,74 @@ impl Config {
     }
 }
 
+/// Whether the drinks are made at station replicas of their own, and how
+/// they are found and called.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RemoteArgs {
+    /// Where drinks are made: `local`, on this process's machines (the
+    /// flags above), or `remote`, at station replicas (`brewmesh station`)
+    /// found through the registry, or at --espresso-addr and --milk-addr.
+    #[arg(long, env = "BREWMESH_STATIONS", default_value = "local")]
+    pub stations: Placement,
+
+    /// Espresso station address(es), `host:port`, balanced [default: found
+    /// through the registry] (with --stations remote).
+    #[arg(
+        long = "espresso-addr",
+        env = "BREWMESH_ESPRESSO_ADDR",
+        value_delimiter = ','
+    )]
+    pub espresso_addrs: Vec<String>,
+
+    /// Find the espresso stations by DNS instead (`host:port`).
+    #[arg(long, env = "BREWMESH_ESPRESSO_DNS", conflicts_with = "espresso_addrs")]
+    pub espresso_dns: Option<String>,
+
+    /// Milk station address(es), `host:port`, balanced [default: found
+    /// through the registry] (with --stations remote).
+    #[arg(long = "milk-addr", env = "BREWMESH_MILK_ADDR", value_delimiter = ',')]
+    pub milk_addrs: Vec<String>,
+
+    /// Find the milk stations by DNS instead (`host:port`).
+    #[arg(long, env = "BREWMESH_MILK_DNS", conflicts_with = "milk_addrs")]
+    pub milk_dns: Option<String>,
+
+    /// With remote stations: parts of drinks this barista has at each kind
+    /// of station at once (waiting there or brewing); the queue depth
+    /// still bounds the orders waiting here for one of them.
+    #[arg(long, env = "BREWMESH_STATION_CALLS", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
+    pub station_calls: u16,
+
+    /// Deadline of each call to a station: the wait for a machine and the
+    /// brewing.
+    #[arg(long, env = "BREWMESH_STATION_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub station_timeout: Duration,
+}
+
+impl Default for RemoteArgs {
+    /// Drinks made in the barista's process.
+    fn default() -> Self {
+        Self {
+            stations: Placement::Local,
+            espresso_addrs: Vec::new(),
+            espresso_dns: None,
+            milk_addrs: Vec::new(),
+            milk_dns: None,
+            station_calls: 256,
+            station_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where a barista's drinks are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Placement {
+    /// On this process's machines.
+    Local,
+    /// At station replicas of their own.
+    Remote,
+}
+
 /// Why the barista service stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -137,9 +265,12 @@ pub enum RunError {
     /// The order store could not be read.
     #[error("reading the order store")]
     Store(#[from] sqlx::Error),
-    /// A payment address is not valid.
+    /// A payment or station address is not valid.
     #[error(transparent)]
-    PaymentAddress(#[from] brewmesh_runtime::client::InvalidAddress),
+    Address(#[from] brewmesh_runtime::client::InvalidAddress),
+    /// `--stations remote` with no way to find the stations.
+    #[error("--stations remote: no way to find {0}; pass --registry, or the stations' addresses")]
+    NoStations(&'static str),
     /// Serving failed.
     #[error(transparent)]
     Serve(#[from] ServeError),
@@ -161,24 +292,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<Drained, RunError> {
     let store = store::OrderStore::open(&config.database).await?;
-    let rate = config.brew_failure_rate.clamp(0.0, 1.0);
-    let queue = usize::from(config.queue_depth);
-    let stations = stations::Stations {
-        espresso: stations::Station::new(
-            "espresso",
-            config.espresso_machines.into(),
-            queue,
-            config.espresso_time,
-            rate,
-        ),
-        milk: stations::Station::new(
-            "milk",
-            config.steam_wands.into(),
-            queue,
-            config.milk_time,
-            rate,
-        ),
-    };
+    let stations = config.stations()?;
     observe::register(&stations);
     let payments = payments::PaymentService::new(
         PaymentsClient::new(brewmesh_runtime::discovery::balanced(

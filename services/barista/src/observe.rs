@@ -1,6 +1,6 @@
 //! The barista's own metrics: orders placed, sagas by outcome, and the
 //! stations' utilization and queues (read from their semaphores at scrape
-//! time).
+//! time; with remote stations, the parts this barista has at them).
 
 use std::sync::OnceLock;
 
@@ -8,7 +8,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
-use crate::stations::{Load, Stations};
+use crate::stations::Stations;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
@@ -78,29 +78,5 @@ pub fn unreadable_row(table: &'static str) {
 /// before the first order).
 pub fn register(stations: &Stations) {
     let _ = orders();
-    let loads: Vec<Load> = vec![stations.espresso.load(), stations.milk.load()];
-    let read = move |what: fn(&Load) -> f64| {
-        let loads = loads.clone();
-        move || {
-            loads
-                .iter()
-                .map(|load| {
-                    (
-                        vec![("station".to_owned(), load.name.to_owned())],
-                        what(load),
-                    )
-                })
-                .collect()
-        }
-    };
-    brewmesh_runtime::metrics::register_gauges(
-        "brewmesh_station_utilization",
-        "Share of a station's machines in use (0 to 1)",
-        read(Load::utilization),
-    );
-    brewmesh_runtime::metrics::register_gauges(
-        "brewmesh_station_queue_depth",
-        "Orders admitted to a station and waiting for a machine",
-        read(|load| load.waiting() as f64),
-    );
+    brewmesh_station::observe::register(vec![stations.espresso.load(), stations.milk.load()]);
 }

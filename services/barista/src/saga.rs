@@ -27,10 +27,13 @@
 //! guard that refused is never taken to mean a cancel.
 //!
 //! The saga reaches the world through two small traits, [`Orders`] and
-//! [`Payments`], so its tests below run in paused time without a network.
+//! [`Payments`], and the stations it is handed (local machines, or station
+//! replicas through [`crate::remote`]), so its tests below run in paused
+//! time without a network.
 
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::Instrument as _;
@@ -42,6 +45,7 @@ use brewmesh::pb::payment::v1::{
 
 use crate::menu;
 use crate::payments::{Payments, Refused};
+use crate::remote::Part;
 use crate::stations::{Admission, Place, Station, Stations};
 use crate::store::{Change, OrderRecord, Step};
 
@@ -360,8 +364,10 @@ impl Saga<'_> {
         let shots = format!("{} shot(s)", item.espresso_shots);
         let espresso = self.station_step(
             order_id,
-            &self.stations.espresso,
-            admission.espresso,
+            (&self.stations.espresso, admission.espresso),
+            Part::Espresso {
+                shots: item.espresso_shots,
+            },
             (E::EspressoStarted, E::EspressoDone),
             &shots,
         );
@@ -369,8 +375,8 @@ impl Saga<'_> {
             Some(place) => {
                 let milk = self.station_step(
                     order_id,
-                    &self.stations.milk,
-                    place,
+                    (&self.stations.milk, place),
+                    Part::Milk,
                     (E::MilkStarted, E::MilkDone),
                     "",
                 );
@@ -380,12 +386,14 @@ impl Saga<'_> {
         }
     }
 
-    /// One station's part of the drink, between its `(started, done)` events.
+    /// One station's part of the drink, between its `(started, done)` events:
+    /// on this process's machines, or sent to a station replica (whose id
+    /// the started event names; a replica lost mid-brew starts it again).
     async fn station_step(
         &self,
         order_id: &str,
-        station: &Station,
-        place: Place,
+        (station, place): (&Station, Place),
+        part: Part,
         (started, done): (E, E),
         detail: &str,
     ) -> Result<(), SagaError> {
@@ -398,14 +406,39 @@ impl Saga<'_> {
                 from: &[S::Brewing],
                 ..Change::default()
             };
-            self.record(order_id, &[(started, detail)], brewing.clone())
-                .await?;
-            tokio::time::sleep(station.duration).await;
-            if station.fails() {
-                return Err(SagaError::BrewFailed(format!(
-                    "the {} station failed",
-                    station.name
-                )));
+            let Some(remote) = &self.stations.remote else {
+                self.record(order_id, &[(started, detail)], brewing.clone())
+                    .await?;
+                tokio::time::sleep(station.duration).await;
+                if station.fails() {
+                    return Err(SagaError::BrewFailed(format!(
+                        "the {} station failed",
+                        station.name
+                    )));
+                }
+                self.record(order_id, &[(done, "")], brewing).await?;
+                return Ok(());
+            };
+            let (at_tx, mut at) = mpsc::channel(4);
+            let call = remote.brew(order_id, part, &at_tx);
+            tokio::pin!(call);
+            loop {
+                tokio::select! {
+                    // A start the call reported is written before its end.
+                    biased;
+                    Some(replica) = at.recv() => {
+                        let detail = match detail {
+                            "" => format!("at {replica}"),
+                            detail => format!("{detail} at {replica}"),
+                        };
+                        self.record(order_id, &[(started, &detail)], brewing.clone())
+                            .await?;
+                    }
+                    made = &mut call => {
+                        made.map_err(SagaError::BrewFailed)?;
+                        break;
+                    }
+                }
             }
             self.record(order_id, &[(done, "")], brewing).await?;
             Ok(())
@@ -821,6 +854,7 @@ mod tests {
         Stations {
             espresso: station("espresso"),
             milk: station("milk"),
+            remote: None,
         }
     }
 

@@ -56,6 +56,7 @@ fn barista_config(database: DatabaseArgs, payment_addr: String) -> brewmesh_bari
         espresso_time: Duration::from_millis(200),
         milk_time: Duration::from_millis(200),
         brew_failure_rate: 0.0,
+        remote: Default::default(),
         order_lease: Duration::from_secs(2),
         watch_poll: Duration::from_millis(200),
     }

@@ -78,11 +78,18 @@ pub fn access() -> Access {
         role::REGISTRY,
         role::PAYMENT,
         role::BARISTA,
+        role::STATION,
         role::GATEWAY,
         role::OPERATOR,
     ];
-    let servers = [role::PAYMENT, role::BARISTA];
-    let release = [role::PAYMENT, role::BARISTA, role::GATEWAY, role::OPERATOR];
+    let servers = [role::PAYMENT, role::BARISTA, role::STATION];
+    let release = [
+        role::PAYMENT,
+        role::BARISTA,
+        role::STATION,
+        role::GATEWAY,
+        role::OPERATOR,
+    ];
     Access::new()
         .allow(SERVICE_NAME, &all)
         .allow(&format!("{SERVICE_NAME}/Register"), &servers)
