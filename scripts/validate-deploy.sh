@@ -38,7 +38,7 @@ echo "compose file parses"
 python3 - "$brewmesh" "$out" <<'PY'
 import glob, subprocess, sys, yaml
 brewmesh, out = sys.argv[1], sys.argv[2]
-ROLES = ("registry", "payment", "barista", "gateway")
+ROLES = ("registry", "payment", "barista", "station", "gateway")
 helps = {}
 def help_of(role):
     if role not in helps:
