@@ -2,8 +2,9 @@
 //! goes to the store, then to the watchers of that order in this process.
 //!
 //! A write here wakes that order's watchers only and hands them its events;
-//! one poll for all watched orders finds other processes' writes (replicas
-//! sharing the database). One broadcast of every order to every watcher,
+//! other processes' writes (replicas sharing the database) are heard at
+//! once on PostgreSQL (LISTEN/NOTIFY), and found by one poll for all
+//! watched orders on both databases. One broadcast of every order to every watcher,
 //! or a poll per watcher, cost a busy shop most of its reads (BENCHMARKS.md,
 //! "the barista's write path").
 
@@ -83,19 +84,67 @@ impl Journal {
                 };
                 let watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
                 for (order_id, sequence) in latest {
-                    if let Some(sender) = watched.get(order_id.as_str()) {
-                        sender.send_if_modified(|written| {
-                            let newer = sequence > written.latest;
-                            if newer {
-                                written.latest = sequence;
-                                written.events = Arc::from([]);
-                            }
-                            newer
-                        });
-                    }
+                    stored_elsewhere(&watched, &order_id, sequence);
                 }
             }
         }
+    }
+
+    /// Until `stop`, on PostgreSQL: hears every commit of order events
+    /// (`LISTEN`; the store's trigger sends `order_id sequence` pairs) and
+    /// wakes the watchers of those orders at once, so a watch served by one
+    /// replica follows another's writes without waiting for the poll. The
+    /// poll stays, for what a lost connection missed.
+    pub(crate) async fn hear_others(self: Arc<Self>, url: String, stop: CancellationToken) {
+        loop {
+            let heard = self.listen(&url);
+            let failed = tokio::select! {
+                Err(error) = heard => error,
+                () = stop.cancelled() => return,
+            };
+            tracing::warn!(error = %failed, "listening for other replicas' order events failed; polling until it is back");
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Listens on [`crate::store::EVENTS_CHANNEL`] and wakes the watchers
+    /// it names, until the connection fails.
+    async fn listen(&self, url: &str) -> Result<std::convert::Infallible, sqlx::Error> {
+        let mut listener = sqlx::postgres::PgListener::connect(url).await?;
+        listener.listen(crate::store::EVENTS_CHANNEL).await?;
+        loop {
+            let notification = listener.recv().await?;
+            let watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+            for pair in notification.payload().split(',') {
+                if let Some((order_id, sequence)) = pair.split_once(' ')
+                    && let Ok(sequence) = sequence.parse()
+                {
+                    stored_elsewhere(&watched, order_id, sequence);
+                }
+            }
+        }
+    }
+}
+
+/// Another process stored `order_id`'s events up to `sequence`: its
+/// watchers here, if any, read them.
+fn stored_elsewhere(
+    watched: &HashMap<Arc<str>, watch::Sender<Written>>,
+    order_id: &str,
+    sequence: i64,
+) {
+    if let Some(sender) = watched.get(order_id) {
+        sender.send_if_modified(|written| {
+            let newer = sequence > written.latest;
+            if newer {
+                written.latest = sequence;
+                written.events = Arc::from([]);
+            }
+            newer
+        });
     }
 }
 

@@ -317,6 +317,11 @@ pub async fn run(
         tokio::spawn(Arc::clone(&shop).keep_leases(shutdown.clone(), sagas_drained.clone()));
 
     tokio::spawn(Arc::clone(shop.journal()).follow_others(config.watch_poll, shutdown.clone()));
+    if let Some(url) = config.database.database_url.clone()
+        && !config.database.is_sqlite()
+    {
+        tokio::spawn(Arc::clone(shop.journal()).hear_others(url, shutdown.clone()));
+    }
     let service = BaristaService::new(Arc::clone(&shop), shutdown.clone());
     let routes = Routes::new(BaristaServer::new(service));
     let drain_timeout = config.serve.drain_timeout;

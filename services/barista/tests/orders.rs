@@ -680,6 +680,59 @@ async fn a_watch_on_either_replica_sees_what_the_other_one_writes() {
     assert_eq!(types.last(), Some(&E::Cancelled), "{types:?}");
 }
 
+/// On PostgreSQL, a replica hears the other's writes at once (LISTEN/NOTIFY)
+/// rather than at its next poll: with the poll an hour apart, a watch on
+/// the replica that does not drive the order still follows it to its end.
+/// (SQLite has no notifications: the poll is all there is, tested above.)
+#[tokio::test]
+async fn on_postgres_a_watch_hears_the_other_replicas_writes_without_polling() {
+    let (dir, payment) = payment(Duration::ZERO).await;
+    let database = brewmesh_testing::database(dir.path(), "barista").await;
+    if database.is_sqlite() {
+        return;
+    }
+    let config = |database| brewmesh_barista::Config {
+        watch_poll: Duration::from_secs(3600),
+        ..barista_config(database, payment.addr.to_string())
+    };
+    let driving_config = config(database.clone());
+    let driving = spawn(|l, s| brewmesh_barista::run(l, driving_config, s)).await;
+    let other_config = config(database);
+    let other = spawn(|l, s| brewmesh_barista::run(l, other_config, s)).await;
+    let channel = |url: String| brewmesh_runtime::client::channel(&url).unwrap();
+    let mut driving_client = BaristaClient::new(channel(driving.url()));
+    let mut other_client = BaristaClient::new(channel(other.url()));
+    // Batches too: one statement's events come in one notification.
+    let placed = driving_client
+        .batch_place_orders(BatchPlaceOrdersRequest {
+            requests: (0..3)
+                .map(|n| order(&format!("heard-{n}"), "latte", "tok_visa"))
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .orders;
+    for made in placed {
+        let stream = other_client
+            .watch_order(WatchOrderRequest {
+                order_id: made.order_id.clone(),
+                after_sequence: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let events = tokio::time::timeout(
+            Duration::from_secs(30),
+            stream.collect::<Result<Vec<OrderEvent>, _>>(),
+        )
+        .await
+        .expect("the watch hears the order's end without a poll")
+        .unwrap();
+        assert_eq!(events.last().unwrap().r#type(), E::PaymentCaptured);
+    }
+}
+
 /// Rows this binary cannot read (an unknown saga step on an unfinished
 /// order, an unknown state on a READY one) are skipped and reported: the
 /// barista still starts, still finishes the other orphaned orders, and

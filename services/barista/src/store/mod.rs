@@ -11,6 +11,8 @@
 
 mod rows;
 mod schema;
+
+pub(crate) use schema::EVENTS_CHANNEL;
 mod writer;
 
 use std::sync::Arc;
@@ -155,6 +157,11 @@ impl OrderStore {
         database: &brewmesh_runtime::db::DatabaseArgs,
     ) -> Result<Self, brewmesh_runtime::db::OpenError> {
         let pool = database.open("barista.db", MIGRATIONS).await?;
+        if !database.is_sqlite() {
+            schema::notify_on_events(&pool)
+                .await
+                .map_err(brewmesh_runtime::db::OpenError::from)?;
+        }
         let writer = database.is_sqlite().then(|| {
             let (writer, queue) = mpsc::channel(4 * MAX_BATCH);
             tokio::spawn(writer::write_in_batches(pool.clone(), queue));

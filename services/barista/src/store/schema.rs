@@ -47,3 +47,40 @@ pub(super) const MIGRATIONS: &[brewmesh_runtime::db::Migration] = &[
 pub(super) const COLUMNS: &str = "order_id, item_id, customer_name, card_token, currency_code, \
                                   amount_minor, state, saga_step, payment_id, failure_reason, \
                                   create_time, update_time, owner, customer";
+
+/// The PostgreSQL channel on which every commit of order events is
+/// announced: `order_id sequence` pairs (the order's last event in the
+/// statement), comma-separated, at most 100 orders per notification (a
+/// payload stays under PostgreSQL's 8000 bytes).
+pub(crate) const EVENTS_CHANNEL: &str = "brewmesh_order_events";
+
+/// On PostgreSQL: the trigger that announces the order events each
+/// statement inserts on [`EVENTS_CHANNEL`] (delivered when the transaction
+/// commits). Replaced at every start, under a lock, so replicas starting
+/// together do not collide.
+const NOTIFY_ON_EVENTS: &str = "DO $do$ BEGIN
+    PERFORM pg_advisory_xact_lock(7346210451);
+    CREATE OR REPLACE FUNCTION brewmesh_order_events_notify() RETURNS trigger AS $fn$
+    DECLARE payload TEXT;
+    BEGIN
+        FOR payload IN
+            SELECT string_agg(order_id || ' ' || latest, ',')
+            FROM (SELECT order_id, MAX(sequence) AS latest,
+                         (ROW_NUMBER() OVER (ORDER BY order_id) - 1) / 100 AS page
+                  FROM new_events GROUP BY order_id) AS last
+            GROUP BY page
+        LOOP
+            PERFORM pg_notify('brewmesh_order_events', payload);
+        END LOOP;
+        RETURN NULL;
+    END $fn$ LANGUAGE plpgsql;
+    CREATE OR REPLACE TRIGGER order_events_notify AFTER INSERT ON order_events
+        REFERENCING NEW TABLE AS new_events
+        FOR EACH STATEMENT EXECUTE FUNCTION brewmesh_order_events_notify();
+END $do$";
+
+/// Installs (or replaces) the trigger behind [`EVENTS_CHANNEL`].
+pub(super) async fn notify_on_events(pool: &sqlx::AnyPool) -> Result<(), sqlx::Error> {
+    sqlx::query(NOTIFY_ON_EVENTS).execute(pool).await?;
+    Ok(())
+}
