@@ -285,23 +285,7 @@ async fn up_serves_the_readme_flow_to_grpcurl_and_merges_the_logs() {
         assert!(said.contains("Unauthenticated"), "{said}");
     }
 
-    let order = json(&grpcurl(&[
-        "-d",
-        r#"{"idempotency_key":"order-1","item_id":"latte","customer_name":"Ada","card_token":"tok_visa"}"#,
-        &barista,
-        "brewmesh.barista.v1.Barista/PlaceOrder",
-    ]));
-    let order_id = order["orderId"].as_str().expect("an order id").to_owned();
-    let watched = grpcurl(&[
-        "-d",
-        &format!(r#"{{"order_id":"{order_id}"}}"#),
-        &barista,
-        "brewmesh.barista.v1.Barista/WatchOrder",
-    ]);
-    let events: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&watched)
-        .into_iter()
-        .map(|v| v.unwrap())
-        .collect();
+    let (order_id, events, watched) = support::latte_watched(&grpcurl, &barista, "order-1");
     assert_eq!(
         events.last().map(|e| e["type"].clone()),
         Some("ORDER_EVENT_TYPE_PAYMENT_CAPTURED".into()),

@@ -90,23 +90,7 @@ async fn up_split_makes_a_drink_at_station_replicas_found_through_the_registry()
     }
 
     let barista = up.instance("barista-1").to_string();
-    let order = json(&grpcurl(&[
-        "-d",
-        r#"{"idempotency_key":"split-1","item_id":"latte","customer_name":"Ada","card_token":"tok_visa"}"#,
-        &barista,
-        "brewmesh.barista.v1.Barista/PlaceOrder",
-    ]));
-    let order_id = order["orderId"].as_str().expect("an order id").to_owned();
-    let watched = grpcurl(&[
-        "-d",
-        &format!(r#"{{"order_id":"{order_id}"}}"#),
-        &barista,
-        "brewmesh.barista.v1.Barista/WatchOrder",
-    ]);
-    let events: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&watched)
-        .into_iter()
-        .map(|v| v.unwrap())
-        .collect();
+    let (_, events, watched) = support::latte_watched(&grpcurl, &barista, "split-1");
     let at = |kind: &str| -> Vec<String> {
         events
             .iter()

@@ -1,4 +1,7 @@
-//! `brewmesh up`: the mesh on 127.0.0.1 as child processes of this one.
+//! `brewmesh up`: the mesh on 127.0.0.1 as child processes of this one —
+//! registry, payment, barista and gateway, and with `--split` (or
+//! `--espresso-replicas`, `--milk-replicas`) the stations as processes of
+//! their own, the baristas sending every part of a drink to them.
 //!
 //! Each role runs as `brewmesh <role>` (the same binary), logging JSON lines
 //! that this process reads, labels with the instance and writes to one

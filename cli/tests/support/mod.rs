@@ -365,3 +365,33 @@ pub fn grpcurl_tls(operator: &std::path::Path, args: &[&str]) -> String {
 pub fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
+
+/// A latte placed with `grpcurl` at the barista `addr` under `key`, and
+/// watched to its end: its id, its events as JSON, and grpcurl's output.
+pub fn latte_watched(
+    grpcurl: &dyn Fn(&[&str]) -> String,
+    addr: &str,
+    key: &str,
+) -> (String, Vec<serde_json::Value>, String) {
+    let request = format!(
+        r#"{{"idempotency_key":"{key}","item_id":"latte","customer_name":"Ada","card_token":"tok_visa"}}"#
+    );
+    let order = json(&grpcurl(&[
+        "-d",
+        &request,
+        addr,
+        "brewmesh.barista.v1.Barista/PlaceOrder",
+    ]));
+    let order_id = order["orderId"].as_str().expect("an order id").to_owned();
+    let watched = grpcurl(&[
+        "-d",
+        &format!(r#"{{"order_id":"{order_id}"}}"#),
+        addr,
+        "brewmesh.barista.v1.Barista/WatchOrder",
+    ]);
+    let events = serde_json::Deserializer::from_str(&watched)
+        .into_iter()
+        .map(|v| v.unwrap())
+        .collect();
+    (order_id, events, watched)
+}
