@@ -199,7 +199,8 @@ pub struct RemoteArgs {
     pub stations: Placement,
 
     /// Espresso station address(es), `host:port`, balanced [default: found
-    /// through the registry] (with --stations remote).
+    /// through the registry when --registry is set, else 127.0.0.1:50054]
+    /// (with --stations remote).
     #[arg(
         long = "espresso-addr",
         env = "BREWMESH_ESPRESSO_ADDR",
@@ -212,7 +213,8 @@ pub struct RemoteArgs {
     pub espresso_dns: Option<String>,
 
     /// Milk station address(es), `host:port`, balanced [default: found
-    /// through the registry] (with --stations remote).
+    /// through the registry when --registry is set, else 127.0.0.1:50055]
+    /// (with --stations remote).
     #[arg(long = "milk-addr", env = "BREWMESH_MILK_ADDR", value_delimiter = ',')]
     pub milk_addrs: Vec<String>,
 
@@ -268,7 +270,9 @@ pub enum RunError {
     /// A payment or station address is not valid.
     #[error(transparent)]
     Address(#[from] brewmesh_runtime::client::InvalidAddress),
-    /// `--stations remote` with no way to find the stations.
+    /// `--stations remote` with no way to find the stations (every
+    /// brewmesh station has a default address, so only a service this
+    /// version does not know gets here).
     #[error("--stations remote: no way to find {0}; pass --registry, or the stations' addresses")]
     NoStations(&'static str),
     /// Serving failed.
