@@ -13,13 +13,16 @@ use tonic::transport::Channel;
 use brewmesh::pb::barista::v1::barista_client::BaristaClient;
 use brewmesh::pb::barista::v1::{
     BatchPlaceOrdersRequest, GetOrderRequest, ListOrdersRequest, OrderEvent, OrderEventType as E,
-    OrderState, PlaceOrderRequest, WatchOrderRequest, WatchOrdersRequest,
+    OrderState, PlaceOrderRequest, WatchOrdersRequest,
 };
 use brewmesh::pb::payment::v1::payments_client::PaymentsClient;
 use brewmesh::pb::payment::v1::{
     AuthorizeRequest, GetPaymentRequest, ListPaymentsRequest, Money, PaymentState,
 };
-use support::{PATIENCE, Process, charged_once, curl, grpcurl, grpcurl_tls, json};
+use support::{
+    PATIENCE, Process, charged_once, curl, ends, events_until, grpcurl, grpcurl_tls, json,
+    kinds_of, made,
+};
 
 fn client<T>(url: String, new: fn(Channel) -> T) -> T {
     new(brewmesh_runtime::client::channel(&url).expect("valid url"))
@@ -58,53 +61,6 @@ async fn start_barista(dir: &std::path::Path, payment: &Process, step: &str) -> 
         ],
     )
     .await
-}
-
-/// Whether `event` is an order's last: FAILED, CANCELLED, or the
-/// settlement that follows READY.
-fn ends(event: E) -> bool {
-    matches!(
-        event,
-        E::PaymentCaptured | E::PaymentCaptureRefused | E::Failed | E::Cancelled
-    )
-}
-
-/// Whether the events are a made drink's: READY, then its capture.
-fn made(kinds: &[E]) -> bool {
-    kinds.ends_with(&[E::Ready, E::PaymentCaptured])
-}
-
-fn kinds_of(events: &[OrderEvent]) -> Vec<E> {
-    events.iter().map(|e| e.r#type()).collect()
-}
-
-async fn events_until(
-    client: &mut BaristaClient<Channel>,
-    order_id: &str,
-    stop: impl Fn(E) -> bool,
-) -> Vec<OrderEvent> {
-    let mut stream = client
-        .watch_order(WatchOrderRequest {
-            order_id: order_id.into(),
-            after_sequence: 0,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    let mut events = Vec::new();
-    tokio::time::timeout(PATIENCE, async {
-        while let Some(event) = stream.next().await {
-            let event = event.expect("event");
-            let done = stop(event.r#type());
-            events.push(event);
-            if done {
-                break;
-            }
-        }
-    })
-    .await
-    .expect("the awaited event comes in time");
-    events
 }
 
 #[tokio::test(flavor = "multi_thread")]

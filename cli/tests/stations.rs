@@ -7,36 +7,10 @@
 mod support;
 
 use nix::sys::signal::Signal;
-use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 
 use brewmesh::pb::barista::v1::barista_client::BaristaClient;
-use brewmesh::pb::barista::v1::{
-    OrderEvent, OrderEventType as E, PlaceOrderRequest, WatchOrderRequest,
-};
-use support::{PATIENCE, Process, charged_once, grpcurl_tls, json};
-
-/// The events of `order_id` until its last (the capture, FAILED or
-/// CANCELLED), as WatchOrder streams them.
-async fn history(barista: &mut BaristaClient<Channel>, order_id: &str) -> Vec<OrderEvent> {
-    let mut stream = barista
-        .watch_order(WatchOrderRequest {
-            order_id: order_id.into(),
-            after_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut events = Vec::new();
-    tokio::time::timeout(PATIENCE, async {
-        while let Some(event) = stream.next().await {
-            events.push(event.unwrap());
-        }
-    })
-    .await
-    .expect("the order ends in time");
-    events
-}
+use brewmesh::pb::barista::v1::{OrderEvent, OrderEventType as E, PlaceOrderRequest};
+use support::{Process, charged_once, ends, events_until, grpcurl_tls, json, kinds_of, made};
 
 /// The details of `events` of type `kind`.
 fn details(events: &[OrderEvent], kind: E) -> Vec<String> {
@@ -172,25 +146,9 @@ async fn an_espresso_station_killed_mid_brew_leaves_the_order_ready_with_one_cap
         .into_inner();
 
     // Wait for the shots to start, and kill the replica pulling them.
-    let mut stream = barista
-        .watch_order(WatchOrderRequest {
-            order_id: order.order_id.clone(),
-            after_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let started = tokio::time::timeout(PATIENCE, async {
-        loop {
-            let event = stream.next().await.expect("an event").unwrap();
-            if event.r#type() == E::EspressoStarted {
-                break event.detail;
-            }
-        }
-    })
-    .await
-    .expect("the shots start");
-    drop(stream);
+    let until_pulled =
+        events_until(&mut barista, &order.order_id, |e| e == E::EspressoStarted).await;
+    let started = until_pulled.last().expect("the shots start").detail.clone();
     let label = (1..=2)
         .map(|n| format!("espresso-{n}"))
         .find(|label| started.ends_with(&format!(" at {}", up.instance(label))))
@@ -202,12 +160,9 @@ async fn an_espresso_station_killed_mid_brew_leaves_the_order_ready_with_one_cap
     let pid = ready["pid"].as_i64().unwrap() as i32;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
 
-    let events = history(&mut barista, &order.order_id).await;
-    let kinds: Vec<E> = events.iter().map(|e| e.r#type()).collect();
-    assert!(
-        kinds.ends_with(&[E::Ready, E::PaymentCaptured]),
-        "{kinds:?}"
-    );
+    let events = events_until(&mut barista, &order.order_id, ends).await;
+    let kinds = kinds_of(&events);
+    assert!(made(&kinds), "{kinds:?}");
     // Pulled twice: on the replica that died, then again.
     let pulled = details(&events, E::EspressoStarted);
     assert_eq!(pulled.len(), 2, "{pulled:?}");

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+use brewmesh::pb::barista::v1::{OrderEvent, OrderEventType as E};
+
 /// How long a process may take to start serving or to exit.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -394,4 +396,56 @@ pub fn latte_watched(
         .map(|v| v.unwrap())
         .collect();
     (order_id, events, watched)
+}
+
+/// Whether `event` is an order's last: FAILED, CANCELLED, or the
+/// settlement that follows READY.
+pub fn ends(event: E) -> bool {
+    matches!(
+        event,
+        E::PaymentCaptured | E::PaymentCaptureRefused | E::Failed | E::Cancelled
+    )
+}
+
+/// Whether the events are a made drink's: READY, then its capture.
+pub fn made(kinds: &[E]) -> bool {
+    kinds.ends_with(&[E::Ready, E::PaymentCaptured])
+}
+
+/// The events' types, in order.
+pub fn kinds_of(events: &[OrderEvent]) -> Vec<E> {
+    events.iter().map(|e| e.r#type()).collect()
+}
+
+/// The events of `order_id` from the first, as WatchOrder streams them,
+/// up to and with the first for which `stop` holds (or to the stream's end).
+pub async fn events_until(
+    client: &mut brewmesh::pb::barista::v1::barista_client::BaristaClient<
+        tonic::transport::Channel,
+    >,
+    order_id: &str,
+    stop: impl Fn(E) -> bool,
+) -> Vec<OrderEvent> {
+    let mut stream = client
+        .watch_order(brewmesh::pb::barista::v1::WatchOrderRequest {
+            order_id: order_id.into(),
+            after_sequence: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut events = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(event) = tokio_stream::StreamExt::next(&mut stream).await {
+            let event = event.expect("event");
+            let done = stop(event.r#type());
+            events.push(event);
+            if done {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the awaited event comes in time");
+    events
 }

@@ -607,6 +607,48 @@ async fn a_watch_resumes_after_a_sequence_and_lists_show_orders_newest_first() {
     assert!(next.next_page_token.is_empty());
 }
 
+/// Two baristas on `database`, each run with `config(database)`: the
+/// servers (stopped when dropped) and a client of each.
+async fn two_replicas(
+    database: DatabaseArgs,
+    config: impl Fn(DatabaseArgs) -> brewmesh_barista::Config,
+) -> (
+    [Running<BaristaRun>; 2],
+    BaristaClient<Channel>,
+    BaristaClient<Channel>,
+) {
+    let first_config = config(database.clone());
+    let first = spawn(|l, s| brewmesh_barista::run(l, first_config, s)).await;
+    let second_config = config(database);
+    let second = spawn(|l, s| brewmesh_barista::run(l, second_config, s)).await;
+    let channel = |url: String| brewmesh_runtime::client::channel(&url).unwrap();
+    let (a, b) = (
+        BaristaClient::new(channel(first.url())),
+        BaristaClient::new(channel(second.url())),
+    );
+    ([first, second], a, b)
+}
+
+/// Every event of `order_id`, watched through `client` to the order's end
+/// (within 30 s).
+async fn watched_to_end(mut client: BaristaClient<Channel>, order_id: String) -> Vec<OrderEvent> {
+    let stream = client
+        .watch_order(WatchOrderRequest {
+            order_id,
+            after_sequence: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        stream.collect::<Result<Vec<OrderEvent>, _>>(),
+    )
+    .await
+    .expect("the order ends within 30s")
+    .unwrap()
+}
+
 /// Two baristas on one database: a watch on the replica that does not drive
 /// the order gets every event the other one writes (found by the shop's
 /// poll of the watched orders), and a watch on the driving replica gets the
@@ -621,38 +663,15 @@ async fn a_watch_on_either_replica_sees_what_the_other_one_writes() {
         milk_time: Duration::from_secs(1),
         ..barista_config(database, payment.addr.to_string())
     };
-    let driving_config = config(database.clone());
-    let driving = spawn(|l, s| brewmesh_barista::run(l, driving_config, s)).await;
-    let other_config = config(database);
-    let other = spawn(|l, s| brewmesh_barista::run(l, other_config, s)).await;
-    let channel = |url: String| brewmesh_runtime::client::channel(&url).unwrap();
-    let mut driving_client = BaristaClient::new(channel(driving.url()));
-    let mut other_client = BaristaClient::new(channel(other.url()));
-    let collect = |mut client: BaristaClient<Channel>, order_id: String| async move {
-        let stream = client
-            .watch_order(WatchOrderRequest {
-                order_id,
-                after_sequence: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            stream.collect::<Result<Vec<OrderEvent>, _>>(),
-        )
-        .await
-        .expect("the order ends within 30s")
-        .unwrap()
-    };
+    let (_servers, mut driving_client, mut other_client) = two_replicas(database, config).await;
 
     let made = driving_client
         .place_order(order("made", "latte", "tok_visa"))
         .await
         .unwrap()
         .into_inner();
-    let seen_elsewhere = collect(other_client.clone(), made.order_id.clone()).await;
-    let seen_here = collect(driving_client.clone(), made.order_id.clone()).await;
+    let seen_elsewhere = watched_to_end(other_client.clone(), made.order_id.clone()).await;
+    let seen_here = watched_to_end(driving_client.clone(), made.order_id.clone()).await;
     assert_eq!(seen_elsewhere, seen_here);
     assert_eq!(seen_elsewhere.last().unwrap().r#type(), E::PaymentCaptured);
     let sequences: Vec<i64> = seen_elsewhere.iter().map(|e| e.sequence).collect();
@@ -666,7 +685,10 @@ async fn a_watch_on_either_replica_sees_what_the_other_one_writes() {
         .await
         .unwrap()
         .into_inner();
-    let watch_here = tokio::spawn(collect(driving_client.clone(), cancelled.order_id.clone()));
+    let watch_here = tokio::spawn(watched_to_end(
+        driving_client.clone(),
+        cancelled.order_id.clone(),
+    ));
     other_client
         .cancel_order(CancelOrderRequest {
             order_id: cancelled.order_id.clone(),
@@ -695,13 +717,7 @@ async fn on_postgres_a_watch_hears_the_other_replicas_writes_without_polling() {
         watch_poll: Duration::from_secs(3600),
         ..barista_config(database, payment.addr.to_string())
     };
-    let driving_config = config(database.clone());
-    let driving = spawn(|l, s| brewmesh_barista::run(l, driving_config, s)).await;
-    let other_config = config(database);
-    let other = spawn(|l, s| brewmesh_barista::run(l, other_config, s)).await;
-    let channel = |url: String| brewmesh_runtime::client::channel(&url).unwrap();
-    let mut driving_client = BaristaClient::new(channel(driving.url()));
-    let mut other_client = BaristaClient::new(channel(other.url()));
+    let (_servers, mut driving_client, other_client) = two_replicas(database, config).await;
     // Batches too: one statement's events come in one notification.
     let placed = driving_client
         .batch_place_orders(BatchPlaceOrdersRequest {
@@ -714,21 +730,8 @@ async fn on_postgres_a_watch_hears_the_other_replicas_writes_without_polling() {
         .into_inner()
         .orders;
     for made in placed {
-        let stream = other_client
-            .watch_order(WatchOrderRequest {
-                order_id: made.order_id.clone(),
-                after_sequence: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let events = tokio::time::timeout(
-            Duration::from_secs(30),
-            stream.collect::<Result<Vec<OrderEvent>, _>>(),
-        )
-        .await
-        .expect("the watch hears the order's end without a poll")
-        .unwrap();
+        // Within 30 s, though the poll is an hour apart.
+        let events = watched_to_end(other_client.clone(), made.order_id).await;
         assert_eq!(events.last().unwrap().r#type(), E::PaymentCaptured);
     }
 }

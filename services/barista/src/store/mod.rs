@@ -457,8 +457,9 @@ mod tests {
         OrderStore::open(&database).await.unwrap()
     }
 
-    async fn placed(store: &OrderStore, key: &str) -> String {
-        let new = NewOrder {
+    /// A latte for Ada under `key`.
+    fn latte(key: &str) -> NewOrder {
+        NewOrder {
             idempotency_key: key.into(),
             fingerprint: key.into(),
             item_id: "latte".into(),
@@ -469,8 +470,15 @@ mod tests {
                 amount_minor: 350,
             },
             customer: String::new(),
-        };
-        match store.insert(new, "barista-test", i64::MAX).await.unwrap() {
+        }
+    }
+
+    async fn placed(store: &OrderStore, key: &str) -> String {
+        match store
+            .insert(latte(key), "barista-test", i64::MAX)
+            .await
+            .unwrap()
+        {
             Inserted::New(record) => record.order.order_id,
             other => panic!("not inserted: {other:?}"),
         }
@@ -508,18 +516,7 @@ mod tests {
             (OrderEventType::Ready, ""),
             (OrderEventType::PaymentCaptured, "x"),
         ];
-        let new = NewOrder {
-            idempotency_key: "c".into(),
-            fingerprint: "c".into(),
-            item_id: "latte".into(),
-            customer_name: "Ada".into(),
-            card_token: "tok_visa".into(),
-            price: Money {
-                currency_code: "EUR".into(),
-                amount_minor: 350,
-            },
-            customer: String::new(),
-        };
+        let new = latte("c");
         // Sent before the writer runs again (one thread): one batch.
         let (first, second, not_b, again, c) = tokio::join!(
             store.record(&a, &started, brewing()),
