@@ -32,6 +32,8 @@ import json
 import os
 import random
 import re
+import time
+import urllib.error
 import urllib.request
 
 import jsonschema
@@ -133,8 +135,17 @@ def _post(path, body):
             "Authorization": f"Bearer {os.environ['BREWMESH_TOKEN']}",
         },
     )
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        return json.load(answer)
+    # The gateway limits each client's rate: a 429 is its right answer to
+    # the hooks' own set-up calls too, so wait as it says and send again
+    # (the body carries its idempotency key: a repeat makes nothing twice).
+    for attempt in range(8):
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return json.load(answer)
+        except urllib.error.HTTPError as error:
+            if error.code != 429 or attempt == 7:
+                raise
+            time.sleep(float(error.headers.get("Retry-After") or 1))
 
 
 def _key():
