@@ -176,11 +176,16 @@ impl Traced {
     }
 
     /// Runs `work` inside: in the span, or with the unsampled ids at hand.
-    pub async fn attach<F: Future>(self, work: F) -> F::Output {
+    ///
+    /// A plain function, not an `async fn`: one of those would hold `work`
+    /// twice (as its argument, and inside the future it awaits), doubling
+    /// the size of every task spawned through it.
+    pub fn attach<F: Future>(self, work: F) -> impl Future<Output = F::Output> {
+        use tokio_util::either::Either;
         use tracing::Instrument as _;
         match self {
-            Traced::Span(span) => work.instrument(span).await,
-            Traced::Unsampled(ids) => UNSAMPLED.scope(Some(ids), work).await,
+            Traced::Span(span) => Either::Left(work.instrument(span)),
+            Traced::Unsampled(ids) => Either::Right(UNSAMPLED.scope(Some(ids), work)),
         }
     }
 }

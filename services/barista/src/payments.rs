@@ -191,7 +191,9 @@ impl<R: Call + Send> Line<R> {
         let alone = self.busy.fetch_add(1, Ordering::AcqRel) == 0;
         let _busy = Busy(Arc::clone(&self.busy));
         if alone {
-            return R::one(client, self::request(request, timeout)).await;
+            // Boxed: a call's future is large, and every saga waiting in
+            // the line would carry it inline.
+            return Box::pin(R::one(client, self::request(request, timeout))).await;
         }
         let (reply, answer) = oneshot::channel();
         self.queue

@@ -398,7 +398,7 @@ impl Saga<'_> {
         detail: &str,
     ) -> Result<(), SagaError> {
         let span = tracing::info_span!("station", otel.name = station.name, order_id);
-        let work = async {
+        let work = move || async move {
             // Holding the place until the step ends keeps the queue bound honest.
             let _place = place;
             let _machine = station.machine().await;
@@ -420,8 +420,9 @@ impl Saga<'_> {
                 return Ok(());
             };
             let (at_tx, mut at) = mpsc::channel(4);
-            let call = remote.brew(order_id, part, &at_tx);
-            tokio::pin!(call);
+            // Boxed: the call's future is large, and every order in flight
+            // would carry it inline, also where the stations are local.
+            let mut call = Box::pin(remote.brew(order_id, part, &at_tx));
             loop {
                 tokio::select! {
                     // A start the call reported is written before its end.
@@ -483,7 +484,7 @@ impl Saga<'_> {
             payment_id: record.order.payment_id.clone(),
             idempotency_key: format!("{order_id}:capture"),
         };
-        let captured = traced(span, async { Ok(self.payments.capture(request).await?) }).await;
+        let captured = traced(span, || async { Ok(self.payments.capture(request).await?) }).await;
         let settled = Change {
             from: &[S::Ready],
             from_step: Some(Step::Complete),
@@ -553,7 +554,7 @@ impl Saga<'_> {
                 payment_id: payment.payment_id.clone(),
                 idempotency_key: format!("{order_id}:void"),
             };
-            let voided = traced(span, async { Ok(self.payments.void(request).await?) }).await;
+            let voided = traced(span, || async { Ok(self.payments.void(request).await?) }).await;
             match voided {
                 Ok(_) => events.push((E::PaymentVoided, "")),
                 Err(SagaError::PaymentRefused(Refused(status))) => {
@@ -615,7 +616,7 @@ impl Saga<'_> {
             amount: record.order.price.clone(),
             card_token: record.card_token.clone(),
         };
-        let authorized = traced(span.clone(), async {
+        let authorized = traced(span.clone(), || async {
             Ok(self.payments.authorize(request).await?)
         })
         .await;
@@ -630,11 +631,15 @@ impl Saga<'_> {
 }
 
 /// Runs a saga step in `span`; an error marks the span failed.
-async fn traced<T>(
+///
+/// The step is made here, not handed over made: an `async fn` holds a
+/// future argument twice (as the argument, and as what it awaits), and
+/// every order in flight would carry the copy.
+async fn traced<T, F: Future<Output = Result<T, SagaError>>>(
     span: tracing::Span,
-    step: impl Future<Output = Result<T, SagaError>>,
+    step: impl FnOnce() -> F,
 ) -> Result<T, SagaError> {
-    let result = step.instrument(span.clone()).await;
+    let result = step().instrument(span.clone()).await;
     if let Err(error) = &result {
         brewmesh_runtime::telemetry::fail(&span, &error.to_string());
     }

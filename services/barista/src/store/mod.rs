@@ -177,7 +177,9 @@ impl OrderStore {
         queued: fn(Job<W>) -> Queued,
     ) -> Result<W::Output, sqlx::Error> {
         let Some(writer) = &self.writer else {
-            return writer::write_alone(&self.pool, &write).await;
+            // Boxed: the query's future is large, and every write waiting
+            // for the writer would carry it inline.
+            return Box::pin(writer::write_alone(&self.pool, &write)).await;
         };
         let (job, outcome) = Job::new(write);
         writer
