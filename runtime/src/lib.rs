@@ -51,6 +51,7 @@ pub mod ids;
 pub mod instrument;
 pub mod metrics;
 pub mod mtls;
+pub mod pod;
 pub mod ready;
 pub mod reflection;
 pub mod secret;

@@ -178,6 +178,7 @@ impl Backends {
             milk_time: Duration::from_millis(100),
             brew_failure_rate: 0.0,
             remote: Default::default(),
+            max_orders: brewmesh_barista::MaxOrders::Auto,
             order_lease: Duration::from_secs(2),
             watch_poll: Duration::from_millis(200),
         };

@@ -35,6 +35,28 @@ pub enum BaristaError {
         retry_after: Duration,
     },
 
+    /// The barista drives as many orders as it may (`--max-orders`).
+    #[error(
+        "the barista is busy: it drives {orders} orders, as many as it takes at once (its memory's bound); retry later"
+    )]
+    Busy {
+        /// The bound.
+        orders: usize,
+        /// About when an order ends.
+        retry_after: Duration,
+    },
+
+    /// A batch has more new orders than the barista drives at once.
+    #[error(
+        "the batch has {needed} new orders, and this barista drives at most {orders} at once (its memory's bound); split it"
+    )]
+    BatchOverBound {
+        /// The new orders of the batch.
+        needed: usize,
+        /// The bound.
+        orders: usize,
+    },
+
     /// The idempotency key was used before for a different request.
     #[error("idempotency key was already used with a different request")]
     KeyReused,
@@ -126,26 +148,14 @@ impl From<BaristaError> for Status {
             }
             // RetryInfo for people and REST clients; grpc-retry-pushback-ms
             // (gRFC A6) for gRPC clients, which skip this replica that long.
-            BaristaError::ShopFull { retry_after, .. } => {
+            BaristaError::ShopFull { retry_after, .. } | BaristaError::Busy { retry_after, .. } => {
                 brewmesh_station::machines::full(error.to_string(), *retry_after)
             }
-            // More than the shop holds: no retry can help (a negative
-            // pushback says so, gRFC A6), the batch must be split.
             BaristaError::BatchTooLarge { station, .. } => {
-                let mut metadata = tonic::metadata::MetadataMap::new();
-                metadata.insert(
-                    "grpc-retry-pushback-ms",
-                    tonic::metadata::MetadataValue::from(-1i64),
-                );
-                Status::with_error_details_and_metadata(
-                    Code::ResourceExhausted,
-                    error.to_string(),
-                    ErrorDetails::with_quota_failure_violation(
-                        format!("stations/{station}"),
-                        error.to_string(),
-                    ),
-                    metadata,
-                )
+                too_large(error.to_string(), format!("stations/{station}"))
+            }
+            BaristaError::BatchOverBound { .. } => {
+                too_large(error.to_string(), "barista/orders_in_flight".into())
             }
             BaristaError::KeyReused => brewmesh_runtime::idempotency::reused(error.to_string()),
             BaristaError::KeyReusedIn { index } => brewmesh_runtime::idempotency::reused_at(
@@ -164,4 +174,16 @@ impl From<BaristaError> for Status {
             BaristaError::Store(source) => brewmesh_runtime::db::status(source, "order"),
         }
     }
+}
+
+/// More than the shop holds: no retry can help (a negative pushback says
+/// so, gRFC A6), the batch must be split.
+fn too_large(message: String, subject: String) -> Status {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    metadata.insert(
+        "grpc-retry-pushback-ms",
+        tonic::metadata::MetadataValue::from(-1i64),
+    );
+    let details = ErrorDetails::with_quota_failure_violation(subject, message.clone());
+    Status::with_error_details_and_metadata(Code::ResourceExhausted, message, details, metadata)
 }

@@ -110,6 +110,15 @@ pub struct Config {
     #[arg(long, env = "BREWMESH_BREW_FAILURE_RATE", default_value_t = 0.0)]
     pub brew_failure_rate: f64,
 
+    /// Orders this barista drives at once, at most: past it, a new order
+    /// gets RESOURCE_EXHAUSTED and when to come back. `auto`: half the
+    /// memory limit of its pod (cgroup) at 32 KiB an order — over twice
+    /// what one costs (BENCHMARKS.md, "Memory per order in flight") — or,
+    /// without a limit, no bound but the stations' queues. `none`: no
+    /// bound.
+    #[arg(long, env = "BREWMESH_MAX_ORDERS", default_value = "auto", value_parser = parse_max_orders)]
+    pub max_orders: MaxOrders,
+
     /// How long an order stays with the barista driving it without a
     /// renewal; after that another replica (or a restart) takes it over.
     #[arg(long, env = "BREWMESH_ORDER_LEASE", default_value = "5s", value_parser = parse_duration)]
@@ -118,6 +127,48 @@ pub struct Config {
     /// How often WatchOrder looks for events written by other processes.
     #[arg(long, env = "BREWMESH_WATCH_POLL", default_value = "500ms", value_parser = parse_duration)]
     pub watch_poll: Duration,
+}
+
+/// How many orders a barista drives at once, at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxOrders {
+    /// Sized from the pod's memory limit, if there is one.
+    Auto,
+    /// This many.
+    At(usize),
+    /// Only the stations' queues bound them.
+    None,
+}
+
+/// The memory one order in flight is given under `--max-orders auto`.
+const ORDER_MEMORY: u64 = 32 * 1024;
+
+impl MaxOrders {
+    /// The bound for a pod with `memory_limit` bytes, if any.
+    pub fn bound(self, memory_limit: Option<u64>) -> Option<usize> {
+        match self {
+            MaxOrders::At(orders) => Some(orders),
+            MaxOrders::None => None,
+            MaxOrders::Auto => memory_limit.map(|limit| {
+                usize::try_from(limit / 2 / ORDER_MEMORY)
+                    .unwrap_or(usize::MAX)
+                    .max(1)
+            }),
+        }
+    }
+}
+
+fn parse_max_orders(text: &str) -> Result<MaxOrders, String> {
+    match text {
+        "auto" => Ok(MaxOrders::Auto),
+        "none" => Ok(MaxOrders::None),
+        number => match number.parse::<usize>() {
+            Ok(0) | Err(_) => Err(format!(
+                "{number:?}: `auto`, `none` or a number of orders above 0"
+            )),
+            Ok(orders) => Ok(MaxOrders::At(orders)),
+        },
+    }
 }
 
 impl Config {
@@ -304,11 +355,21 @@ pub async fn run(
         )?),
         config.payment_timeout,
     );
+    let limit = brewmesh_runtime::pod::memory_limit();
+    let max_orders = config.max_orders.bound(limit);
+    if let Some(orders) = max_orders {
+        tracing::info!(
+            orders,
+            memory_limit_mib = limit.map(|l| l >> 20),
+            "orders in flight bounded"
+        );
+    }
     let shop = Arc::new(shop::Shop::new(
         store,
         stations,
         Box::new(payments),
         config.order_lease,
+        max_orders,
     ));
     let adopted = shop.adopt().await?;
     if adopted > 0 {
@@ -357,4 +418,24 @@ pub async fn run(
     }
     shop.release().await;
     Ok(served?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_orders_auto_takes_half_the_pods_memory_and_nothing_without_a_limit() {
+        assert_eq!(MaxOrders::Auto.bound(Some(3 << 30)), Some(49_152));
+        assert_eq!(MaxOrders::Auto.bound(Some(10 << 20)), Some(160));
+        assert_eq!(MaxOrders::Auto.bound(Some(1)), Some(1), "never 0");
+        assert_eq!(MaxOrders::Auto.bound(None), None);
+        assert_eq!(MaxOrders::At(7).bound(Some(1)), Some(7));
+        assert_eq!(MaxOrders::None.bound(Some(1)), None);
+        assert_eq!(parse_max_orders("auto"), Ok(MaxOrders::Auto));
+        assert_eq!(parse_max_orders("none"), Ok(MaxOrders::None));
+        assert_eq!(parse_max_orders("12"), Ok(MaxOrders::At(12)));
+        assert!(parse_max_orders("0").is_err());
+        assert!(parse_max_orders("lots").is_err());
+    }
 }

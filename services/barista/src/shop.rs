@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -37,16 +38,24 @@ pub(crate) struct Shop {
     owner: String,
     /// How long an order stays this barista's without a renewal.
     lease: Duration,
+    /// The orders this barista may drive at once (`--max-orders`), and a
+    /// permit for each running saga; `None`: no bound.
+    bound: Option<(usize, Arc<Semaphore>)>,
 }
+
+/// A running saga's share of the bound, given back when it ends.
+type Slot = Option<OwnedSemaphorePermit>;
 
 impl Shop {
     /// A shop over `store` and `stations`, paying through `payments`; its
-    /// orders are leased for `lease` at a time.
+    /// orders are leased for `lease` at a time, and at most `max_orders`
+    /// driven at once.
     pub(crate) fn new(
         store: OrderStore,
         stations: Stations,
         payments: Box<dyn Payments>,
         lease: Duration,
+        max_orders: Option<usize>,
     ) -> Self {
         Self {
             journal: Arc::new(Journal::new(store)),
@@ -56,7 +65,32 @@ impl Shop {
             running: Mutex::new(HashMap::new()),
             owner: brewmesh_runtime::ids::new("barista"),
             lease,
+            bound: max_orders.map(|orders| {
+                let permits = orders.min(Semaphore::MAX_PERMITS);
+                (permits, Arc::new(Semaphore::new(permits)))
+            }),
         }
+    }
+
+    /// Room for `count` more sagas under the bound, taken now, or why not.
+    fn room_for(&self, count: usize) -> Result<Slot, BaristaError> {
+        let Some((orders, permits)) = &self.bound else {
+            return Ok(None);
+        };
+        if count > *orders {
+            return Err(BaristaError::BatchOverBound {
+                needed: count,
+                orders: *orders,
+            });
+        }
+        let count = u32::try_from(count).unwrap_or(u32::MAX);
+        Arc::clone(permits)
+            .try_acquire_many_owned(count)
+            .map(Some)
+            .map_err(|_| BaristaError::Busy {
+                orders: *orders,
+                retry_after: self.stations.espresso.duration,
+            })
     }
 
     /// The orders' history, to write and to watch.
@@ -98,6 +132,7 @@ impl Shop {
             Some(Inserted::KeyReused) => return Err(BaristaError::KeyReused),
             Some(Inserted::New(_)) | None => {}
         }
+        let slot = self.room_for(1)?;
         let admission = self
             .stations
             .try_admit(item.steamed_milk)
@@ -111,7 +146,7 @@ impl Shop {
                 let order = record.order.clone();
                 tracing::info!(order_id = %order.order_id, item_id = %order.item_id, "order accepted");
                 crate::observe::order_placed();
-                self.start(record, Begin::Placed(admission));
+                self.start(record, Begin::Placed(admission), slot);
                 Ok(order)
             }
             Inserted::Existing(order) => Ok(order),
@@ -160,6 +195,7 @@ impl Shop {
                 });
             }
         }
+        let mut slots = self.room_for(unplaced.len())?;
         // The entries to store: their index in the batch, and their places.
         let (mut fresh, mut news) = (Vec::new(), Vec::new());
         for (index, new, steamed_milk) in unplaced {
@@ -188,7 +224,8 @@ impl Shop {
                         tracing::debug!(order_id = %record.order.order_id, item_id = %record.order.item_id, "order accepted");
                         crate::observe::order_placed();
                         answers[index] = Some(record.order.clone());
-                        self.start(record, Begin::Placed(admission));
+                        let slot = slots.as_mut().and_then(|slots| slots.split(1));
+                        self.start(record, Begin::Placed(admission), slot);
                         placed += 1;
                     }
                     // Stored meanwhile by a concurrent request with its key.
@@ -202,9 +239,9 @@ impl Shop {
         Ok(answers.into_iter().flatten().collect())
     }
 
-    /// Starts driving `record`'s saga in the background, unless this process
-    /// already does.
-    fn start(self: &Arc<Self>, record: OrderRecord, begin: Begin) {
+    /// Starts driving `record`'s saga in the background, holding `slot`
+    /// until it ends, unless this process already does.
+    fn start(self: &Arc<Self>, record: OrderRecord, begin: Begin, slot: Slot) {
         let cancel = CancellationToken::new();
         {
             let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
@@ -236,6 +273,7 @@ impl Shop {
                 cancel: &cancel,
             };
             saga.drive(record, begin).await;
+            drop(slot);
             shop.running
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -269,9 +307,12 @@ impl Shop {
                 &self.owner,
                 brewmesh_runtime::time::now_micros(),
                 self.lease_until(),
+                self.bound
+                    .as_ref()
+                    .map(|(_, permits)| permits.available_permits()),
             )
             .await?;
-        let mut started = 0;
+        let (mut started, mut waiting) = (0, 0);
         for record in held {
             let running = self
                 .running
@@ -283,11 +324,22 @@ impl Shop {
                 Some(token) if record.step == Step::Compensate => token.cancel(),
                 Some(_) => {}
                 None => {
+                    // At the bound, it waits (held) for a saga to end.
+                    let Ok(slot) = self.room_for(1) else {
+                        waiting += 1;
+                        continue;
+                    };
                     tracing::info!(order_id = %record.order.order_id, step = ?record.step, "taking over an unfinished order");
-                    self.start(record, Begin::Resumed);
+                    self.start(record, Begin::Resumed, slot);
                     started += 1;
                 }
             }
+        }
+        if waiting > 0 {
+            tracing::info!(
+                orders = waiting,
+                "unfinished orders held wait for room under --max-orders"
+            );
         }
         Ok(started)
     }

@@ -57,6 +57,7 @@ fn barista_config(database: DatabaseArgs, payment_addr: String) -> brewmesh_bari
         milk_time: Duration::from_millis(200),
         brew_failure_rate: 0.0,
         remote: Default::default(),
+        max_orders: brewmesh_barista::MaxOrders::Auto,
         order_lease: Duration::from_secs(2),
         watch_poll: Duration::from_millis(200),
     }
@@ -428,6 +429,73 @@ async fn a_full_shop_answers_resource_exhausted_and_stores_nothing() {
         .place_order(order("k1", "espresso", "tok_visa"))
         .await;
     assert!(retry.is_ok(), "{retry:?}");
+}
+
+#[tokio::test]
+async fn past_max_orders_a_new_order_is_refused_until_a_saga_ends() {
+    // Stations wide enough for everything: only the bound refuses.
+    let mut mesh = mesh(Duration::ZERO, |c| {
+        c.espresso_machines = 8;
+        c.steam_wands = 8;
+        c.espresso_time = Duration::from_secs(1);
+        c.max_orders = brewmesh_barista::MaxOrders::At(2);
+    })
+    .await;
+    let first = mesh.place(order("k1", "espresso", "tok_visa")).await;
+    mesh.place(order("k2", "espresso", "tok_visa")).await;
+
+    let status = mesh
+        .barista
+        .place_order(order("k3", "espresso", "tok_visa"))
+        .await
+        .expect_err("two orders in flight is the bound");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("drives 2 orders"), "{status:?}");
+    assert!(status.get_details_retry_info().is_some());
+    assert!(status.metadata().get("grpc-retry-pushback-ms").is_some());
+    // A batch larger than the bound can never be taken: split it.
+    let status = mesh
+        .barista
+        .batch_place_orders(batch(vec![
+            order("b1", "espresso", "tok_visa"),
+            order("b2", "espresso", "tok_visa"),
+            order("b3", "espresso", "tok_visa"),
+        ]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(
+        status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+        "-1"
+    );
+    let quota = status.get_details_quota_failure().unwrap();
+    assert_eq!(quota.violations[0].subject, "barista/orders_in_flight");
+    assert_eq!(mesh.order_count().await, 2, "nothing refused is stored");
+    // A retry of an accepted order is answered at the bound too.
+    let retry = mesh
+        .barista
+        .place_order(order("k1", "espresso", "tok_visa"))
+        .await;
+    assert!(retry.is_ok(), "{retry:?}");
+
+    // Once a saga ends, its room is free again.
+    mesh.watch(&first.order_id).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match mesh
+            .barista
+            .place_order(order("k3", "espresso", "tok_visa"))
+            .await
+        {
+            Ok(_) => break,
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                // The saga's last write (the capture) may still be under way.
+                assert!(tokio::time::Instant::now() < deadline, "{status:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("{status:?}"),
+        }
+    }
 }
 
 #[tokio::test]

@@ -377,27 +377,35 @@ impl OrderStore {
         .rows_affected())
     }
 
-    /// Takes over every unfinished order whose lease ran out before `now`
-    /// (its barista died or stopped), leasing it to `owner` until `until`;
-    /// then returns every unfinished order `owner` holds, oldest first.
+    /// Takes over the unfinished orders whose lease ran out before `now`
+    /// (its barista died or stopped), `room` of them at most, leasing them
+    /// to `owner` until `until`; then returns every unfinished order
+    /// `owner` holds, oldest first.
     ///
-    /// The claim is one conditional UPDATE: of several baristas claiming at
-    /// once, each order goes to exactly one. An order that cannot be read
+    /// The claim is one conditional UPDATE, its condition checked again on
+    /// each row it locks: of several baristas claiming at once, each order
+    /// goes to exactly one. An order that cannot be read
     /// is quarantined (its owner becomes [`QUARANTINED`]) and skipped.
     pub async fn claim_orphans(
         &self,
         owner: &str,
         now: i64,
         until: i64,
+        room: Option<usize>,
     ) -> Result<Vec<OrderRecord>, sqlx::Error> {
+        let room = room.map_or(i64::MAX, |room| i64::try_from(room).unwrap_or(i64::MAX));
         sqlx::query(
-            "UPDATE orders SET owner = $1, lease_until = $2 \
-             WHERE saga_step <> 'done' AND lease_until < $3 AND owner <> $4",
+            "UPDATE orders SET owner = $1, lease_until = $2 WHERE order_id IN \
+             (SELECT order_id FROM orders \
+              WHERE saga_step <> 'done' AND lease_until < $3 AND owner <> $4 \
+              ORDER BY order_id LIMIT $5) \
+             AND saga_step <> 'done' AND lease_until < $3 AND owner <> $4",
         )
         .bind(owner)
         .bind(until)
         .bind(now)
         .bind(QUARANTINED)
+        .bind(room)
         .execute(&self.pool)
         .await?;
         let rows = sqlx::query(&format!(
@@ -492,6 +500,42 @@ mod tests {
             state: Some(OrderState::Brewing),
             ..Change::default()
         }
+    }
+
+    /// A barista with room for one more saga takes one orphan, the
+    /// oldest; the next claim takes the rest.
+    #[tokio::test]
+    async fn a_claim_takes_no_more_orphans_than_there_is_room_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path()).await;
+        let mut orphans = Vec::new();
+        for key in ["a", "b", "c"] {
+            // Leased until 1 µs: run out long ago.
+            match store.insert(latte(key), "gone", 1).await.unwrap() {
+                Inserted::New(record) => orphans.push(record.order.order_id),
+                other => panic!("not inserted: {other:?}"),
+            }
+        }
+        orphans.sort();
+        let now = brewmesh_runtime::time::now_micros();
+        let ids = |records: Vec<OrderRecord>| -> Vec<String> {
+            records.into_iter().map(|r| r.order.order_id).collect()
+        };
+        let held = store
+            .claim_orphans("me", now, i64::MAX, Some(1))
+            .await
+            .unwrap();
+        assert_eq!(ids(held), orphans[..1]);
+        let held = store
+            .claim_orphans("me", now, i64::MAX, Some(0))
+            .await
+            .unwrap();
+        assert_eq!(ids(held), orphans[..1], "no room: nothing more taken");
+        let held = store
+            .claim_orphans("me", now, i64::MAX, None)
+            .await
+            .unwrap();
+        assert_eq!(ids(held), orphans);
     }
 
     /// Writes queued together are applied with a few multi-row
