@@ -136,6 +136,57 @@ async fn load_counts_calls_refused_by_a_full_shop_by_code() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn patient_customers_come_back_after_a_full_shop_until_all_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two orders in flight at most: the other customers are sent away
+    // with a time to come back.
+    let mesh = up(
+        dir.path(),
+        &[
+            "--barista-arg=--max-orders=2",
+            "--barista-arg=--espresso-time=200ms",
+            "--barista-arg=--milk-time=50ms",
+        ],
+    );
+    let gateway = format!("http://{}", mesh.instance("gateway"));
+    let barista = mesh.instance("barista-1").to_string();
+    for target in [["--gateway", &gateway], ["--grpc", &barista]] {
+        let (summary, report) = load(
+            dir.path(),
+            &[
+                target[0],
+                target[1],
+                "--customers",
+                "8",
+                "--concurrency",
+                "8",
+                "--patient",
+            ],
+        );
+        assert_eq!(report["served"], 8, "{target:?}: {summary}");
+        assert_eq!(report["errors"], 0, "{target:?}: {summary}");
+        assert_eq!(report["patient"], true);
+        assert!(
+            report["comebacks"].as_u64().unwrap() > 0,
+            "{target:?}: {summary}"
+        );
+        assert!(summary.contains("× after a full shop"), "{summary}");
+    }
+    // Impatient, the same crowd leaves a full shop.
+    let (summary, report) = load(
+        dir.path(),
+        &["--grpc", &barista, "--customers", "8", "--concurrency", "8"],
+    );
+    assert!(
+        report["errors_by_code"]["RESOURCE_EXHAUSTED"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{summary}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn load_in_batches_counts_each_customer_of_a_group() {
     let dir = tempfile::tempdir().unwrap();
     let mesh = up(

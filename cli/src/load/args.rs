@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use brewmesh_runtime::server::parse_duration;
 
+use super::follow::Manner;
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The gateway to drive over REST (HTTP/2 without TLS): a URL, or
@@ -68,6 +70,13 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "ready")]
     pub(super) until: Until,
 
+    /// A customer the shop turns away as full (RESOURCE_EXHAUSTED with a
+    /// time to come back) comes back then, as often as it takes within
+    /// --timeout, instead of leaving: the seed's customers, who all get
+    /// their coffee however long the queue.
+    #[arg(long)]
+    pub(super) patient: bool,
+
     /// How long one customer may take before counting as DEADLINE_EXCEEDED.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     pub(super) timeout: Duration,
@@ -89,6 +98,16 @@ pub struct Args {
     /// No progress bar (it is off anyway when stderr is not a terminal).
     #[arg(long)]
     pub(super) no_progress: bool,
+}
+
+impl Args {
+    /// How each customer is served.
+    pub(super) fn manner(&self) -> Manner {
+        Manner {
+            until: self.until,
+            patient: self.patient,
+        }
+    }
 }
 
 /// When a customer counts as served.

@@ -1,5 +1,6 @@
 //! One customer's visit, the same over either entrance: place the order
-//! (repeated after UNAVAILABLE under its idempotency key), then follow it
+//! (repeated after UNAVAILABLE under its idempotency key, and by a patient
+//! customer after a full shop), then follow it
 //! until the drink is done, watching again after a watch that ends early.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +21,9 @@ pub(super) enum Ending {
     Failed(String),
     /// A call failed with this gRPC code, and message.
     Error(Code, String),
+    /// The shop was full (RESOURCE_EXHAUSTED): come back after this long,
+    /// it said. Counted as a RESOURCE_EXHAUSTED error if it ends a customer.
+    Full(Duration, String),
 }
 
 /// One event of an order, as either entrance tells it.
@@ -57,14 +61,25 @@ pub(super) trait Events {
 /// PlaceOrders repeated after UNAVAILABLE, in this run.
 pub(super) static RETRIES: AtomicU64 = AtomicU64::new(0);
 
+/// Customers (or groups) that came back after a full shop, in this run.
+pub(super) static COMEBACKS: AtomicU64 = AtomicU64::new(0);
+
+/// How a customer is served: until when, and whether a full shop sends
+/// them away (`patient: false`) or only out to come back later.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Manner {
+    pub(super) until: Until,
+    pub(super) patient: bool,
+}
+
 /// Serves one customer `order` through `entrance`: `Ok` once it counts as
 /// served (`until`), or how it ended otherwise.
 pub(super) async fn visit(
     entrance: &impl Entrance,
     order: PlaceOrderRequest,
-    until: Until,
+    Manner { until, patient }: Manner,
 ) -> Result<(), Ending> {
-    let order_id = place(entrance, &order).await?;
+    let order_id = repeated(|| entrance.place(&order), patient).await?;
     if until == Until::Accepted {
         return Ok(());
     }
@@ -105,10 +120,10 @@ pub(super) async fn visit(
 pub(super) async fn visit_all(
     entrance: &impl Entrance,
     orders: &[PlaceOrderRequest],
-    until: Until,
+    Manner { until, patient }: Manner,
     mut ended: impl FnMut(usize, Result<(), Ending>),
 ) {
-    let order_ids = match repeated(|| entrance.place_all(orders)).await {
+    let order_ids = match repeated(|| entrance.place_all(orders), patient).await {
         Ok(order_ids) => order_ids,
         Err(ending) => {
             (0..orders.len()).for_each(|i| ended(i, Err(ending.clone())));
@@ -163,23 +178,29 @@ pub(super) async fn visit_all(
     }
 }
 
-/// Places `order`, repeating it while it fails UNAVAILABLE (a database that
-/// could not keep up, a replica going away), up to 6 times with growing,
-/// jittered waits, as the service's message asks: PlaceOrder carries an
-/// idempotency key, so a repeat can never make a second order.
-async fn place(entrance: &impl Entrance, order: &PlaceOrderRequest) -> Result<String, Ending> {
-    repeated(|| entrance.place(order)).await
-}
-
-/// `call`, repeated as [`place`] says; a batch's entries carry their keys
-/// as well.
+/// Places with `call`, repeating it while it fails UNAVAILABLE (a database
+/// that could not keep up, a replica going away), up to 6 times with
+/// growing, jittered waits, as the service's message asks; and, `patient`,
+/// after a full shop as often as it takes, each time no sooner than the
+/// shop said, and later the more often it was full (up to 10 s, jittered).
+/// Every order carries an idempotency key, so a repeat can never make a
+/// second one. The customer's --timeout (the caller's) bounds the whole.
 async fn repeated<T, F: Future<Output = Result<T, Ending>>>(
     call: impl Fn() -> F,
+    patient: bool,
 ) -> Result<T, Ending> {
     let mut backoff = Duration::from_millis(100);
     let mut left = 6;
+    let mut later = Duration::from_millis(250);
     loop {
         match call().await {
+            Err(Ending::Full(after, _)) if patient => {
+                COMEBACKS.fetch_add(1, Ordering::Relaxed);
+                let wait = after.max(later);
+                let jitter = Duration::from_millis(fastrand::u64(0..=wait.as_millis() as u64));
+                tokio::time::sleep(wait + jitter).await;
+                later = (later * 2).min(Duration::from_secs(10));
+            }
             Err(Ending::Error(Code::Unavailable, _)) if left > 0 => {
                 left -= 1;
                 RETRIES.fetch_add(1, Ordering::Relaxed);

@@ -21,7 +21,19 @@ fn ending(status: tonic::Status) -> Ending {
     if status.source().is_some() {
         return Ending::Error(tonic::Code::Unavailable, status.message().to_owned());
     }
-    Ending::Error(status.code(), status.message().to_owned())
+    // A full shop says when to come back (gRFC A6); a negative pushback
+    // says never (a batch too large), and that is an error like others.
+    let pushback = status
+        .metadata()
+        .get("grpc-retry-pushback-ms")
+        .and_then(|ms| ms.to_str().ok()?.parse::<u64>().ok());
+    match pushback {
+        Some(ms) if status.code() == tonic::Code::ResourceExhausted => Ending::Full(
+            std::time::Duration::from_millis(ms),
+            status.message().to_owned(),
+        ),
+        _ => Ending::Error(status.code(), status.message().to_owned()),
+    }
 }
 
 impl Entrance for Grpc {

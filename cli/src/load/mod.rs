@@ -36,8 +36,7 @@ use brewmesh::pb::barista::v1::PlaceOrderRequest;
 use brewmesh::pb::barista::v1::barista_client::BaristaClient;
 
 pub use args::Args;
-use args::Until;
-use follow::Ending;
+use follow::{Ending, Manner};
 use grpc::Grpc;
 use rest::{HttpClient, Rest};
 use tally::Tally;
@@ -85,7 +84,12 @@ impl Driver {
     }
 
     /// Customer `n`: `order`, on connection `n` modulo their number.
-    async fn customer(&self, n: u64, order: PlaceOrderRequest, until: Until) -> Result<(), Ending> {
+    async fn customer(
+        &self,
+        n: u64,
+        order: PlaceOrderRequest,
+        manner: Manner,
+    ) -> Result<(), Ending> {
         match self {
             Driver::Rest {
                 clients,
@@ -98,11 +102,11 @@ impl Driver {
                     base,
                     authorization: authorization.as_ref(),
                 };
-                follow::visit(&rest, order, until).await
+                follow::visit(&rest, order, manner).await
             }
             Driver::Grpc(clients) => {
                 let client = clients[n as usize % clients.len()].clone();
-                follow::visit(&Grpc(client), order, until).await
+                follow::visit(&Grpc(client), order, manner).await
             }
         }
     }
@@ -115,7 +119,7 @@ impl Driver {
         &self,
         n: u64,
         orders: &[PlaceOrderRequest],
-        until: Until,
+        manner: Manner,
         ended: impl FnMut(usize, Result<(), Ending>),
     ) {
         match self {
@@ -130,11 +134,11 @@ impl Driver {
                     base,
                     authorization: authorization.as_ref(),
                 };
-                follow::visit_all(&rest, orders, until, ended).await;
+                follow::visit_all(&rest, orders, manner, ended).await;
             }
             Driver::Grpc(clients) => {
                 let client = clients[n as usize % clients.len()].clone();
-                follow::visit_all(&Grpc(client), orders, until, ended).await;
+                follow::visit_all(&Grpc(client), orders, manner, ended).await;
             }
         }
     }
@@ -245,7 +249,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         weights,
         declined_every: args.declined_every,
     };
-    let (until, timeout, rate) = (args.until, args.timeout, args.rate);
+    let (manner, timeout, rate) = (args.manner(), args.timeout, args.rate);
 
     let spawner = tokio::spawn({
         let slots = Arc::clone(&slots);
@@ -289,7 +293,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                             };
                             let _ = results.send((ending, Instant::now()));
                         };
-                        let group = driver.group(n, &orders, until, ended);
+                        let group = driver.group(n, &orders, manner, ended);
                         if tokio::time::timeout(timeout, group).await.is_err() {
                             let open = open.lock().unwrap_or_else(|e| e.into_inner());
                             for _ in open.iter().filter(|o| **o) {
@@ -313,16 +317,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 let driver = driver.clone();
                 let results = results_tx.clone();
                 tokio::spawn(async move {
-                    let ending =
-                        match tokio::time::timeout(timeout, driver.customer(n, order, until)).await
-                        {
-                            Ok(Ok(())) => Ending::Served(due.elapsed()),
-                            Ok(Err(ending)) => ending,
-                            Err(_) => Ending::Error(
-                                Code::DeadlineExceeded,
-                                "the customer's --timeout passed".to_owned(),
-                            ),
-                        };
+                    let ending = match tokio::time::timeout(
+                        timeout,
+                        driver.customer(n, order, manner),
+                    )
+                    .await
+                    {
+                        Ok(Ok(())) => Ending::Served(due.elapsed()),
+                        Ok(Err(ending)) => ending,
+                        Err(_) => Ending::Error(
+                            Code::DeadlineExceeded,
+                            "the customer's --timeout passed".to_owned(),
+                        ),
+                    };
                     let _ = results.send((ending, Instant::now()));
                     drop(slot);
                 });

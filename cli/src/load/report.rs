@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::args::Args;
-use super::follow::RETRIES;
+use super::follow::{COMEBACKS, RETRIES};
 use super::tally::{Tally, ms};
 
 pub(super) fn print_summary(tally: &Tally, took: Duration, target: &str, customers: u64) {
@@ -38,6 +38,10 @@ pub(super) fn print_summary(tally: &Tally, took: Duration, target: &str, custome
     let retries = RETRIES.load(Ordering::Relaxed);
     if retries > 0 {
         println!("    retried   {retries} × PlaceOrder after UNAVAILABLE (same idempotency key)");
+    }
+    let comebacks = COMEBACKS.load(Ordering::Relaxed);
+    if comebacks > 0 {
+        println!("    came back {comebacks} × after a full shop (--patient, same idempotency key)");
     }
     println!(
         "  throughput  {:.1} served/s",
@@ -79,6 +83,8 @@ pub(super) fn report(
         "errors_by_code": tally.errors,
         "error_examples": tally.examples,
         "place_order_retries": RETRIES.load(Ordering::Relaxed),
+        "patient": args.patient,
+        "comebacks": COMEBACKS.load(Ordering::Relaxed),
         "seconds": took.as_secs_f64(),
         "served_per_second": tally.served as f64 / took.as_secs_f64(),
         "latency_ms": {

@@ -30,8 +30,18 @@ fn status_of(status: &Value) -> Ending {
     let code = status["code"]
         .as_i64()
         .map_or(Code::Unknown, |c| Code::from_i32(c as i32));
-    let message = status["message"].as_str().unwrap_or_default();
-    Ending::Error(code, message.to_owned())
+    let message = status["message"].as_str().unwrap_or_default().to_owned();
+    // A full shop says when to come back, in a RetryInfo ("2s", "0.250s").
+    let retry_delay = status["details"].as_array().and_then(|details| {
+        details.iter().find_map(|detail| {
+            let delay = detail["retryDelay"].as_str()?.strip_suffix('s')?;
+            std::time::Duration::try_from_secs_f64(delay.parse().ok()?).ok()
+        })
+    });
+    match retry_delay {
+        Some(after) if code == Code::ResourceExhausted => Ending::Full(after, message),
+        _ => Ending::Error(code, message),
+    }
 }
 
 fn unavailable(error: impl ToString) -> Ending {

@@ -85,6 +85,9 @@ impl Tally {
                 let kind = reason.split(':').next().unwrap_or("").trim().to_owned();
                 *self.failed.entry(kind).or_default() += 1;
             }
+            Ending::Full(_, message) => {
+                self.add(Ending::Error(tonic::Code::ResourceExhausted, message), at)
+            }
             Ending::Error(code, message) => {
                 let code = brewmesh_runtime::metrics::code_name(code).to_owned();
                 self.examples.entry(code.clone()).or_insert(message);
