@@ -5,8 +5,9 @@
 # talk's customer counts: a 10 MiB pod with 3,000 customers, then a 3 GiB
 # pod with 3,000,000. 2-second steps, every customer at once, as the talk
 # serves them; brewmesh in batches of BATCH (the seed's /serve-customer/N
-# is one request for N customers). The customers (curl, `brewmesh load`)
-# are outside the pod. Printed per run: what happened (served, failed, OOM
+# is one request for N customers), patient: a customer the barista sends
+# away as full (its --max-orders, sized from the pod's memory) comes back
+# when it says. The customers (curl, `brewmesh load`) are outside the pod. Printed per run: what happened (served, failed, OOM
 # kills, restarts), the time, and the pod's peak memory.
 #
 # Usage: bench/wall.sh     env: RUNS ("10M:3000 3G:3000000"; LIMIT:N pairs;
@@ -92,7 +93,7 @@ brewmesh() { # limit n
   local outcome
   if [ -s "$data/ready.json" ]; then
     timeout 7200 "$BIN" load --grpc 127.0.0.1:18553 --customers "$2" --concurrency "$2" --batch "$BATCH" \
-      --mix latte --timeout 3600s --no-progress --json "$OUT/load-$tag.json" > "$OUT/load-$tag.txt" 2>&1 || true
+      --mix latte --patient --timeout 3600s --no-progress --json "$OUT/load-$tag.json" > "$OUT/load-$tag.txt" 2>&1 || true
     if [ -s "$OUT/load-$tag.json" ]; then
       outcome=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("served %d, failed %d, errors %d" % (r["served"], r["failed"], r["errors"]))' "$OUT/load-$tag.json")
       outcome="$outcome ($(grep -m1 -E '^ +error ' "$OUT/load-$tag.txt" | sed 's/^ *//' || true))"
