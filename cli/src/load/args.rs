@@ -5,8 +5,6 @@ use std::time::Duration;
 
 use brewmesh_runtime::server::parse_duration;
 
-use super::follow::Manner;
-
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The gateway to drive over REST (HTTP/2 without TLS): a URL, or
@@ -108,6 +106,14 @@ impl Args {
             patient: self.patient,
         }
     }
+}
+
+/// How a customer is served: until when, and whether a full shop sends
+/// them away (`patient: false`) or only out to come back later.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Manner {
+    pub(super) until: Until,
+    pub(super) patient: bool,
 }
 
 /// When a customer counts as served.

@@ -10,7 +10,7 @@ use tonic::Code;
 
 use brewmesh::pb::barista::v1::{OrderEventType, PlaceOrderRequest};
 
-use super::args::Until;
+use super::args::{Manner, Until};
 
 /// How one customer's visit ended.
 #[derive(Debug, Clone)]
@@ -63,14 +63,6 @@ pub(super) static RETRIES: AtomicU64 = AtomicU64::new(0);
 
 /// Customers (or groups) that came back after a full shop, in this run.
 pub(super) static COMEBACKS: AtomicU64 = AtomicU64::new(0);
-
-/// How a customer is served: until when, and whether a full shop sends
-/// them away (`patient: false`) or only out to come back later.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Manner {
-    pub(super) until: Until,
-    pub(super) patient: bool,
-}
 
 /// Serves one customer `order` through `entrance`: `Ok` once it counts as
 /// served (`until`), or how it ended otherwise.

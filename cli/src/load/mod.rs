@@ -36,7 +36,8 @@ use brewmesh::pb::barista::v1::PlaceOrderRequest;
 use brewmesh::pb::barista::v1::barista_client::BaristaClient;
 
 pub use args::Args;
-use follow::{Ending, Manner};
+use args::Manner;
+use follow::Ending;
 use grpc::Grpc;
 use rest::{HttpClient, Rest};
 use tally::Tally;
