@@ -455,20 +455,13 @@ async fn past_max_orders_a_new_order_is_refused_until_a_saga_ends() {
     assert!(status.metadata().get("grpc-retry-pushback-ms").is_some());
     // A batch larger than the bound can never be taken: split it.
     let status = mesh
-        .barista
-        .batch_place_orders(batch(vec![
+        .refused_batch(vec![
             order("b1", "espresso", "tok_visa"),
             order("b2", "espresso", "tok_visa"),
             order("b3", "espresso", "tok_visa"),
-        ]))
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert_eq!(
-        status.metadata().get("grpc-retry-pushback-ms").unwrap(),
-        "-1"
-    );
-    let quota = status.get_details_quota_failure().unwrap();
+        ])
+        .await;
+    let quota = never_fits(&status);
     assert_eq!(quota.violations[0].subject, "barista/orders_in_flight");
     assert_eq!(mesh.order_count().await, 2, "nothing refused is stored");
     // A retry of an accepted order is answered at the bound too.
@@ -918,7 +911,26 @@ fn batch(entries: Vec<PlaceOrderRequest>) -> BatchPlaceOrdersRequest {
     BatchPlaceOrdersRequest { requests: entries }
 }
 
+/// The QuotaFailure of a refusal no retry can help: RESOURCE_EXHAUSTED
+/// with a negative pushback (gRFC A6).
+fn never_fits(status: &tonic::Status) -> tonic_types::QuotaFailure {
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(
+        status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+        "-1"
+    );
+    status.get_details_quota_failure().unwrap()
+}
+
 impl Mesh {
+    /// How a batch of `entries` is refused.
+    async fn refused_batch(&mut self, entries: Vec<PlaceOrderRequest>) -> tonic::Status {
+        self.barista
+            .batch_place_orders(batch(entries))
+            .await
+            .expect_err("the batch is refused")
+    }
+
     async fn place_all(&mut self, entries: Vec<PlaceOrderRequest>) -> Vec<Order> {
         self.barista
             .batch_place_orders(batch(entries))
@@ -1053,18 +1065,8 @@ async fn a_bad_entry_refuses_the_whole_batch_naming_it() {
     let too_big = (0..7)
         .map(|i| order(&format!("big-{i}"), "espresso", "tok_visa"))
         .collect();
-    let status = mesh
-        .barista
-        .batch_place_orders(batch(too_big))
-        .await
-        .unwrap_err();
     // More than it holds: no retry can help, and the answer says so.
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert_eq!(
-        status.metadata().get("grpc-retry-pushback-ms").unwrap(),
-        "-1"
-    );
-    assert!(status.get_details_quota_failure().is_some());
+    never_fits(&mesh.refused_batch(too_big).await);
     assert_eq!(
         mesh.order_count().await,
         0,
