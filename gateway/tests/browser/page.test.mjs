@@ -152,7 +152,11 @@ test("a name left empty shows the API's violation next to the field", async () =
 test("the orders list shows the orders, newest first, with their payments", async () => {
   const page = await open("#orders");
   await page.locator("#orders-rows tr").first().waitFor({ timeout: WAIT });
-  const rows = await page.locator("#orders-rows tr").allTextContents();
+  // Each row's payment cell says "…" until its GetPayment answers.
+  const rows = await until("every row's payment read", async () => {
+    const payments = await page.locator("#orders-rows tr td:last-child").allTextContents();
+    return payments.length && !payments.includes("…") && page.locator("#orders-rows tr").allTextContents();
+  });
   assert.ok(rows[0].includes("Cy") && rows[0].includes("CANCELLED") && rows[0].includes("VOIDED"), rows[0]);
   assert.ok(rows.some((r) => r.includes("Ada") && r.includes("READY") && r.includes("CAPTURED")), rows.join("\n"));
   assert.ok(rows.some((r) => r.includes("Bea") && r.includes("FAILED")), rows.join("\n"));
