@@ -23,17 +23,13 @@ fn ending(status: tonic::Status) -> Ending {
     }
     // A full shop says when to come back (gRFC A6); a negative pushback
     // says never (a batch too large), and that is an error like others.
-    let pushback = status
-        .metadata()
-        .get("grpc-retry-pushback-ms")
-        .and_then(|ms| ms.to_str().ok()?.parse::<u64>().ok());
-    match pushback {
-        Some(ms) if status.code() == tonic::Code::ResourceExhausted => Ending::Full(
-            std::time::Duration::from_millis(ms),
-            status.message().to_owned(),
-        ),
-        _ => Ending::Error(status.code(), status.message().to_owned()),
+    if status.code() == tonic::Code::ResourceExhausted
+        && let Some(after) =
+            brewmesh_runtime::ejection::pushback(&status.metadata().clone().into_headers())
+    {
+        return Ending::Full(after, status.message().to_owned());
     }
+    Ending::Error(status.code(), status.message().to_owned())
 }
 
 impl Entrance for Grpc {
