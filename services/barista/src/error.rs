@@ -46,6 +46,17 @@ pub enum BaristaError {
         retry_after: Duration,
     },
 
+    /// As many orders as the barista takes in at once are being placed.
+    #[error(
+        "the barista is busy: {placing} orders are being placed ahead of this request, as many as it takes in at once; retry later"
+    )]
+    Crowded {
+        /// The orders in placement at once, at most.
+        placing: usize,
+        /// About when an order ends.
+        retry_after: Duration,
+    },
+
     /// A batch has more new orders than the barista drives at once.
     #[error(
         "the batch has {needed} new orders, and this barista drives at most {orders} at once (its memory's bound); split it"
@@ -148,7 +159,9 @@ impl From<BaristaError> for Status {
             }
             // RetryInfo for people and REST clients; grpc-retry-pushback-ms
             // (gRFC A6) for gRPC clients, which skip this replica that long.
-            BaristaError::ShopFull { retry_after, .. } | BaristaError::Busy { retry_after, .. } => {
+            BaristaError::ShopFull { retry_after, .. }
+            | BaristaError::Busy { retry_after, .. }
+            | BaristaError::Crowded { retry_after, .. } => {
                 brewmesh_station::machines::full(error.to_string(), *retry_after)
             }
             BaristaError::BatchTooLarge { station, .. } => {

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -41,7 +41,19 @@ pub(crate) struct Shop {
     /// The orders this barista may drive at once (`--max-orders`), and a
     /// permit for each running saga; `None`: no bound.
     bound: Option<(usize, Arc<Semaphore>)>,
+    /// A permit for each order being placed now, from its key's lookup to
+    /// its saga's start; see [`PLACING`].
+    placing: Semaphore,
 }
+
+/// The orders that may be in placement at once, looking up their keys and
+/// being stored: past this many, a placement is turned away before it
+/// queues for the database. Otherwise a crowd at the door (3,000,000
+/// customers at once, in batches, each coming back when turned away) holds
+/// the order store's connection with lookups while the sagas wait behind
+/// them to write, and the shop stops ending orders (BENCHMARKS.md, "The
+/// talk's memory wall").
+const PLACING: usize = 4096;
 
 /// A running saga's share of the bound, given back when it ends.
 type Slot = Option<OwnedSemaphorePermit>;
@@ -69,7 +81,19 @@ impl Shop {
                 let permits = orders.min(Semaphore::MAX_PERMITS);
                 (permits, Arc::new(Semaphore::new(permits)))
             }),
+            placing: Semaphore::new(PLACING),
         }
+    }
+
+    /// Places for `count` orders among those being placed now, or why not.
+    fn placing(&self, count: usize) -> Result<SemaphorePermit<'_>, BaristaError> {
+        let count = u32::try_from(count.min(PLACING)).unwrap_or(u32::MAX);
+        self.placing
+            .try_acquire_many(count)
+            .map_err(|_| BaristaError::Crowded {
+                placing: PLACING,
+                retry_after: self.stations.espresso.duration,
+            })
     }
 
     /// Room for `count` more sagas under the bound, taken now, or why not.
@@ -117,12 +141,14 @@ impl Shop {
     /// Places `new` (a drink of `item`): a retry of an earlier request is
     /// answered with its order, before a full shop could turn it away; a new
     /// order takes its places at the stations, is stored, and its saga
-    /// starts.
+    /// starts. With [`PLACING`] orders in placement already, neither is
+    /// looked at: the request is turned away at the door.
     pub(crate) async fn place(
         self: &Arc<Self>,
         new: NewOrder,
         item: &MenuItem,
     ) -> Result<Order, BaristaError> {
+        let _placing = self.placing(1)?;
         match self
             .store()
             .by_key(&new.idempotency_key, &new.fingerprint)
@@ -159,11 +185,13 @@ impl Shop {
     /// its order; the new ones each take their places at the stations —
     /// all of them, or the batch is turned away — and are stored in one
     /// transaction; then their sagas start. The orders come back in the
-    /// batch's order.
+    /// batch's order. A batch that would take the orders in placement past
+    /// [`PLACING`] is turned away at the door.
     pub(crate) async fn place_all(
         self: &Arc<Self>,
         batch: Vec<(NewOrder, &MenuItem)>,
     ) -> Result<Vec<Order>, BaristaError> {
+        let _placing = self.placing(batch.len())?;
         let keys: Vec<(&str, &str)> = batch
             .iter()
             .map(|(new, _)| (new.idempotency_key.as_str(), new.fingerprint.as_str()))
@@ -408,5 +436,108 @@ impl Shop {
                 tracing::warn!(%error, "releasing order leases failed; they run out on their own")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use brewmesh::pb::payment::v1::{AuthorizeRequest, CaptureRequest, Payment, VoidRequest};
+    use brewmesh_runtime::db::{DatabaseArgs, Synchronous};
+    use tonic::Code;
+    use tonic_types::StatusExt;
+
+    use super::*;
+    use crate::payments::Refused;
+    use crate::stations::Station;
+
+    /// No saga gets as far as paying in these tests.
+    #[derive(Debug)]
+    struct Unpaid;
+
+    #[tonic::async_trait]
+    impl Payments for Unpaid {
+        async fn authorize(&self, _: AuthorizeRequest) -> Result<Payment, Refused> {
+            Err(Refused(tonic::Status::unavailable(
+                "no payment service here",
+            )))
+        }
+        async fn capture(&self, _: CaptureRequest) -> Result<Payment, Refused> {
+            Err(Refused(tonic::Status::unavailable(
+                "no payment service here",
+            )))
+        }
+        async fn void(&self, _: VoidRequest) -> Result<Payment, Refused> {
+            Err(Refused(tonic::Status::unavailable(
+                "no payment service here",
+            )))
+        }
+    }
+
+    fn espresso(key: &str) -> NewOrder {
+        NewOrder {
+            idempotency_key: key.into(),
+            fingerprint: key.into(),
+            item_id: "espresso".into(),
+            customer_name: "Ada".into(),
+            card_token: "tok_visa".into(),
+            price: Default::default(),
+            customer: String::new(),
+        }
+    }
+
+    /// With as many orders in placement as the barista takes in at once,
+    /// one more — alone or in a batch, new or a retry — is turned away at
+    /// the door as busy, told when to come back, and nothing is stored.
+    #[tokio::test]
+    async fn past_placing_an_order_is_turned_away_before_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = OrderStore::open(&DatabaseArgs {
+            data_dir: dir.path().to_owned(),
+            database_url: None,
+            sqlite_synchronous: Synchronous::Normal,
+        })
+        .await
+        .unwrap();
+        let station = |name| Station::new(name, 8, 8, Duration::from_secs(3600), 0.0);
+        let stations = Stations {
+            espresso: station("espresso"),
+            milk: station("milk"),
+            remote: None,
+        };
+        let shop = Arc::new(Shop::new(
+            store,
+            stations,
+            Box::new(Unpaid),
+            Duration::from_secs(60),
+            None,
+        ));
+        let item = crate::menu::find("espresso").unwrap();
+
+        let crowd = shop
+            .placing
+            .try_acquire_many(u32::try_from(PLACING).unwrap())
+            .unwrap();
+        let refused = shop.place(espresso("k1"), &item).await.unwrap_err();
+        assert!(
+            matches!(refused, BaristaError::Crowded { .. }),
+            "{refused:?}"
+        );
+        let refused = shop
+            .place_all(vec![(espresso("b1"), &item), (espresso("b2"), &item)])
+            .await
+            .unwrap_err();
+        let status = tonic::Status::from(refused);
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("being placed"), "{status:?}");
+        assert!(status.get_details_retry_info().is_some(), "{status:?}");
+        assert!(status.metadata().get("grpc-retry-pushback-ms").is_some());
+        let stored = shop.store().by_keys(&[("k1", "k1"), ("b1", "b1")]).await;
+        assert!(stored.unwrap().iter().all(Option::is_none));
+
+        // Once the crowd is in, the door is open again.
+        drop(crowd);
+        let order = shop.place(espresso("k1"), &item).await.unwrap();
+        let again = shop.place(espresso("k1"), &item).await.unwrap();
+        assert_eq!(again.order_id, order.order_id);
     }
 }
