@@ -12,7 +12,7 @@
 #
 # Usage: bench/wall.sh     env: RUNS ("10M:3000 3G:3000000"; LIMIT:N pairs;
 #   brewmesh needs about 50 s per 30,000 customers here, so 3,000,000 takes
-#   over an hour), WHO ("seed brewmesh"), BATCH (1000),
+#   over an hour; a customer waits up to two hours), WHO ("seed brewmesh"), BATCH (1000),
 #   GWPEER_DIR (where ../shared/peers/build.sh builds the seed; default
 #   target/gwpeer)
 set -euo pipefail
@@ -63,7 +63,7 @@ seed() { # limit n
   for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/8082) 2>/dev/null && break; sleep 0.1; done
   start=$(date +%s.%N)
   local code
-  code=$(curl -s -m 3600 -o /dev/null -w '%{http_code}' "127.0.0.1:8082/serve-customer/$2" || true)
+  code=$(curl -s -m 7200 -o /dev/null -w '%{http_code}' "127.0.0.1:8082/serve-customer/$2" || true)
   end=$(date +%s.%N)
   wait "$pid" 2>/dev/null && status=0 || status=$?
   local outcome="HTTP $code, exit $status"
@@ -92,8 +92,8 @@ brewmesh() { # limit n
   start=$(date +%s.%N)
   local outcome
   if [ -s "$data/ready.json" ]; then
-    timeout 7200 "$BIN" load --grpc 127.0.0.1:18553 --customers "$2" --concurrency "$2" --batch "$BATCH" \
-      --mix latte --patient --timeout 3600s --no-progress --json "$OUT/load-$tag.json" > "$OUT/load-$tag.txt" 2>&1 || true
+    timeout 9000 "$BIN" load --grpc 127.0.0.1:18553 --customers "$2" --concurrency "$2" --batch "$BATCH" \
+      --mix latte --patient --timeout 7200s --no-progress --json "$OUT/load-$tag.json" > "$OUT/load-$tag.txt" 2>&1 || true
     if [ -s "$OUT/load-$tag.json" ]; then
       outcome=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("served %d, failed %d, errors %d" % (r["served"], r["failed"], r["errors"]))' "$OUT/load-$tag.json")
       outcome="$outcome ($(grep -m1 -E '^ +error ' "$OUT/load-$tag.txt" | sed 's/^ *//' || true))"
